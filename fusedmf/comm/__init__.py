@@ -1,0 +1,1 @@
+"""Communication layer (bucketed, compressed gradient allreduce fused with the update)."""

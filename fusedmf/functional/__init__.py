@@ -1,0 +1,197 @@
+"""The functional layer: one keyword-only function per update rule, and the one backend switch.
+
+Contract shared by every backend (reference, cpu, cuda, triton):
+
+- all tensors of one call live on one device; ``params[i]``, ``grads[i]`` and every state tensor
+  ``i`` have the same shape (and layout); dtypes are uniform within each list;
+- params are fp32, fp16 or bf16 (float64 only on the reference backend); grads fp32/fp16/bf16,
+  independently of the params (a grad can come straight from an fp16 communication buffer);
+  momentum/Adam states and master weights are fp32;
+- ``master_params`` empty: params are updated in place (fp32 arithmetic); else the fp32 masters are
+  updated and the params written as their low-precision copy, in the same pass;
+- ``inv_grad_scale`` (optional 1-element fp32 tensor): grads are multiplied by it first (loss-scale
+  unscaling inside the update);
+- ``found_inf`` (optional 1-element fp32 tensor): if non-zero the call writes nothing at all
+  (NOTE [skip on overflow]); it is read on the device, never synchronised by compiled backends.
+
+Each function returns the name of the backend that ran, so callers can report it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import _backends
+from . import reference
+from .scalars import (
+    ADAM_NUM_SCALARS,
+    SGD_NUM_SCALARS,
+    AdamStepScalars,
+    SGDStepScalars,
+    adam_step_scalars,
+    sgd_step_scalars,
+)
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "mf_sgd", "mf_adam", "non_finite_check",
+    "sgd_step_scalars", "adam_step_scalars", "SGDStepScalars", "AdamStepScalars",
+    "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
+]
+
+
+def _kernels(name: str):
+    if name in ("cpu", "cuda"):
+        return _backends.compiled_extension()[0]
+    if name == "triton":
+        return _backends.triton_module()[0]
+    return reference
+
+
+def _device_of(tensors: Sequence[Tensor]) -> torch.device:
+    for t in tensors:
+        return t.device
+    return torch.device("cpu")
+
+
+def _scalar_vector(values: list, device: torch.device) -> Tensor:
+    """The per-step scalar vector on `device`, without a host synchronisation.
+
+    On CUDA the values go through a freshly allocated pinned buffer and a non-blocking copy: the
+    caching host allocator does not hand that buffer out again until the copy has run, so the next
+    step cannot overwrite values a queued kernel has yet to read.
+    """
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x)
+
+
+def _scale_tensor(x: Union[None, float, Tensor], device: torch.device, name: str) -> Optional[Tensor]:
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        return torch.full((1,), float(x), dtype=torch.float32, device=device)
+    if x.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {list(x.shape)}")
+    return x.reshape(1).to(device=device, dtype=torch.float32)
+
+
+def _check_same_device(lists: dict, device: torch.device, op: str) -> None:
+    for list_name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t.device != device:
+                raise ValueError(
+                    f"fusedmf.{op}: {list_name}[{i}] is on {t.device} but the tensors of one call must "
+                    f"all be on {device} (the optimizers group tensors by device for you)"
+                )
+
+
+def mf_sgd(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Optional[Sequence[Tensor]] = None,
+    *,
+    master_params: Optional[Sequence[Tensor]] = None,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    decoupled_weight_decay: bool = False,
+    first_step: bool = False,
+    inv_grad_scale: Union[None, float, Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> str:
+    """One fused MF-SGD / MF-NAG step over lists of tensors (see algorithms.md).
+
+    ``momentum_buffers`` None/empty runs plain SGD (d = g). ``first_step`` makes the buffer start
+    as g (torch semantics) without reading it.
+    """
+    params, grads = list(params), list(grads)
+    momentum_buffers, master_params = _as_list(momentum_buffers), _as_list(master_params)
+    scalars = sgd_step_scalars(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, first_step=first_step,
+    )
+    return _run_sgd(params, grads, momentum_buffers, master_params, scalars, inv_grad_scale, found_inf, backend)
+
+
+def _run_sgd(params, grads, momentum_buffers, master_params, scalars, inv_grad_scale, found_inf, backend) -> str:
+    device = _device_of(params)
+    _check_same_device({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
+                        "master_params": master_params}, device, "mf_sgd")
+    name = _backends.resolve(backend, device, params[0].dtype if params else None)
+    inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
+    found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
+    if name == "reference":
+        reference.mf_sgd_(params, grads, momentum_buffers, master_params, scalars, inv, found)
+    else:
+        _kernels(name).mf_sgd_(params, grads, momentum_buffers, master_params,
+                               _scalar_vector(scalars.as_list(), device), inv, found)
+    return name
+
+
+def mf_adam(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    master_params: Optional[Sequence[Tensor]] = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    step: int,
+    beta1_product: float,
+    inv_grad_scale: Union[None, float, Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> str:
+    """One fused MF-Adam / MF-AdamW step. ``beta1_product`` is P_t including this step's beta1."""
+    params, grads = list(params), list(grads)
+    exp_avgs, exp_avg_sqs, master_params = list(exp_avgs), list(exp_avg_sqs), _as_list(master_params)
+    scalars = adam_step_scalars(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=beta1_product,
+    )
+    return _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale, found_inf, backend)
+
+
+def _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale, found_inf, backend) -> str:
+    device = _device_of(params)
+    _check_same_device({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                        "master_params": master_params}, device, "mf_adam")
+    name = _backends.resolve(backend, device, params[0].dtype if params else None)
+    inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
+    found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
+    if name == "reference":
+        reference.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv, found)
+    else:
+        _kernels(name).mf_adam_(params, grads, exp_avgs, exp_avg_sqs, master_params,
+                                _scalar_vector(scalars.as_list(), device), inv, found)
+    return name
+
+
+def non_finite_check(tensors: Sequence[Tensor], found_inf: Tensor, *, backend: str = "auto") -> str:
+    """Set ``found_inf`` (a 1-element fp32 tensor on the tensors' device) to 1 if any value is inf/NaN."""
+    tensors = list(tensors)
+    device = _device_of(tensors)
+    _check_same_device({"tensors": tensors, "found_inf": [found_inf]}, device, "non_finite_check")
+    dtype = tensors[0].dtype if tensors else None
+    name = _backends.resolve(backend, device, dtype)
+    _kernels(name).non_finite_check_(tensors, found_inf)
+    return name

@@ -1,0 +1,121 @@
+"""The "reference" backend: pure PyTorch, readable, float64-capable. It is the specification.
+
+Every compiled backend is tested against these functions. They follow the same in-place contract
+as the kernels (see fusedmf/functional/__init__.py) and the same order of floating-point
+operations, so that in float32 a kernel agrees with them to a few ulps:
+
+- arithmetic happens in float32, or in float64 when the weights are float64;
+- grads are unscaled first (``g * inv_grad_scale``), then L2 weight decay is added;
+- with master weights, the fp32 master is updated and the low-precision param is written as its
+  round-to-nearest-even cast; without masters the param itself is updated (in fp32 arithmetic);
+- NOTE [skip on overflow]: when ``found_inf`` is non-zero nothing at all is written.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .scalars import AdamStepScalars, SGDStepScalars
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _skipped(found_inf: Optional[Tensor]) -> bool:
+    # The reference may synchronise; compiled backends read found_inf on the device.
+    return found_inf is not None and bool(found_inf.reshape(-1)[0].item() != 0)
+
+
+def _unscaled(grad: Tensor, dtype: torch.dtype, inv_grad_scale: Optional[Tensor]) -> Tensor:
+    g = grad.to(dtype)
+    if inv_grad_scale is not None:
+        g = g * inv_grad_scale.reshape(()).to(device=g.device, dtype=dtype)
+    return g
+
+
+@torch.no_grad()
+def non_finite_check_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
+    """Set ``found_inf`` to 1 if any element of ``tensors`` is inf or NaN (never clears it)."""
+    for t in tensors:
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            found_inf.fill_(1.0)
+            return
+
+
+@torch.no_grad()
+def mf_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    master_params: Sequence[Tensor],
+    scalars: SGDStepScalars,
+    inv_grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    if _skipped(found_inf):
+        return
+    s = scalars
+    use_momentum = len(momentum_buffers) > 0
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        dtype = _compute_dtype(weights)
+        w = weights.to(dtype)
+        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        if s.l2_weight_decay != 0.0:
+            g = g.add(w, alpha=s.l2_weight_decay)
+        if use_momentum:
+            buf = momentum_buffers[i]
+            if s.first_step:
+                u = g.clone()
+            else:
+                u = buf.to(dtype).mul_(s.momentum).add_(g, alpha=s.one_minus_dampening)
+            buf.copy_(u)
+            d = g.add(u, alpha=s.momentum) if s.nesterov else u
+        else:
+            d = g
+        if s.decay_factor != 1.0:
+            w = w.mul(s.decay_factor)
+        w = w.add(d, alpha=-s.lr)
+        weights.copy_(w)
+        if master_params:
+            param.copy_(w)
+
+
+@torch.no_grad()
+def mf_adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    master_params: Sequence[Tensor],
+    scalars: AdamStepScalars,
+    inv_grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    if _skipped(found_inf):
+        return
+    s = scalars
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        dtype = _compute_dtype(weights)
+        w = weights.to(dtype)
+        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        if s.l2_weight_decay != 0.0:
+            g = g.add(w, alpha=s.l2_weight_decay)
+        if s.decay_factor != 1.0:
+            w = w.mul(s.decay_factor)
+        # m = μ·m + (1 − μ)·g, written as torch writes it: lerp(m, g, 1 − μ)
+        m = exp_avgs[i].to(dtype).lerp_(g, s.one_minus_beta1)
+        v = exp_avg_sqs[i].to(dtype).mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
+        denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+        w = w.addcdiv(m, denom, value=s.neg_step_size)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        weights.copy_(w)
+        if master_params:
+            param.copy_(w)

@@ -1,0 +1,179 @@
+"""Per-step hyperparameters of every update rule, computed once per step by one function.
+
+NOTE [per-step scalars are data]
+Every backend (reference, cpu, cuda, triton) receives the same float32 vector, laid out as the
+``*_SLOTS`` tuples below say. The vector is computed here, in float64 on the host, and only then
+rounded to float32, so that host-side products such as ``1 - lr * weight_decay`` or ``lr / bc1``
+are rounded once, exactly as torch.optim rounds them (it also computes them as Python floats).
+Compiled kernels read the vector from device memory, which is what lets a step be captured in a
+CUDA graph: only the contents of the vector change between steps, never the kernel arguments.
+
+Flags (nesterov, first_step) travel in the same vector as 0.0 / 1.0 so that a kernel has a single
+scalar argument; a kernel tests them with ``!= 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Slot order of the MF-SGD / MF-NAG scalar vector. Keep in sync with csrc/update_math.h
+# (kSgd* constants) and triton_kernels/ (SGD_* constants).
+SGD_SLOTS = (
+    "lr",                   # η_t
+    "momentum",             # μ_t, the MF
+    "one_minus_dampening",  # 1 − τ
+    "l2_weight_decay",      # λ when weight decay is L2 (added to the gradient), else 0
+    "decay_factor",         # 1 − η_t·λ when weight decay is decoupled, else 1
+    "nesterov",             # 1.0 for NAG
+    "first_step",           # 1.0 when the momentum buffer starts as g (no buffer read)
+)
+
+# Slot order of the MF-Adam / MF-AdamW scalar vector. Keep in sync with csrc/update_math.h
+# (kAdam* constants) and triton_kernels/ (ADAM_* constants).
+ADAM_SLOTS = (
+    "lr",                     # η_t (only for reference/logging; the update uses neg_step_size)
+    "beta1",                  # μ_t, the MF
+    "one_minus_beta1",        # 1 − μ_t, the lerp weight torch uses
+    "beta2",
+    "one_minus_beta2",
+    "eps",
+    "l2_weight_decay",        # λ when weight decay is L2, else 0
+    "decay_factor",           # 1 − η_t·λ when decoupled (AdamW), else 1
+    "neg_step_size",          # −η_t / (1 − P_t), P_t the running product of beta1 values
+    "bias_correction2_sqrt",  # sqrt(1 − β2^t)
+)
+
+SGD_NUM_SCALARS = len(SGD_SLOTS)
+ADAM_NUM_SCALARS = len(ADAM_SLOTS)
+
+
+def _check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def check_mf(name: str, value: float) -> float:
+    """A momentum-like factor must lie in [0, 1)."""
+    value = _check_finite(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} (the momentum-like factor) must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_lr(value: float) -> float:
+    value = _check_finite("lr", value)
+    if value < 0.0:
+        raise ValueError(f"lr must be >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SGDStepScalars:
+    lr: float
+    momentum: float
+    one_minus_dampening: float
+    l2_weight_decay: float
+    decay_factor: float
+    nesterov: float
+    first_step: float
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, name)) for name in SGD_SLOTS]
+
+
+@dataclass(frozen=True)
+class AdamStepScalars:
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2_weight_decay: float
+    decay_factor: float
+    neg_step_size: float
+    bias_correction2_sqrt: float
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, name)) for name in ADAM_SLOTS]
+
+
+def sgd_step_scalars(
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    decoupled_weight_decay: bool = False,
+    first_step: bool = False,
+) -> SGDStepScalars:
+    """The scalar vector of one MF-SGD/MF-NAG step (the only place these values are derived)."""
+    lr = check_lr(lr)
+    momentum = check_mf("momentum", momentum)
+    dampening = _check_finite("dampening", dampening)
+    weight_decay = _check_finite("weight_decay", weight_decay)
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
+    return SGDStepScalars(
+        lr=lr,
+        momentum=momentum,
+        one_minus_dampening=1.0 - dampening,
+        l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        nesterov=1.0 if nesterov else 0.0,
+        first_step=1.0 if first_step else 0.0,
+    )
+
+
+def adam_step_scalars(
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    step: int,
+    beta1_product: float,
+) -> AdamStepScalars:
+    """The scalar vector of one MF-Adam/AdamW step.
+
+    ``step`` is the 1-based number of the update about to be applied and ``beta1_product`` is
+    P_t = prod_{s<=t} beta1_s *including* this step's beta1 (kept in float64 by the caller). With a
+    constant beta1, P_t == beta1**t and this reproduces torch.optim.Adam's bias correction.
+    """
+    lr = check_lr(lr)
+    beta1 = check_mf("beta1", beta1)
+    beta2 = _check_finite("beta2", beta2)
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+    eps = _check_finite("eps", eps)
+    if eps < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    weight_decay = _check_finite("weight_decay", weight_decay)
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the 1-based update number), got {step}")
+    bias_correction1 = 1.0 - float(beta1_product)
+    if bias_correction1 <= 0.0:
+        raise ValueError(f"beta1 product {beta1_product!r} gives a non-positive bias correction")
+    bias_correction2 = 1.0 - beta2**step
+    return AdamStepScalars(
+        lr=lr,
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        neg_step_size=-(lr / bias_correction1),
+        bias_correction2_sqrt=bias_correction2**0.5,  # as torch.optim.Adam writes it
+    )

@@ -1,0 +1,93 @@
+"""MFAdam: Adam / AdamW whose beta1 (the MF) may change every step, with exact bias correction."""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import _run_adam
+from ..functional.scalars import adam_step_scalars, check_lr, check_mf
+from ._base import MFOptimizerBase
+
+
+class MFAdam(MFOptimizerBase):
+    r"""Fused Adam/AdamW with a per-step beta1, fp32 masters and in-kernel unscaling.
+
+    The arguments shared with :class:`torch.optim.Adam` mean what they mean there; with a constant
+    beta1 and fp32 params the trajectory matches torch.optim.Adam, and with
+    ``decoupled_weight_decay=True`` it matches torch.optim.AdamW.
+
+    With an ``mf_schedule`` the first-moment bias correction uses the running product
+    P_t = beta1_1 · … · beta1_t (kept per param in float64 as ``state["beta1_product"]``), not
+    beta1_t ** t, which would be wrong as soon as beta1 varies (algorithms.md).
+
+    State per param: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (fp32), ``beta1_product`` (float)
+    and ``master_param`` (fp32) for low-precision params with masters.
+    """
+
+    _FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+    _UNSUPPORTED_TORCH_OPTIONS = {"maximize": False, "differentiable": False, "amsgrad": False}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False,
+                 mf_schedule=None, master_weights=None, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
+
+    def _validate_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("MFAdam: lr must be a float (per-step values reach the kernels as data already)")
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_lr(lr)
+        check_mf("beta1", betas[0])
+        adam_step_scalars(lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
+                          weight_decay=group["weight_decay"],
+                          decoupled_weight_decay=group["decoupled_weight_decay"], step=1, beta1_product=betas[0])
+
+    def _state_key(self, state: dict):
+        return (state.get("step", 0), state.get("beta1_product", 1.0))
+
+    def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        if "step" not in state:
+            state["step"] = 0
+            state["beta1_product"] = 1.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+        if self._uses_master(p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+    def _beta1(self, group: dict, step: int) -> float:
+        return self.mf_schedule(step + 1) if self.mf_schedule is not None else group["betas"][0]
+
+    def _plan_group(self, group: dict, step: int, state: dict):
+        beta1 = check_mf("beta1 from mf_schedule" if self.mf_schedule else "beta1", self._beta1(group, step))
+        product = float(state.get("beta1_product", 1.0)) * beta1  # float64 on the host
+        return adam_step_scalars(
+            lr=group["lr"], beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            step=step + 1, beta1_product=product,
+        ), product
+
+    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+        scalars, _ = plan
+        masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        return _run_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                         masters, scalars, inv_grad_scale, found_inf, backend)
+
+    def _committed_values(self, plan, state: dict) -> dict:
+        _, product = plan
+        return {"step": state["step"] + 1, "beta1_product": product}
+
+    def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        step = state.get("step", 0)
+        state["step"] = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        if "beta1_product" not in state:
+            # a torch.optim.Adam checkpoint: constant beta1, so P_t = beta1 ** t
+            beta1 = next(g["betas"][0] for g in self.param_groups if any(q is p for q in g["params"]))
+            state["beta1_product"] = float(beta1) ** state["step"]
+        else:
+            state["beta1_product"] = float(state["beta1_product"])

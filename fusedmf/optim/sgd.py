@@ -1,0 +1,97 @@
+"""MFSGD: SGD with heavy-ball or Nesterov momentum whose momentum (the MF) may change every step."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from ..functional.scalars import check_lr, check_mf, sgd_step_scalars
+from ._base import MFOptimizerBase
+
+
+class MFSGD(MFOptimizerBase):
+    r"""Fused SGD / Nesterov with a per-step momentum-like factor, fp32 masters and in-kernel unscaling.
+
+    The arguments shared with :class:`torch.optim.SGD` mean exactly what they mean there, and with a
+    constant momentum and fp32 params the trajectory matches it (first step: the buffer starts as g).
+
+    Args:
+        params: iterable of params or param groups.
+        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
+        decoupled_weight_decay: multiply the weights by ``1 - lr * weight_decay`` instead of adding
+            ``weight_decay * w`` to the gradient (SGDW). Default False (torch semantics).
+        mf_schedule: None, or a callable ``step -> momentum`` (e.g. from :mod:`fusedmf.mf`), called with
+            the 1-based number of the update about to be applied; it overrides ``momentum``.
+            A skipped (overflowing) step does not count.
+        master_weights: None (default) keeps fp32 master weights for fp16/bf16 params; False updates
+            low-precision params in place (fp32 arithmetic, fp32 momentum).
+        backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+
+    State per param: ``momentum_buffer`` (fp32, or None without momentum, as torch), ``step`` (int)
+    and ``master_param`` (fp32) for low-precision params with masters.
+    """
+
+    _FP32_STATE_KEYS = ("momentum_buffer", "master_param")
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
+                 mf_schedule=None, master_weights=None, backend: str = "auto"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
+
+    def _validate_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("MFSGD: lr must be a float (per-step values reach the kernels as data already)")
+        check_lr(lr)
+        check_mf("momentum", group["momentum"])
+        sgd_step_scalars(lr=lr, momentum=group["momentum"] if self.mf_schedule is None else 0.5,
+                         dampening=group["dampening"], weight_decay=group["weight_decay"],
+                         nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def _uses_momentum(self, group: dict) -> bool:
+        return group["momentum"] != 0.0 or self.mf_schedule is not None
+
+    def _state_key(self, state: dict):
+        # params whose momentum buffer starts this step must not share a launch with the others
+        return (state.get("step", 0), state.get("step", 0) == 0 or state.get("momentum_buffer") is None)
+
+    def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        state.setdefault("step", 0)
+        if self._uses_momentum(group):
+            if state.get("momentum_buffer") is None:
+                # zeros, not empty_like: a state_dict taken before the first applied step must not
+                # expose garbage (torch fused SGD's empty_like buffer, prior-art.md complaint 5)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                                            memory_format=torch.preserve_format)
+        else:
+            state.setdefault("momentum_buffer", None)
+        if self._uses_master(p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+    def _plan_group(self, group: dict, step: int, state: dict):
+        momentum = self.mf_schedule(step + 1) if self.mf_schedule is not None else group["momentum"]
+        # The buffer starts as g on the first applied update, or when momentum was switched on later
+        # (no buffer yet). If that later update is skipped, the zero buffer then reads as
+        # u = (1 - dampening)·g, which is g for the default dampening of 0.
+        first_step = step == 0 or state.get("momentum_buffer") is None
+        return sgd_step_scalars(
+            lr=group["lr"], momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            first_step=first_step,
+        )
+
+    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+        buffers = [s["momentum_buffer"] for s in states] if self._uses_momentum(group) else []
+        masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        return F._run_sgd(params, grads, buffers, masters, plan, inv_grad_scale, found_inf, backend)
+
+    def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        if "step" not in state:
+            # a torch.optim.SGD checkpoint records no step count: a buffer means updates happened
+            state["step"] = 0 if state.get("momentum_buffer") is None else 1
+        elif isinstance(state["step"], torch.Tensor):
+            state["step"] = int(state["step"].item())
+        else:
+            state["step"] = int(state["step"])

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set up (scripts/env.sh), build, run the whole test suite.
+# Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# Triton runs on CPU tensors through its interpreter where there is no GPU.
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export TRITON_INTERPRET=1
+exec "$PY" -m pytest tests -q -ra "$@"

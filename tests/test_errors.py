@@ -1,0 +1,126 @@
+"""Bad input: a clear error naming what was wrong, and nothing modified (params, state, groups)."""
+
+import copy
+
+import pytest
+import torch
+
+import fusedmf
+import fusedmf.functional as F
+from fusedmf import MFAdam, MFSGD
+
+
+def trained_sgd(**kwargs):
+    a = torch.randn(6, requires_grad=True)
+    b = torch.randn(3, 2, requires_grad=True)
+    opt = MFSGD([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1, momentum=0.9, **kwargs)
+    a.grad, b.grad = torch.randn(6), torch.randn(3, 2)
+    opt.step()
+    a.grad, b.grad = torch.randn(6), torch.randn(3, 2)
+    return opt, [a, b]
+
+
+def assert_nothing_changed(opt, params, before):
+    old_params, old_sd = before
+    for p, q in zip(params, old_params):
+        assert torch.equal(p.detach(), q)
+    sd = opt.state_dict()
+    assert sd["param_groups"] == old_sd["param_groups"]
+    for pid, st in old_sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(sd["state"][pid][k], v) if isinstance(v, torch.Tensor) else sd["state"][pid][k] == v
+
+
+def snap(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def test_sparse_grad():
+    opt, params = trained_sgd()
+    before = snap(opt, params)
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients .*param 0 of param group 1"):
+        opt.step()
+    assert_nothing_changed(opt, params, before)
+
+
+def test_complex_params_rejected_at_construction():
+    with pytest.raises(TypeError, match=r"params\[1\] has dtype torch.complex64"):
+        MFSGD([torch.randn(3, requires_grad=True), torch.randn(3, dtype=torch.complex64, requires_grad=True)])
+
+
+def test_duplicate_params():
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"params\[1\] appears twice"):
+        MFSGD([p, p], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        MFSGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (MFSGD, dict(momentum=1.0), r"momentum .*\[0, 1\)"),
+    (MFSGD, dict(momentum=-0.1), r"momentum .*\[0, 1\)"),
+    (MFSGD, dict(lr=-0.1), "lr must be >= 0"),
+    (MFSGD, dict(momentum=0.9, nesterov=True, dampening=0.1), "nesterov"),
+    (MFSGD, dict(lr=float("nan")), "finite"),
+    (MFAdam, dict(betas=(1.0, 0.999)), r"beta1 .*\[0, 1\)"),
+    (MFAdam, dict(betas=(0.9, 1.5)), "beta2"),
+    (MFAdam, dict(eps=-1.0), "eps"),
+    (MFAdam, dict(weight_decay=-1.0), "weight_decay"),
+    (MFSGD, dict(backend="gpu"), "unknown backend"),
+    (MFSGD, dict(master_weights="yes"), "master_weights"),
+    (MFSGD, dict(mf_schedule=0.9), "mf_schedule must be"),
+])
+def test_bad_hyperparameters_at_construction(cls, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls([torch.randn(3, requires_grad=True)], **kwargs)
+
+
+def test_schedule_out_of_range_mid_training_changes_nothing():
+    opt, params = trained_sgd(mf_schedule=lambda t: 0.9 if t < 2 else 1.2)
+    before = snap(opt, params)
+    with pytest.raises(ValueError, match=r"momentum.*\[0, 1\), got 1.2"):
+        opt.step()
+    assert_nothing_changed(opt, params, before)
+
+
+def test_negative_lr_set_later_changes_nothing():
+    opt, params = trained_sgd()
+    before = snap(opt, params)
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        opt.step()
+    opt.param_groups[1]["lr"] = 0.01
+    assert_nothing_changed(opt, params, before)
+
+
+def test_mixed_devices_in_one_tensor_list():
+    params = [torch.zeros(3), torch.zeros(3, device="meta")]
+    grads = [torch.ones(3), torch.ones(3, device="meta")]
+    with pytest.raises(ValueError, match=r"params\[1\] is on meta"):
+        F.mf_sgd(params, grads, lr=0.1)
+    assert not params[0].any()
+
+
+def test_unavailable_backend_names_the_reason():
+    status = fusedmf.available_backends()
+    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    for name, st in status.items():
+        assert st.detail, f"{name} has no description"
+    if not status["cuda"].available:
+        p = torch.randn(3, requires_grad=True)
+        opt = MFSGD([p], lr=0.1, backend="cuda")
+        p.grad = torch.ones(3)
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .+"):
+            opt.step()
+        assert opt.state[p] == {} and p.grad is not None
+
+
+def test_params_without_grad_are_skipped():
+    a, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    b0 = b.detach().clone()
+    opt = MFAdam([a, b], lr=0.1)
+    a.grad = torch.ones(4)
+    opt.step()
+    assert torch.equal(b.detach(), b0) and b not in opt.state
+    assert opt.state[a]["step"] == 1
