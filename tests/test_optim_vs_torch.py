@@ -5,6 +5,8 @@ zero-size tensor, a channels_last 4-D tensor, many small tensors with an empty l
 params and every state tensor within a few float32 ulps.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -31,6 +33,15 @@ ADAM_CONFIGS = {
     "adam_l2": (torch.optim.Adam, dict(weight_decay=1e-2, betas=(0.8, 0.99), eps=1e-6), dict()),
     "adamw": (torch.optim.AdamW, dict(weight_decay=1e-2), dict(decoupled_weight_decay=True)),
 }
+
+
+def for_backend(name, shapes):
+    """Under the Triton interpreter every program costs ~10 ms of Python whatever its size, so the
+    many-small-tensors set is cut to 24 tensors there (still with its empty last tensor); launch
+    splitting with many tensors is covered by tests/test_triton.py with small blocks."""
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and len(shapes) > 25:
+        return shapes[:24] + shapes[-1:]
+    return shapes
 
 
 def make_params(shapes, device, dtype=torch.float32, seed=0):
@@ -67,6 +78,7 @@ def set_grads(param_sets, step, round_to=None):
 @pytest.mark.parametrize("config", SGD_CONFIGS.values(), ids=SGD_CONFIGS.keys())
 def test_mfsgd_matches_torch_sgd(backend, config, shapes):
     name, device = backend
+    shapes = for_backend(name, shapes)
     ours = make_params(shapes, device)
     theirs = clone_params(ours)
     opt = MFSGD(ours, lr=0.05, backend=name, **config)
@@ -91,6 +103,7 @@ def test_mfsgd_matches_torch_sgd(backend, config, shapes):
 def test_mfadam_matches_torch_adam(backend, config, shapes):
     name, device = backend
     torch_cls, kwargs, extra = config
+    shapes = for_backend(name, shapes)
     ours = make_params(shapes, device)
     theirs = clone_params(ours)
     opt = MFAdam(ours, lr=0.01, backend=name, **kwargs, **extra)

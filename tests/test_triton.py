@@ -1,0 +1,768 @@
+"""The Triton backend (triton_kernels/) against the reference backend (fusedmf/functional/reference.py).
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
+below before triton is first imported); with one they run natively on CUDA tensors. The same
+multi-tensor launch path (int64 address tables) runs in both cases.
+
+Matrix: update configurations x (param, grad, master) dtypes x shapes {1, 4097, 123x457, 0,
+channels_last 4-D} x 3 steps (first_step, then a changing MF), comparing params and every state
+tensor after every step; plus block/launch boundaries with many small tensors and an empty last
+one, views into a flat buffer (unaligned addresses), exact fp32 -> fp16/bf16 rounding, skip on
+overflow (bit-identical), the non-finite check, table caching, and validation errors that name the
+list and index and modify nothing.
+"""
+
+import dataclasses
+import importlib
+import math
+import os
+import sys
+import types
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton decides at decoration time whether to interpret: this must precede importing triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+import triton_kernels as tk  # noqa: E402
+from triton_kernels import _multi_tensor as mt  # noqa: E402
+
+
+def _spec_modules():
+    """fusedmf.functional.{reference, scalars}; by file path if fusedmf itself does not import."""
+    try:
+        from fusedmf.functional import reference, scalars
+        return reference, scalars
+    except Exception:  # fusedmf/__init__.py mid-edit: these two files only import each other
+        name = "_fusedmf_functional_spec"
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [os.path.join(ROOT, "fusedmf", "functional")]
+        sys.modules[name] = pkg
+        return importlib.import_module(name + ".reference"), importlib.import_module(name + ".scalars")
+
+
+reference, S = _spec_modules()
+
+DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+F32_EPS = torch.finfo(torch.float32).eps
+STEPS = 3
+SHAPES = [(1,), (4097,), (123, 457), (0,), (3, 8, 5, 7)]  # the 4-D one is channels_last
+
+# (param dtype, grad dtype, master weights)
+DTYPES = {
+    "fp32": (F32, F32, False),
+    "fp32_gradfp16": (F32, F16, False),
+    "fp16_master": (F16, F16, True),
+    "bf16_master": (BF16, BF16, True),
+    "bf16_master_gradfp32": (BF16, F32, True),
+    "fp16_nomaster_gradfp32": (F16, F32, False),
+    "bf16_nomaster": (BF16, BF16, False),
+}
+
+# momentum: one value or one per step (a changing MF). grad_scale: grads are generated scaled by
+# it and unscaled in the kernel by inv_grad_scale = 1/grad_scale. found_inf0: pass a zero found_inf.
+SGD_CONFIGS = {
+    "plain": dict(momentum=0.0, buffers=False),
+    "heavy_ball": dict(momentum=0.9),
+    "damp_l2_scaled_mf": dict(momentum=[0.9, 0.95, 0.99], dampening=0.1, weight_decay=0.01, grad_scale=1024.0,
+                              found_inf0=True),
+    "nesterov_l2": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "decoupled_scaled": dict(momentum=0.9, weight_decay=0.05, decoupled=True, grad_scale=256.0),
+}
+ADAM_CONFIGS = {
+    "adam": dict(beta1=0.9),
+    "adam_l2_mf_scaled": dict(beta1=[0.9, 0.95, 0.975], weight_decay=0.01, grad_scale=1024.0, found_inf0=True),
+    "adamw": dict(beta1=0.9, weight_decay=0.05, decoupled=True),
+    # 1 - beta1 = 0.7 >= 0.5: torch.lerp's other formula, end - (end - start) * (1 - weight)
+    "adam_lerp_large_weight": dict(beta1=[0.3, 0.2, 0.4]),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The interpreter is single-threaded Python; for the small tensors here torch's intra-op
+    threads only add OpenMP contention (measured: a 56k-element float64 comparison took 69 ms with
+    2 threads and 2 ms with 1 on the loaded 2-core CI machine). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons
+
+
+def _describe(actual, expected, bad, name):
+    idx = bad.nonzero()[:5].tolist()
+    a, e = actual.double(), expected.double()
+    rows = ", ".join(f"{i}: got {a[tuple(i)].item():.9g} want {e[tuple(i)].item():.9g}" for i in idx)
+    return f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; first {rows}"
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of `dtype` at |x| (x in float64), subnormals included."""
+    info = torch.finfo(dtype)
+    mant = {F16: 10, BF16: 7, F32: 23}[dtype]
+    _, exp = torch.frexp(x.abs().clamp_min(info.tiny))
+    return torch.ldexp(torch.ones_like(x), (exp - 1 - mant).clamp_min(int(math.log2(info.tiny)) - mant))
+
+
+def assert_close(actual, expected, scale, name, ulps=8):
+    """Kernel vs reference for one output tensor, given its error scale (see _sgd_scales).
+
+    fp32 outputs: |actual - expected| <= ulps * eps32 * scale, where scale is the same update
+    computed in float64 on absolute values (every term added, none cancelled): the classic bound
+    on the rounding error of a chain of sums and products is eps32 per rounding times that scale,
+    however much the result itself cancelled. Both implementations round the same operations in
+    the same order, except that FMA contraction (GPUs, torch's vectorised CPU loops, not the
+    interpreter) drops the rounding of a product fused into a sum, and torch's CUDA division by a
+    scalar multiplies by its reciprocal. An output depends on at most four such products (SGD's
+    w: l2*w, (1-tau)*g, mu*u, lr*d), each worth at most eps32 * scale: 8 leaves a factor 2.
+    fp16/bf16 outputs (params): the same allowance plus one ulp of the low-precision type, and at
+    most a handful of such elements: an fp32 difference of a few ulps changes the rounded value
+    only when it straddles a rounding boundary (probability ~2^-13), whereas a wrong rounding mode
+    (truncation) would change about half of them.
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, name
+    if actual.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    both_nan = a.isnan() & e.isnan()
+    tol = ulps * F32_EPS * scale.double() + 1e-40
+    if actual.dtype != F32:
+        tol = tol + _ulp(e, actual.dtype)
+        differ = (a != e) & ~both_nan
+        limit = max(2, actual.numel() // 1000)
+        assert int(differ.sum()) <= limit, _describe(actual, expected, differ, name) + f" (more than {limit})"
+    bad = ((a - e).abs() > tol) & ~both_nan
+    bad |= a.isnan() != e.isnan()
+    assert not bad.any(), _describe(actual, expected, bad, name)
+
+
+def assert_bit_identical(actual, expected, name):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    if actual.numel() == 0:
+        return
+    raw_a = actual.detach().contiguous().reshape(-1).view(torch.uint8)
+    raw_e = expected.detach().contiguous().reshape(-1).view(torch.uint8)
+    if not torch.equal(raw_a, raw_e):
+        bad = (actual != expected) & ~(actual.isnan() & expected.isnan())
+        raise AssertionError(_describe(actual, expected, bad, name) + " (bitwise)")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _randn(shape, dtype, gen, scale=1.0, positive=False):
+    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if positive:
+        x = x * x
+    x = (x * scale).to(dtype)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(DEV)
+
+
+def _clones(tensors):
+    return [t.clone(memory_format=torch.preserve_format) for t in tensors]
+
+
+def _vec(step_scalars) -> torch.Tensor:
+    return torch.tensor(step_scalars.as_list(), dtype=torch.float32, device=DEV)
+
+
+def _per_step(value, step):
+    return value[step] if isinstance(value, (list, tuple)) else value
+
+
+def _device_scalar(value):
+    return torch.full((1,), value, dtype=torch.float32, device=DEV)
+
+
+def _check_lists(kernel_lists, ref_lists, scale_lists, names):
+    for name, ks, rs, scales in zip(names, kernel_lists, ref_lists, scale_lists):
+        assert len(ks) == len(rs) == len(scales), name
+        for i, (k, r, sc) in enumerate(zip(ks, rs, scales)):
+            assert k.stride() == r.stride() or k.numel() == 0, f"{name}[{i}] layout changed"
+            assert_close(k, r, sc, f"{name}[{i}]")
+
+
+def _abs64(tensors):
+    return [t.detach().abs().double() for t in tensors]
+
+
+def _sgd_scales(ref, grads, sc, inv):
+    """Error scales of one MF-SGD step: the reference run in float64 on |inputs| with every term
+    added (lr negated, since it subtracts). Returns (scale of w, scale of u), one tensor per index."""
+    params, bufs, masters = ref
+    w, u = _abs64(masters or params), _abs64(bufs)
+    s = dataclasses.replace(sc, lr=-abs(sc.lr), decay_factor=abs(sc.decay_factor))
+    reference.mf_sgd_(w, _abs64(grads), u, [], s, None if inv is None else inv.abs(), None)
+    return w, u
+
+
+def _adam_scales(ref, grads, sc, inv):
+    """As _sgd_scales for MF-Adam: (scale of w, of m, of v)."""
+    params, exp_avgs, exp_avg_sqs, masters = ref
+    w, m, v = _abs64(masters or params), _abs64(exp_avgs), _abs64(exp_avg_sqs)
+    s = dataclasses.replace(sc, neg_step_size=abs(sc.neg_step_size), decay_factor=abs(sc.decay_factor))
+    reference.mf_adam_(w, _abs64(grads), m, v, [], s, None if inv is None else inv.abs(), None)
+    return w, m, v
+
+
+def _check_masters(params, masters):
+    for i, (p, m) in enumerate(zip(params, masters)):
+        # the param is the round-to-nearest-even copy of the master, exactly as torch's .to() rounds
+        assert_bit_identical(p, m.to(p.dtype), f"params[{i}] vs master_params[{i}].to({p.dtype})")
+
+
+def _resync(kernel_lists, ref_lists):
+    # Each step starts both implementations from identical state, so every comparison bounds the
+    # error of one step (the tolerances above are per-step arguments).
+    for ks, rs in zip(kernel_lists, ref_lists):
+        for k, r in zip(ks, rs):
+            k.copy_(r)
+
+
+def run_sgd(cfg, dtypes, shapes, seed=0, steps=STEPS):
+    pdt, gdt, has_master = dtypes
+    gen = torch.Generator().manual_seed(seed)
+    params = [_randn(s, pdt, gen) for s in shapes]
+    masters = [p.to(F32, copy=True) for p in params] if has_master else []
+    use_buffers = cfg.get("buffers", True)
+    # NaN-filled: the first step must write u = g without reading the buffer
+    bufs = [torch.full_like(p, float("nan"), dtype=F32) for p in params] if use_buffers else []
+    ref = [_clones(params), _clones(bufs), _clones(masters)]
+    scale = cfg.get("grad_scale")
+    inv = _device_scalar(1.0 / scale) if scale else None
+    found = _device_scalar(0.0) if cfg.get("found_inf0") else None
+    for step in range(steps):
+        grads = [_randn(s, gdt, gen, scale=scale or 1.0) for s in shapes]
+        sc = S.sgd_step_scalars(
+            lr=0.1, momentum=_per_step(cfg.get("momentum", 0.0), step), dampening=cfg.get("dampening", 0.0),
+            weight_decay=cfg.get("weight_decay", 0.0), nesterov=cfg.get("nesterov", False),
+            decoupled_weight_decay=cfg.get("decoupled", False), first_step=step == 0)
+        w_scale, u_scale = _sgd_scales(ref, grads, sc, inv)
+        tk.mf_sgd_(params, grads, bufs, masters, _vec(sc), inv, found)
+        reference.mf_sgd_(ref[0], grads, ref[1], ref[2], sc, inv, found)
+        _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale if masters else []],
+                     ["params", "momentum_buffers", "master_params"])
+        _check_masters(params, masters)
+        _resync([params, bufs, masters], ref)
+    return params, bufs, masters
+
+
+def run_adam(cfg, dtypes, shapes, seed=0, steps=STEPS):
+    pdt, gdt, has_master = dtypes
+    gen = torch.Generator().manual_seed(seed)
+    params = [_randn(s, pdt, gen) for s in shapes]
+    masters = [p.to(F32, copy=True) for p in params] if has_master else []
+    exp_avgs = [torch.zeros_like(p, dtype=F32) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p, dtype=F32) for p in params]
+    ref = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs), _clones(masters)]
+    scale = cfg.get("grad_scale")
+    inv = _device_scalar(1.0 / scale) if scale else None
+    found = _device_scalar(0.0) if cfg.get("found_inf0") else None
+    beta1_product = 1.0
+    for step in range(steps):
+        grads = [_randn(s, gdt, gen, scale=scale or 1.0) for s in shapes]
+        beta1 = _per_step(cfg["beta1"], step)
+        beta1_product *= beta1
+        sc = S.adam_step_scalars(
+            lr=0.01, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=cfg.get("weight_decay", 0.0),
+            decoupled_weight_decay=cfg.get("decoupled", False), step=step + 1, beta1_product=beta1_product)
+        w_scale, m_scale, v_scale = _adam_scales(ref, grads, sc, inv)
+        tk.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, _vec(sc), inv, found)
+        reference.mf_adam_(ref[0], grads, ref[1], ref[2], ref[3], sc, inv, found)
+        _check_lists([params, exp_avgs, exp_avg_sqs, masters], ref,
+                     [w_scale, m_scale, v_scale, w_scale if masters else []],
+                     ["params", "exp_avgs", "exp_avg_sqs", "master_params"])
+        _check_masters(params, masters)
+        _resync([params, exp_avgs, exp_avg_sqs, masters], ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix
+
+
+def test_slots_match_fusedmf_scalars():
+    assert tk.SGD_SLOTS == S.SGD_SLOTS and tk.SGD_NUM_SCALARS == S.SGD_NUM_SCALARS
+    assert tk.ADAM_SLOTS == S.ADAM_SLOTS and tk.ADAM_NUM_SCALARS == S.ADAM_NUM_SCALARS
+    for i, name in enumerate(S.SGD_SLOTS):
+        assert getattr(tk, "SGD_" + name.upper()) == i, name
+    for i, name in enumerate(S.ADAM_SLOTS):
+        assert getattr(tk, "ADAM_" + name.upper()) == i, name
+
+
+def _matrix(configs, full_config):
+    """Every configuration with fp32 and with fp16 + masters; every dtype combination with the
+    configuration that uses every feature (the interpreter is too slow for the full product)."""
+    cases = [(c, d) for d in ("fp32", "fp16_master") for c in configs]
+    cases += [(full_config, d) for d in DTYPES if d not in ("fp32", "fp16_master")]
+    return pytest.mark.parametrize("config,dtypes", cases, ids=[f"{c}-{d}" for c, d in cases])
+
+
+@_matrix(SGD_CONFIGS, "damp_l2_scaled_mf")
+def test_mf_sgd_matches_reference(config, dtypes):
+    run_sgd(SGD_CONFIGS[config], DTYPES[dtypes], SHAPES)
+
+
+@_matrix(ADAM_CONFIGS, "adam_l2_mf_scaled")
+def test_mf_adam_matches_reference(config, dtypes):
+    run_adam(ADAM_CONFIGS[config], DTYPES[dtypes], SHAPES)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiny blocks and launches: many blocks per tensor, tails, and several launches per call."""
+    monkeypatch.setattr(mt, "BLOCK_SIZE", 64)
+    monkeypatch.setattr(mt, "MAX_BLOCKS_PER_LAUNCH", 7)
+
+
+MANY_SMALL = [(n,) for n in (1, 63, 64, 65, 127, 128, 129, 200, 5, 31)] + [(4, 9), (2, 3, 4, 5), (0,)]
+
+
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16_master"])
+def test_mf_sgd_many_small_tensors_block_and_launch_boundaries(small_blocks, dtypes):
+    tk.clear_table_cache()
+    stats = tk.table_cache_stats()
+    run_sgd(SGD_CONFIGS["nesterov_l2"], DTYPES[dtypes], MANY_SMALL, steps=2)
+    after = tk.table_cache_stats()
+    # new grads each step: a new tensor table per step, one block table (same element counts)
+    assert after["builds"] == stats["builds"] + 2 and after["block_builds"] == stats["block_builds"] + 1
+
+
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16_master"])
+def test_mf_adam_many_small_tensors_block_and_launch_boundaries(small_blocks, dtypes):
+    run_adam(ADAM_CONFIGS["adamw"], DTYPES[dtypes], MANY_SMALL, steps=2)
+
+
+def test_gpu_block_size_boundaries(monkeypatch):
+    """The GPU's block size, with tensors of exactly one/two blocks and one element more."""
+    monkeypatch.setattr(mt, "BLOCK_SIZE", 2048)
+    shapes = [(2048,), (4096,), (4097,), (2049,), (1,)]
+    run_sgd(SGD_CONFIGS["damp_l2_scaled_mf"], DTYPES["bf16_master_gradfp32"], shapes, steps=2)
+    run_adam(ADAM_CONFIGS["adam_l2_mf_scaled"], DTYPES["fp16_master"], shapes, steps=2)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+def test_views_into_flat_buffers(offset):
+    """Params/grads/states as views into flat buffers (as in gradient buckets), aligned or not."""
+    shapes = [(4, 7), (100,), (3, 4, 2, 2)]  # element counts multiples of 4: offset 0 stays aligned
+    numels = [math.prod(s) for s in shapes]
+    end = offset + sum(numels)
+    total = end + 8
+
+    def views(flat):
+        out, pos = [], offset
+        for s, n in zip(shapes, numels):
+            out.append(flat[pos:pos + n].view(s))
+            pos += n
+        return out
+
+    gen = torch.Generator().manual_seed(1)
+    flats = [_randn((total,), F16, gen), _randn((total,), F16, gen), _randn((total,), F32, gen)]
+    flats.append(flats[0].float())
+    flat_p, flat_g, flat_u, flat_m = flats
+    outside = [(f[:offset].clone(), f[end:].clone()) for f in flats]
+    params, grads, bufs, masters = views(flat_p), views(flat_g), views(flat_u), views(flat_m)
+    ref = [_clones(params), _clones(bufs), _clones(masters)]
+    sc = S.sgd_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01)
+    w_scale, u_scale = _sgd_scales(ref, grads, sc, None)
+    tk.mf_sgd_(params, grads, bufs, masters, _vec(sc))
+    reference.mf_sgd_(ref[0], grads, ref[1], ref[2], sc)
+    _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale], ["params", "bufs", "masters"])
+    _check_masters(params, masters)
+    for f, (head, tail) in zip(flats, outside):  # nothing outside the views was written
+        assert_bit_identical(f[:offset], head, "before the first view")
+        assert_bit_identical(f[end:], tail, "after the last view")
+    rows = [(n, p.data_ptr(), g.data_ptr(), u.data_ptr(), m.data_ptr())
+            for n, p, g, u, m in zip(numels, params, grads, bufs, masters)]
+    tables = mt.get_tables(DEV, rows, (F16, F16, F32, F32))
+    # 4-element vector accesses are only claimed when every address allows them
+    assert tables.aligned == (offset == 0)
+
+
+def test_flat_buffer_tail_untouched():
+    """Writes stop exactly at each tensor's last element (masked tail of the last block)."""
+    gen = torch.Generator().manual_seed(2)
+    flat = _randn((300,), F32, gen)
+    flat_g = _randn((300,), F32, gen)
+    keep = flat.clone()
+    params, grads = [flat[:133]], [flat_g[:133]]
+    sc = S.sgd_step_scalars(lr=0.5, momentum=0.0)
+    tk.mf_sgd_(params, grads, [], [], _vec(sc))
+    assert_bit_identical(flat[133:], keep[133:], "elements after the tensor")
+    assert not torch.equal(flat[:133], keep[:133])
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding, skip on overflow, first step
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_fp32_to_low_precision_rounds_to_nearest_even(dtype):
+    """w = 0 + (-1) * (-x) = x exactly, so the stored param must equal x.to(dtype) bit for bit."""
+    mant = 10 if dtype == F16 else 7
+    one_ulp = 2.0 ** -mant
+    values = [1.0, 1.0 + one_ulp / 2, 1.0 + 3 * one_ulp / 2, -(1.0 + one_ulp / 2), -(1.0 + 3 * one_ulp / 2),
+              1.0 + one_ulp / 2 + 2.0 ** -20, 1.0 + one_ulp / 2 - 2.0 ** -20, 2.0 - one_ulp / 4,
+              2.0 - one_ulp / 2, 3.14159265, -2.71828183, 1e-3, 6e-8, 1e-40, -1e-38, float("inf"),
+              float("-inf"), 3.4e38, -3.4e38, 65504.0, 65519.0, 65520.0, 1e5]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor(values, dtype=F32), torch.randn(4000, generator=gen) * 100]).to(DEV)
+    params = [torch.zeros(x.shape, dtype=dtype, device=DEV)]
+    sc = S.SGDStepScalars(lr=1.0, momentum=0.0, one_minus_dampening=1.0, l2_weight_decay=0.0,
+                          decay_factor=1.0, nesterov=0.0, first_step=0.0)
+    tk.mf_sgd_(params, [-x], [], [], _vec(sc))
+    assert_bit_identical(params[0], x.to(dtype), f"fp32 -> {dtype}")
+
+
+def test_nan_is_stored_as_nan():
+    x = torch.tensor([float("nan"), 1.0, -float("nan")], device=DEV)
+    sc = S.SGDStepScalars(lr=1.0, momentum=0.0, one_minus_dampening=1.0, l2_weight_decay=0.0,
+                          decay_factor=1.0, nesterov=0.0, first_step=0.0)
+    for dtype in (F16, BF16):
+        p = [torch.zeros(3, dtype=dtype, device=DEV)]
+        tk.mf_sgd_(p, [-x], [], [], _vec(sc))
+        assert p[0].isnan().tolist() == [True, False, True], dtype
+
+
+@pytest.mark.parametrize("found_value", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_found_inf_writes_nothing(rule, found_value):
+    """NOTE [skip on overflow]: every tensor bit-identical, on the first step too."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(1,), (4097,), (0,), (3, 8, 5, 7)]
+    params = [_randn(s, F16, gen) for s in shapes]
+    masters = [_randn(s, F32, gen) for s in shapes]
+    grads = [_randn(s, F16, gen) for s in shapes]
+    states = [[_randn(s, F32, gen, positive=True) for s in shapes] for _ in range(2)]
+    snapshot = [_clones(lst) for lst in [params, masters, grads] + states]
+    found = _device_scalar(found_value)
+    inv = _device_scalar(0.5)
+    if rule == "sgd":
+        sc = S.sgd_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, first_step=True)
+        tk.mf_sgd_(params, grads, states[0], masters, _vec(sc), inv, found)
+    else:
+        sc = S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
+        tk.mf_adam_(params, grads, states[0], states[1], masters, _vec(sc), inv, found)
+    for lst, snap in zip([params, masters, grads] + states, snapshot):
+        for i, (t, s) in enumerate(zip(lst, snap)):
+            assert_bit_identical(t, s, f"tensor {i}")
+    assert_bit_identical(found, _device_scalar(found_value), "found_inf")
+
+
+def test_empty_lists_and_zero_size_tensors_are_no_ops():
+    sc = _vec(S.sgd_step_scalars(lr=0.1, momentum=0.9))
+    tk.mf_sgd_([], [], [], [], sc)
+    tk.mf_adam_([], [], [], [], [], torch.zeros(3))  # nothing to check the scalars against: no-op
+    z = [torch.empty(0, 3, device=DEV)]
+    tk.mf_sgd_(z, [torch.empty(0, 3, device=DEV)], [torch.empty(0, 3, device=DEV)], [], sc)
+    found = _device_scalar(0.0)
+    tk.non_finite_check_([], found)
+    tk.non_finite_check_([torch.empty(0, device=DEV)], found)
+    assert found.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite check
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+def test_non_finite_check(dtype):
+    gen = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max
+    tensors = [_randn((4097,), dtype, gen), _randn((1,), dtype, gen), torch.empty(0, device=DEV, dtype=dtype),
+               torch.full((7, 9), big, dtype=dtype, device=DEV)]
+    found = _device_scalar(0.0)
+    tk.non_finite_check_(tensors, found)
+    assert found.item() == 0.0, "largest finite values are finite"
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for which, index in ((0, 4096), (0, 17), (1, 0), (3, (6, 8))):
+            t = [x.clone() for x in tensors]
+            t[which][index] = bad
+            found = _device_scalar(0.0)
+            tk.non_finite_check_(t, found)
+            assert found.item() == 1.0, (bad, which, index)
+    found = _device_scalar(1.0)  # never cleared
+    tk.non_finite_check_(tensors, found)
+    assert found.item() == 1.0
+
+
+def test_non_finite_check_mixed_dtypes_and_layouts():
+    x16 = torch.zeros(300, dtype=F16, device=DEV)
+    x32 = torch.zeros(10, 20, device=DEV).t()  # not contiguous, but dense: read as flat memory
+    strided = torch.zeros(10, 20, dtype=BF16, device=DEV)[:, ::2]  # not dense: checked via a copy
+    found = torch.zeros((), device=DEV)  # a 0-dim found_inf works too
+    tk.non_finite_check_([x16, x32, strided], found)
+    assert found.item() == 0.0
+    strided[9, 9] = float("nan")
+    tk.non_finite_check_([x16, x32, strided], found)
+    assert found.item() == 1.0
+    found.zero_()
+    x32[19, 0] = float("inf")
+    tk.non_finite_check_([x16, x32], found)
+    assert found.item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# caching
+
+
+def test_tables_are_cached_per_tensor_set():
+    gen = torch.Generator().manual_seed(6)
+    params = [_randn((50,), F32, gen), _randn((3, 3), F32, gen)]
+    grads = [_randn((50,), F32, gen), _randn((3, 3), F32, gen)]
+    sc = _vec(S.sgd_step_scalars(lr=0.1, momentum=0.0))
+    tk.mf_sgd_(params, grads, [], [], sc)
+    stats = tk.table_cache_stats()
+    tk.mf_sgd_(params, grads, [], [], sc)
+    after = tk.table_cache_stats()
+    assert after["builds"] == stats["builds"] and after["hits"] == stats["hits"] + 1
+    other = [_randn((50,), F32, gen), _randn((3, 3), F32, gen)]
+    tk.mf_sgd_(other, grads, [], [], sc)
+    assert tk.table_cache_stats()["builds"] == stats["builds"] + 1
+    tk.clear_table_cache()
+    assert tk.table_cache_stats()["entries"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _sgd_args(n=3, pdt=F32, master=False):
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(4, 5), (6,), (2, 3, 4, 5)][:n]
+    params = [_randn(s, pdt, gen) for s in shapes]
+    return dict(params=params, grads=[_randn(s, F32, gen) for s in shapes],
+                momentum_buffers=[_randn(s, F32, gen) for s in shapes],
+                master_params=[p.to(F32, copy=True) for p in params] if master else [],
+                scalars=_vec(S.sgd_step_scalars(lr=0.1, momentum=0.9)),
+                inv_grad_scale=_device_scalar(1.0), found_inf=_device_scalar(0.0))
+
+
+def _adam_args():
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(4, 5), (6,), (7,)]
+    params = [_randn(s, F32, gen) for s in shapes]
+    return dict(params=params, grads=[_randn(s, F32, gen) for s in shapes],
+                exp_avgs=[_randn(s, F32, gen) for s in shapes],
+                exp_avg_sqs=[_randn(s, F32, gen, positive=True) for s in shapes], master_params=[],
+                scalars=_vec(S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1,
+                                                 beta1_product=0.9)))
+
+
+def _set(key, index, value):
+    def edit(args):
+        if index is None:
+            args[key] = value(args) if callable(value) else value
+        else:
+            args[key] = list(args[key])
+            args[key][index] = value(args[key][index]) if callable(value) else value
+    return edit
+
+
+SGD_BAD = {
+    "grads_length": (_set("grads", None, lambda a: a["grads"][:2]), r"grads has 2 tensors but params has 3"),
+    "buffers_length": (_set("momentum_buffers", None, lambda a: a["momentum_buffers"][:1]),
+                       r"momentum_buffers has 1 tensors .* expected 3 \(or 0\)"),
+    "shape": (_set("grads", 1, lambda t: t.new_zeros(7)), r"grads\[1\] has shape \[7\] but params\[1\] has \[6\]"),
+    "strides": (_set("grads", 0, lambda t: t.t().contiguous().t()), r"grads\[0\] has strides \[1, 4\]"),
+    # params[2] is channels_last (see _randn); its buffer contiguous
+    "layout_4d": (_set("momentum_buffers", 2, lambda t: t.contiguous()),
+                  r"momentum_buffers\[2\] has strides \[60, 20, 5, 1\] but params\[2\] has \[60, 1, 15, 3\]"),
+    "not_dense": (_set("params", 1, lambda t: t.new_zeros(12)[::2]), r"params\[1\] .* not dense"),
+    "param_dtype": (lambda a: a.update(params=[p.double() for p in a["params"]]),
+                    r"params\[0\] has dtype torch.float64; the Triton backend supports params float32/float16"),
+    "state_dtype": (lambda a: a.update(momentum_buffers=[t.half() for t in a["momentum_buffers"]]),
+                    r"momentum_buffers\[0\] has dtype torch.float16.*must be float32"),
+    "mixed_grad_dtypes": (_set("grads", 2, lambda t: t.half()),
+                          r"grads\[2\] has dtype torch.float16 but grads\[0\] has torch.float32"),
+    "device": (_set("grads", 1, lambda t: torch.empty(t.shape, device="meta")), r"grads\[1\] is on meta"),
+    "not_a_tensor": (_set("momentum_buffers", 1, 3.0), r"momentum_buffers\[1\] is a float, not a tensor"),
+    "scalars_length": (_set("scalars", None, lambda a: a["scalars"][:6]), r"scalars must be a float32 tensor of 7"),
+    "scalars_dtype": (_set("scalars", None, lambda a: a["scalars"].double()), r"scalars must be a float32 tensor"),
+    "inv_grad_scale_size": (_set("inv_grad_scale", None, lambda a: torch.ones(2, device=DEV)),
+                            r"inv_grad_scale must be a 1-element float32 tensor"),
+    "found_inf_dtype": (_set("found_inf", None, lambda a: torch.zeros(1, dtype=torch.float64, device=DEV)),
+                        r"found_inf must be a 1-element float32 tensor"),
+    "master_dtype": (lambda a: a.update(master_params=[p.half() for p in a["params"]]),
+                     r"master_params\[0\] has dtype torch.float16"),
+}
+
+
+def _snapshot(args):
+    out = {}
+    for key, value in args.items():
+        for i, t in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                out[(key, i)] = (t, t.clone())
+    return out
+
+
+def _assert_unchanged(snap):
+    for (key, i), (t, copy) in snap.items():
+        assert_bit_identical(t, copy, f"{key}[{i}]")
+
+
+@pytest.mark.parametrize("case", list(SGD_BAD), ids=list(SGD_BAD))
+def test_mf_sgd_validation_names_list_and_index(case):
+    edit, pattern = SGD_BAD[case]
+    args = _sgd_args()
+    edit(args)
+    snap = _snapshot(args)
+    with pytest.raises(tk.InputError, match=pattern):
+        tk.mf_sgd_(**args)
+    _assert_unchanged(snap)
+
+
+def test_validation_error_is_value_and_runtime_error():
+    args = _sgd_args()
+    args["grads"] = args["grads"][:1]
+    for exc in (ValueError, RuntimeError):
+        with pytest.raises(exc):
+            tk.mf_sgd_(**args)
+
+
+ADAM_BAD = {
+    "exp_avg_sqs_missing": (_set("exp_avg_sqs", None, []), r"exp_avg_sqs has 0 tensors but params has 3; expected 3$"),
+    "exp_avgs_shape": (_set("exp_avgs", 2, lambda t: t.new_zeros(2, 4)), r"exp_avgs\[2\] has shape \[2, 4\]"),
+    "scalars_sgd_length": (_set("scalars", None, lambda a: torch.zeros(7, device=DEV)),
+                           r"scalars must be a float32 tensor of 10"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAM_BAD), ids=list(ADAM_BAD))
+def test_mf_adam_validation_names_list_and_index(case):
+    edit, pattern = ADAM_BAD[case]
+    args = _adam_args()
+    edit(args)
+    snap = _snapshot(args)
+    with pytest.raises(tk.InputError, match=pattern):
+        tk.mf_adam_(**args)
+    _assert_unchanged(snap)
+
+
+def test_non_finite_check_validation():
+    found = _device_scalar(0.0)
+    with pytest.raises(tk.InputError, match=r"tensors\[1\] has dtype torch.int32"):
+        tk.non_finite_check_([torch.zeros(3, device=DEV), torch.zeros(3, dtype=torch.int32, device=DEV)], found)
+    with pytest.raises(tk.InputError, match=r"found_inf must be a 1-element float32 tensor"):
+        tk.non_finite_check_([torch.zeros(3, device=DEV)], torch.zeros(2, device=DEV))
+    with pytest.raises(tk.InputError, match=r"tensors\[0\] is on meta"):
+        tk.non_finite_check_([torch.zeros(3, device="meta")], found)
+    assert found.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    """Scalars, inv_grad_scale and found_inf are read on the device, so a captured step replays
+    correctly after only their contents change."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(4097,), (123, 457), (3, 8, 5, 7)]
+    params = [_randn(s, F16, gen) for s in shapes]
+    masters = [p.to(F32, copy=True) for p in params]
+    bufs = [torch.zeros_like(m) for m in masters]
+    grads = [_randn(s, F16, gen) for s in shapes]
+    scalars = _vec(S.sgd_step_scalars(lr=0.1, momentum=0.9, first_step=True))
+    inv, found = _device_scalar(1.0), _device_scalar(0.0)
+    ref = [_clones(params), _clones(bufs), _clones(masters)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernel and caches the tables
+        tk.mf_sgd_(params, grads, bufs, masters, scalars, inv, found)
+    torch.cuda.current_stream().wait_stream(side)
+    _resync([params, bufs, masters], ref)  # undo the warm-up step
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tk.mf_sgd_(params, grads, bufs, masters, scalars, inv, found)
+
+    for step, (mf, scale, skip) in enumerate([(0.9, 0.5, 0.0), (0.95, 0.25, 0.0), (0.99, 1.0, 1.0)]):
+        sc = S.sgd_step_scalars(lr=0.1, momentum=mf, first_step=step == 0)
+        for g in grads:
+            g.copy_(_randn(g.shape, F16, gen))
+        scalars.copy_(_vec(sc))
+        inv.fill_(scale)
+        found.fill_(skip)
+        w_scale, u_scale = _sgd_scales(ref, grads, sc, inv)
+        graph.replay()
+        reference.mf_sgd_(ref[0], grads, ref[1], ref[2], sc, inv, found)
+        torch.cuda.synchronize()
+        _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale],
+                     ["params", "momentum_buffers", "master_params"])
+        _resync([params, bufs, masters], ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled code, without a GPU
+
+
+_SM90_SCRIPT = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_kernels import adam, non_finite, sgd
+
+PTRS = {"tensor_table": "*i64", "block_table": "*i64", "scalars_ptr": "*fp32",
+        "inv_grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+def ptx(fn, sig, consts):
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+def ops(text):
+    return sorted(set(re.findall(r"\b(ld\.global\.v\d\.b32|st\.global\.v\d\.b32|div\.\w+\.f32|sqrt\.\w+\.f32)", text)))
+out = {}
+out["sgd_fp32_aligned"] = ops(ptx(sgd.mf_sgd_kernel, PTRS, dict(
+    PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MOMENTUM=True, HAS_MASTER=False,
+    HAS_INV_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True, BLOCK=2048)))
+out["sgd_bf16_master_unaligned"] = ops(ptx(sgd.mf_sgd_kernel, PTRS, dict(
+    PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.float16, HAS_MOMENTUM=False, HAS_MASTER=True,
+    HAS_INV_SCALE=True, HAS_FOUND_INF=True, ALIGNED=False, BLOCK=2048)))
+out["adam_fp16_master_aligned"] = ops(ptx(adam.mf_adam_kernel, PTRS, dict(
+    PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True, HAS_INV_SCALE=True,
+    HAS_FOUND_INF=True, ALIGNED=True, BLOCK=2048)))
+out["non_finite_bf16"] = ops(ptx(non_finite.non_finite_kernel,
+    {"tensor_table": "*i64", "block_table": "*i64", "found_inf_ptr": "*fp32"},
+    dict(DTYPE=tl.bfloat16, ALIGNED=True, BLOCK=2048)))
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90_with_vector_access_and_ieee_div_sqrt():
+    """Compile representative variants for sm_90 (no GPU needed: Triton ships LLVM and ptxas) and
+    check what the interpreter cannot: they compile, full blocks use vector accesses when aligned,
+    and Adam uses IEEE division and square root, not div.full / sqrt.approx."""
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no NVIDIA backend")
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, ROOT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ld.global.v4.b32" in out["sgd_fp32_aligned"] and "st.global.v4.b32" in out["sgd_fp32_aligned"], out
+    assert not any(op.startswith(("ld.global.v", "st.global.v")) for op in out["sgd_bf16_master_unaligned"]), out
+    adam_ops = out["adam_fp16_master_aligned"]
+    assert "div.rn.f32" in adam_ops and "sqrt.rn.f32" in adam_ops, adam_ops
+    assert not any(op in adam_ops for op in ("div.full.f32", "div.approx.f32", "sqrt.approx.f32")), adam_ops
+    assert "ld.global.v4.b32" in adam_ops and "ld.global.v2.b32" in adam_ops, adam_ops  # fp32 and fp16 x 4
+    assert "ld.global.v2.b32" in out["non_finite_bf16"], out
