@@ -1,0 +1,152 @@
+"""Smoke tests of the benchmark harness and of benchmarks/optim_step.py (CPU, --quick)."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedmf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import harness  # noqa: E402
+
+MACHINE_KEYS = ("utc", "command", "device_name", "driver", "torch", "torch_cuda", "triton", "cpu_model",
+                "cpu_count", "torch_threads", "git", "loadavg_at_start")
+TORCH_CASES = [f"{rule}/torch-{impl}/fp32" for rule in ("sgd", "adam") for impl in ("forloop", "foreach", "fused")] + [
+    f"{rule}/torch-{impl}/bf16+master" for rule in ("sgd", "adam") for impl in ("fused+copy", "fused-flat+copy")]
+FUSEDMF_CPU_CASES = [f"{rule}/fusedmf-cpu/{prec}" for rule in ("sgd", "adam") for prec in ("fp32", "bf16+master")] + [
+    f"{rule}/fusedmf-cpu-functional/fp32" for rule in ("sgd", "adam")]
+KEY_LABEL = "cpu backend fp32 MF-SGD vs torch.optim.SGD(fused=True), same run"
+
+
+def _assert_timed(rec: dict, repeats: int) -> None:
+    name = rec["name"]
+    assert rec["status"] == "ok", f"{name}: {rec['status']}: {rec.get('reason')}"
+    assert len(rec["repeats_s"]) == repeats == rec["n"], f"{name}: {len(rec['repeats_s'])} repeats"
+    assert all(t > 0 for t in rec["repeats_s"]), f"{name}: non-positive repeat {rec['repeats_s']}"
+    assert 0 < rec["p20_s"] <= rec["median_s"] <= rec["p80_s"], name
+    assert 0 < rec["gbps"] < 1000, f"{name}: {rec['gbps']} GB/s"
+    assert rec["pct_copy_bw"] > 0 and rec["bytes_per_call"] > 0, name
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optim_step")
+    cmd = [sys.executable, os.path.join(BENCH, "optim_step.py"), "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    files = glob.glob(os.path.join(str(out), "optim_step_cpu_*.json"))
+    assert len(files) == 1, f"expected one JSON record in {out}, found {files}"
+    with open(files[0]) as f:
+        data = json.load(f)
+    return data, proc.stdout, files[0]
+
+
+def test_record_has_machine_and_config(quick_run):
+    data, _, path = quick_run
+    m = data["machine"]
+    missing = [k for k in MACHINE_KEYS if k not in m]
+    assert not missing, f"machine info lacks {missing}"
+    assert m["torch"] == torch.__version__ and m["cpu_count"] >= 1
+    assert "optim_step.py" in m["command"] and "--quick" in m["command"]
+    assert "commit" in m["git"]
+    assert data["config"]["device"] == "cpu" and data["config"]["quick"] is True
+    assert data["workload"]["tensors"] == 161 and data["workload"]["params"] == 25_557_032
+    assert 0 < data["copy_bandwidth"]["gbps"] < 1000 and data["copy_bandwidth"]["repeats_s"]
+    assert os.path.exists(path[:-len(".json")] + ".csv")
+
+
+def test_torch_cases_timed(quick_run):
+    data, _, _ = quick_run
+    recs = {r["name"]: r for r in data["cases"]}
+    repeats = data["config"]["repeats"]
+    for name in TORCH_CASES:
+        assert name in recs, f"missing case {name}"
+        _assert_timed(recs[name], repeats)
+    assert recs["sgd/torch-foreach/fp32"]["speedup"] > 0  # vs torch fused SGD, same run
+
+
+def test_fusedmf_cases_timed_or_skipped_with_reason(quick_run):
+    """A backend that is not there is recorded with the reason available_backends() gives."""
+    data, _, _ = quick_run
+    recs = {r["name"]: r for r in data["cases"]}
+    cpu = fusedmf.available_backends()["cpu"]
+    assert data["backends"]["cpu"] == {"available": cpu.available, "detail": cpu.detail}
+    assert set(data["backends"]) == {"reference", "cpu", "cuda", "triton"}
+    for name in FUSEDMF_CPU_CASES:
+        assert name in recs, f"case {name} was dropped instead of recorded"
+        rec = recs[name]
+        if cpu.available:
+            _assert_timed(rec, data["config"]["repeats"])
+            if "functional" not in name:
+                assert rec["check"]["ok"], f"{name}: {rec['check']}"
+        else:
+            assert rec["status"] == "skipped", f"{name}: {rec['status']}"
+            assert cpu.detail in rec["reason"], rec["reason"]
+    for name in ("sgd/fusedmf-reference/fp32", "adam/fusedmf-reference/bf16+master"):
+        assert recs[name]["status"] == "skipped" and "--include-reference" in recs[name]["reason"]
+
+
+def test_key_comparison_printed(quick_run):
+    data, stdout, _ = quick_run
+    assert KEY_LABEL in stdout
+    comp = next(c for c in data["comparisons"] if c["label"] == KEY_LABEL)
+    assert comp["case"] == "sgd/fusedmf-cpu/fp32" and comp["vs"] == "sgd/torch-fused/fp32"
+    if fusedmf.available_backends()["cpu"].available:
+        assert comp["value"] > 0 and comp["interleaved"] is not None
+    else:
+        assert comp["value"] is None and "skipped" in comp["missing"]
+
+
+# ---------------------------------------------------------------------------------------- harness units
+def test_quantiles_match_linear_interpolation():
+    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median_s"], s["p20_s"], s["p80_s"], s["n"]) == (3.0, 1.8, 4.2, 5)
+
+
+def test_harness_records_skips_errors_and_pairs(tmp_path):
+    x = torch.rand(1 << 16)
+    y = torch.rand(1 << 16)
+
+    def unavailable():
+        raise harness.Unavailable("no such backend here")
+
+    def broken():
+        raise RuntimeError("boom")
+
+    cases = [
+        harness.Case("add", lambda: (lambda: x.add_(y, alpha=1e-9)), 3 * x.numel() * 4),
+        harness.Case("mul", lambda: (lambda: x.mul_(1.0)), 2 * x.numel() * 4, baseline="add",
+                     check=lambda: {"ok": True}),
+        harness.Case("missing", unavailable, 1),
+        harness.Case("declared", lambda: None, 1, skip="not on this device"),
+        harness.Case("broken", broken, 1),
+    ]
+    res = harness.run("unit", cases, device="cpu", repeats=3, warmup=1, out_dir=str(tmp_path),
+                      copy_repeats=3, pairs=[("mul", "add"), ("missing", "add")], pair_rounds=3,
+                      print_table=False)
+    recs = {r["name"]: r for r in res["cases"]}
+    for name in ("add", "mul"):
+        _assert_timed(recs[name], 3)
+    assert recs["mul"]["speedup"] > 0 and recs["mul"]["check"] == {"ok": True}
+    assert (recs["missing"]["status"], recs["missing"]["reason"]) == ("skipped", "no such backend here")
+    assert (recs["declared"]["status"], recs["declared"]["reason"]) == ("skipped", "not on this device")
+    assert recs["broken"]["status"] == "error" and "boom" in recs["broken"]["reason"]
+    ok_pair, skipped_pair = res["pairs"]
+    assert ok_pair["status"] == "ok" and ok_pair["speedup"] > 0 and len(ok_pair["a_s"]) == 3
+    assert skipped_pair["status"] == "skipped" and "no such backend here" in skipped_pair["reason"]
+    with open(res["paths"]["csv"]) as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    assert set(rows) == set(recs) and float(rows["add"]["median_ms"]) > 0
+    with open(res["paths"]["json"]) as f:
+        assert json.load(f)["cases"][0]["name"] == "add"
+    assert "add" in harness.format_table(res)
