@@ -48,6 +48,7 @@ def test_round_trip_mid_training_continues_bit_identically(backend, kind, dtype)
     restored = [p.clone().requires_grad_() for p in saved_params]
     opt2 = FACTORIES[kind](restored, name)
     opt2.load_state_dict(sd)
+    assert opt2.state_dict()["param_groups"] == sd["param_groups"], "groups must round-trip exactly"
     train(opt2, restored, 4, 4)
     for i, (p, q) in enumerate(zip(params, restored)):
         assert_bit_identical(q.detach(), p.detach(), name=f"param {i}")

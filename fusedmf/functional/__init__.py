@@ -19,12 +19,15 @@ Each function returns the name of the backend that ran, so callers can report it
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import _backends
 from . import reference
+from .pack import PACK_ALIGN_BYTES, pack_offsets
+from .pack import pack_ as _reference_pack_
 from .scalars import (
     ADAM_NUM_SCALARS,
     SGD_NUM_SCALARS,
@@ -37,7 +40,7 @@ from .scalars import (
 Tensor = torch.Tensor
 
 __all__ = [
-    "mf_sgd", "mf_adam", "non_finite_check",
+    "mf_sgd", "mf_adam", "non_finite_check", "pack", "pack_offsets", "PACK_ALIGN_BYTES",
     "sgd_step_scalars", "adam_step_scalars", "SGDStepScalars", "AdamStepScalars",
     "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
 ]
@@ -194,4 +197,52 @@ def non_finite_check(tensors: Sequence[Tensor], found_inf: Tensor, *, backend: s
     dtype = tensors[0].dtype if tensors else None
     name = _backends.resolve(backend, device, dtype)
     _kernels(name).non_finite_check_(tensors, found_inf)
+    return name
+
+
+_PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: backends whose module has no ``pack_`` kernel yet, so the reference pack ran in their place
+pack_fallbacks: set = set()
+
+
+def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, backend: str = "auto") -> str:
+    """Write ``cast(grads[i] * scale)`` for every grad into the flat 1-D buffer ``out``.
+
+    One launch gathers, prescales and casts the gradients of a communication bucket; the slots
+    sit at 16-byte-aligned offsets (NOTE [pack layout] in fusedmf/functional/pack.py, see
+    ``pack_offsets``) and the padding between them is left as it is (allocate ``out`` zeroed).
+
+    Returns the name of what ran. A backend whose kernels do not include ``pack_`` yet falls back
+    to the reference here, the one dispatch point, with a warning the first time; the fallback is
+    reported by the return value ("reference") and recorded in ``pack_fallbacks``.
+    """
+    grads = list(grads)
+    if out.dim() != 1 or not out.is_contiguous():
+        raise ValueError(f"fusedmf.pack: out must be a contiguous 1-D buffer, got shape {list(out.shape)} "
+                         f"and strides {list(out.stride())}")
+    if out.dtype not in _PACK_DTYPES:
+        raise TypeError(f"fusedmf.pack: out has dtype {out.dtype}; supported: float16, bfloat16, float32, float64")
+    if out.data_ptr() % PACK_ALIGN_BYTES:
+        raise ValueError(f"fusedmf.pack: out must start on a {PACK_ALIGN_BYTES}-byte boundary (NOTE [pack layout])")
+    _check_same_device({"grads": grads}, out.device, "pack")
+    for i, g in enumerate(grads):
+        if g.dtype not in _PACK_DTYPES or g.is_complex() or g.layout != torch.strided:
+            raise TypeError(f"fusedmf.pack: grads[{i}] has dtype {g.dtype} and layout {g.layout}; "
+                            "dense float16, bfloat16, float32 or float64 grads are supported")
+    _, total = pack_offsets([g.numel() for g in grads], out.element_size())
+    if total > out.numel():
+        raise ValueError(f"fusedmf.pack: the grads need {total} elements of out (padded slots), out has {out.numel()}")
+    scale = float(scale)
+    # float64 anywhere is the reference's territory, as for the update rules
+    wide = out.dtype == torch.float64 or any(g.dtype == torch.float64 for g in grads)
+    name = _backends.resolve(backend, out.device, torch.float64 if wide else out.dtype)
+    kernel = None if name == "reference" else getattr(_kernels(name), "pack_", None)
+    if kernel is None:
+        if name != "reference" and name not in pack_fallbacks:
+            pack_fallbacks.add(name)
+            warnings.warn(f"fusedmf.pack: backend {name!r} has no pack_ kernel yet; the reference pack runs "
+                          "in its place", RuntimeWarning, stacklevel=2)
+        _reference_pack_(grads, out, scale)
+        return "reference"
+    kernel(grads, out, scale)
     return name

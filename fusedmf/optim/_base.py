@@ -80,6 +80,7 @@ class MFOptimizerBase(Optimizer):
         self._last_skipped: Optional[bool] = None
         #: backend name -> number of tensors it updated in the last step (what actually ran)
         self.backends_used: dict[str, int] = {}
+        self._group_keys = tuple(defaults)  # the hyperparameters a group of ours carries
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction checks
@@ -169,9 +170,18 @@ class MFOptimizerBase(Optimizer):
             found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
         if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
+        self._step_with_grads(None, grad_scale, found_inf)
+        return loss
+
+    @torch.no_grad()
+    def _step_with_grads(self, grad_of: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]],
+                         grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        """The step itself, with each param's grad taken from ``grad_of(p)`` (None: leave p alone)
+        instead of ``p.grad`` when ``grad_of`` is given. fusedmf.comm updates straight from views
+        into the reduced communication buffer this way (no unflatten pass)."""
         self._resolve_pending()
 
-        launches = self._plan()                                   # phase 1: no mutation
+        launches = self._plan(grad_of)                            # phase 1: no mutation
         per_device_inv: dict = {}
         per_device_found: dict = {}
         used: dict = defaultdict(int)
@@ -209,15 +219,14 @@ class MFOptimizerBase(Optimizer):
             self._pending.append((found_inf, updates))
             if found_inf.device.type == "cpu":
                 self._resolve_pending()
-        return loss
 
-    def _plan(self) -> list:
+    def _plan(self, grad_of=None) -> list:
         launches = []
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group)
             buckets: dict = {}
             for pi, p in enumerate(group["params"]):
-                g = p.grad
+                g = p.grad if grad_of is None else grad_of(p)
                 if g is None:
                     continue
                 where = f"param {pi} of param group {gi}"
@@ -288,8 +297,8 @@ class MFOptimizerBase(Optimizer):
             id_to_param.update(zip(ng["params"], g["params"]))
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a torch checkpoint lacks fusedmf's own group keys
-            for k, v in self.defaults.items():
-                group.setdefault(k, v)
+            for k in self._group_keys:
+                group.setdefault(k, self.defaults[k])
         for pid, saved in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:

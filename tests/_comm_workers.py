@@ -1,0 +1,486 @@
+"""Multi-process helpers for tests/test_comm.py: a launcher for gloo ranks on 127.0.0.1 and the
+functions each rank runs. Kept out of the test module so that child processes import only this."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+import socket
+import time
+import traceback
+import warnings
+from typing import Callable, Dict
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from fusedmf.comm import DistributedOptimizer, ddp_comm_hook
+from fusedmf.optim import MFAdam, MFSGD
+
+IMAGE = (2, 6, 6)
+OUT = 3
+GLOBAL_BATCH = 16
+SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
+ADAM_KW = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-4)
+# small caps so that the ~2.5k-parameter model spreads over several buckets
+BUCKETS = dict(bucket_cap_mb=4e-3, first_bucket_cap_mb=5e-4)
+
+
+# ------------------------------------------------------------------------------------------ launcher
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _child(fn_name, rank, world_size, port, pg_timeout, kwargs, queue):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", RuntimeWarning)  # the reference-fallback notices, once per process
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        result = globals()[fn_name](rank, world_size, **kwargs)
+        queue.put((rank, "ok", _dumps(result)))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context(os.environ.get("COMM_TEST_START", "forkserver"))
+        if _CTX.get_start_method() == "forkserver":
+            _CTX.set_forkserver_preload(["torch", "fusedmf", "_comm_workers"])
+    return _CTX
+
+
+def launch(fn: Callable, world_size: int, *, timeout: float = 150.0, pg_timeout: float = 10.0, **kwargs) -> Dict:
+    """Run ``fn(rank, world_size, **kwargs)`` on ``world_size`` gloo ranks; return
+    ``{rank: ("ok", result) | ("error", traceback) | ("exit", exitcode)}`` for every rank."""
+    ctx = _context()
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(fn.__name__, r, world_size, port, pg_timeout, kwargs, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: Dict = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and time.monotonic() < deadline:
+        try:
+            rank, status, payload = queue.get(timeout=0.2)
+            results[rank] = (status, _loads(payload) if status == "ok" else payload)
+        except Exception:
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+    for r, p in enumerate(procs):
+        p.join(timeout=max(0.0, deadline - time.monotonic()) if r not in results else 10.0)
+        if p.is_alive():
+            p.kill()  # this launcher's own child, by its handle
+            p.join()
+            results.setdefault(r, ("error", f"rank {r} did not finish within {timeout} s (killed)"))
+        results.setdefault(r, ("exit", p.exitcode))
+    return results
+
+
+def ok_results(results: Dict) -> list:
+    """The per-rank results, or an AssertionError carrying every failing rank's traceback."""
+    bad = {r: v for r, v in results.items() if v[0] != "ok"}
+    if bad:
+        raise AssertionError("ranks failed:\n" + "\n".join(f"--- rank {r}: {v[0]}\n{v[1]}" for r, v in sorted(bad.items())))
+    return [results[r][1] for r in sorted(results)]
+
+
+# ------------------------------------------------------------------------------------------ model and data
+class Net(nn.Module):
+    """Batch-norm free: conv -> tanh -> linear -> tanh -> linear. ``branch`` adds a head used only
+    where the caller says (for unused-parameter tests); ``spare`` is never used."""
+
+    def __init__(self, seed: int = 0, hidden: int = 16, extra: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(IMAGE[0], 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * IMAGE[1] * IMAGE[2], hidden)
+        self.fc2 = nn.Linear(hidden, OUT)
+        if extra:
+            self.branch = nn.Linear(hidden, OUT)
+            self.spare = nn.Linear(5, 7)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p.shape[-1]) ** 0.5))
+
+    def forward(self, x, use_branch: bool = False):
+        h = torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1)))
+        out = self.fc2(h)
+        if use_branch:
+            out = out + self.branch(h)
+        return out
+
+
+def batch(step: int, size: int = GLOBAL_BATCH):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn((size,) + IMAGE, generator=g)
+    y = torch.randn(size, OUT, generator=g)
+    return x, y
+
+
+def shard(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    n = t.shape[0] // world_size
+    return t[rank * n:(rank + 1) * n]
+
+
+def make_optimizer(name: str, params, backend: str = "auto"):
+    if name == "sgd":
+        return MFSGD(params, **SGD_KW, mf_schedule=lambda t: min(0.95, 0.8 + 0.01 * t), backend=backend)
+    if name == "adam":
+        return MFAdam(params, **ADAM_KW, backend=backend)
+    raise ValueError(name)
+
+
+def loss_fn(model, x, y, use_branch=False):
+    return (model(x, use_branch) - y).pow(2).mean()
+
+
+def params_of(model) -> list:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def state_digest(state_dict: dict) -> str:
+    """A hash of a state dict's contents (tensors by bytes, everything else by repr), order-independent of ids."""
+    h = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            h.update(str((obj.dtype, tuple(obj.shape))).encode())
+            h.update(obj.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=repr):
+                h.update(repr(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v)
+        else:
+            h.update(repr(obj).encode())
+
+    feed(state_dict)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+def train_distributed(rank, world_size, *, opt_name, compression, steps, micro=1, accumulate=None,
+                      telemetry=False, seed=0, first_step=0):
+    """``steps`` steps; each rank's shard of each (global) batch, split into ``micro`` micro-batches
+    accumulated with ``accumulate`` = "passes" (backward_passes_per_step) or "no_sync"."""
+    model = Net(seed)
+    dopt = DistributedOptimizer(make_optimizer(opt_name, model.parameters()), compression=compression,
+                                backward_passes_per_step=micro if accumulate == "passes" else 1,
+                                telemetry=telemetry, **BUCKETS)
+    for t in range(first_step, first_step + steps):
+        x, y = batch(t, GLOBAL_BATCH)
+        xs, ys = shard(x, rank, world_size), shard(y, rank, world_size)
+        for m in range(micro):
+            xm, ym = shard(xs, m, micro), shard(ys, m, micro)
+            if accumulate == "no_sync" and m < micro - 1:
+                with dopt.no_sync():
+                    loss_fn(model, xm, ym).backward()
+            else:
+                loss_fn(model, xm, ym).backward()
+        dopt.step()
+        dopt.zero_grad()
+    sd = dopt.state_dict()
+    return {"params": params_of(model), "state": state_digest(sd), "state_only": state_digest(sd["state"]),
+            "layout": dopt.bucket_layout(), "backends": dict(dopt.backends_used)}
+
+
+def suite_two_ranks(rank, world_size):
+    """Everything the 2-rank tests check, in one process group (one launch)."""
+    out = {}
+    for opt_name in ("sgd", "adam"):
+        for comp in ("none", "fp16", "bf16"):
+            out[f"train/{opt_name}/{comp}"] = train_distributed(rank, world_size, opt_name=opt_name,
+                                                               compression=comp, steps=20)
+    for mode in ("passes", "no_sync"):
+        out[f"accum/{mode}"] = train_distributed(rank, world_size, opt_name="sgd", compression="none",
+                                                 steps=10, micro=2, accumulate=mode)
+    out["skip"] = skip_scenario(rank, world_size)
+    out["unused"] = unused_scenario(rank, world_size)
+    out["roundtrip"] = roundtrip_scenario(rank, world_size)
+    out["telemetry"] = telemetry_scenario(rank, world_size)
+    out["ddp"] = ddp_scenario(rank, world_size)
+    out["no_grad_twice"] = backward_twice_scenario(rank, world_size)
+    out["scaler"] = loss_scaler_scenario(rank, world_size)
+    return out
+
+
+def loss_scaler_scenario(rank, world_size):
+    """DynamicLossScaler.step(dopt) with an overflow on rank 1 only: both ranks skip, and both scalers
+    back off (the scaler's found_inf is updated in place with the reduced-buffer check)."""
+    from fusedmf import DynamicLossScaler
+
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", **BUCKETS)
+    scaler = DynamicLossScaler(init_scale=2.0 ** 8)
+    skipped, scales = [], []
+    for t in range(3):
+        x, y = batch(t)
+        x, y = shard(x, rank, world_size), shard(y, rank, world_size)
+        if t == 1 and rank == 1:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("inf")
+        scaler.scale(loss_fn(model, x, y)).backward()
+        scaler.step(dopt)
+        scaler.update()
+        dopt.zero_grad()
+        skipped.append(dopt.last_step_skipped)
+        scales.append(scaler.get_scale())
+    return {"skipped": skipped, "scales": scales, "params": params_of(model)}
+
+
+def skip_scenario(rank, world_size):
+    """An inf/NaN gradient on rank 1 only, on the first step and on a later step."""
+    res = {}
+    for opt_name in ("sgd", "adam"):
+        for when in (0, 3):
+            model = Net(1)
+            dopt = DistributedOptimizer(make_optimizer(opt_name, model.parameters()), compression="fp16", **BUCKETS)
+            for t in range(when + 2):
+                x, y = batch(t)
+                x, y = shard(x, rank, world_size), shard(y, rank, world_size)
+                if t == when:
+                    before_params = params_of(model)
+                    before_state = state_digest(dopt.state_dict())
+                    if rank == 1:
+                        x = x.clone()
+                        x[0, 0, 0, 0] = float("inf") if opt_name == "sgd" else float("nan")
+                loss_fn(model, x, y).backward()
+                dopt.step()
+                dopt.zero_grad()
+                if t == when:
+                    res[f"{opt_name}/{when}"] = {
+                        "skipped": dopt.last_step_skipped,
+                        "params_unchanged": all(torch.equal(a, b) for a, b in zip(before_params, params_of(model))),
+                        "state_unchanged": state_digest(dopt.state_dict()) == before_state,
+                        "state_zero": all(not torch.is_tensor(v) or not v.any()
+                                          for st in dopt.state_dict()["state"].values() for v in st.values()),
+                        "steps": sorted({s.get("step") for s in dopt.state_dict()["state"].values()}),
+                    }
+            res[f"{opt_name}/{when}/after"] = {"skipped": dopt.last_step_skipped, "params": params_of(model),
+                                               "steps": sorted({s.get("step") for s in dopt.state_dict()["state"].values()})}
+    return res
+
+
+def unused_scenario(rank, world_size):
+    """``spare`` never gets a gradient; ``branch`` only on rank 0."""
+    model = Net(2, extra=True)
+    before = params_of(model)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="none", **BUCKETS)
+    for t in range(4):
+        x, y = batch(t)
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size), use_branch=rank == 0).backward()
+        dopt.step()
+        dopt.zero_grad()
+    state = dopt.state_dict()["state"]
+    names = [n for n, _ in model.named_parameters()]
+    return {"params": params_of(model), "before": before, "names": names,
+            "steps": {names[i]: state.get(i, {}).get("step") for i in range(len(names))}}
+
+
+def roundtrip_scenario(rank, world_size):
+    """state_dict identical on every rank; save at step 6, reload into fresh objects, continue: the
+    same as uninterrupted training."""
+    full = train_distributed(rank, world_size, opt_name="adam", compression="fp16", steps=12)
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("adam", model.parameters()), compression="fp16", **BUCKETS)
+    for t in range(6):
+        x, y = batch(t)
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        dopt.step()
+        dopt.zero_grad()
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": dopt.state_dict()}, saved)
+    digest = state_digest(dopt.state_dict())
+    saved.seek(0)
+    ckpt = torch.load(saved, weights_only=False)
+    model2 = Net(5)                                       # different init: everything comes from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    dopt2 = DistributedOptimizer(make_optimizer("adam", model2.parameters()), compression="fp16", **BUCKETS)
+    dopt2.load_state_dict(ckpt["opt"])
+    for t in range(6, 12):
+        x, y = batch(t)
+        loss_fn(model2, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        dopt2.step()
+        dopt2.zero_grad()
+    dopt.remove_hooks()
+    # state only: torch's load_state_dict adds a `differentiable` key to the param groups
+    return {"digest_at_6": digest, "resumed": params_of(model2), "full": full["params"],
+            "digest_resumed_state": state_digest(dopt2.state_dict()["state"]), "digest_full_state": full["state_only"]}
+
+
+class Deep(nn.Module):
+    """Enough layers that backward visibly outlasts the first bucket's allreduce."""
+
+    def __init__(self, width=256, depth=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / width ** 0.5)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def telemetry_scenario(rank, world_size):
+    model = Deep()
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", telemetry=True,
+                                bucket_cap_mb=0.3, first_bucket_cap_mb=0.3)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        x = torch.randn(256, 256, generator=g)
+        model(x).pow(2).mean().backward()
+        dopt.step()
+        dopt.zero_grad()
+    steps = dopt.telemetry.steps
+    return {"steps": [s.as_dict() for s in steps], "trace": dopt.telemetry.to_chrome_trace(),
+            "summary": dopt.telemetry.summary(), "overlapped": [s.overlapped for s in steps]}
+
+
+def ddp_scenario(rank, world_size):
+    """torch DDP with fusedmf's hook: grads after backward (decompress mode) and training with the
+    fused update inside the hook, against DistributedOptimizer with the same compression."""
+    res = {}
+    for comp in ("fp16", "none"):
+        model = Net(0)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        state, hook = ddp_comm_hook(compression=comp)
+        ddp.register_comm_hook(state, hook)
+        x, y = batch(0)
+        loss_fn(ddp, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        res[f"grads/{comp}"] = [p.grad.clone() for p in model.parameters()]
+    model = Net(0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("sgd", model.parameters())
+    state, hook = ddp_comm_hook(compression="fp16", optimizer=opt)
+    ddp.register_comm_hook(state, hook)
+    for t in range(10):
+        x, y = batch(t)
+        loss_fn(ddp, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        opt.zero_grad()
+    res["fused_update"] = params_of(model)
+    res["fused_update_backends"] = dict(state.backends_used)
+    res["distopt"] = train_distributed(rank, world_size, opt_name="sgd", compression="fp16", steps=10)["params"]
+    return res
+
+
+def backward_twice_scenario(rank, world_size):
+    """A second backward after the gradients were communicated (no no_sync) is a clear error; the
+    round is drained by zero_grad and training goes on."""
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="none", **BUCKETS)
+    x, y = batch(0)
+    x, y = shard(x, rank, world_size), shard(y, rank, world_size)
+    loss_fn(model, x, y).backward()
+    try:
+        loss_fn(model, x, y).backward()
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    dopt.zero_grad()
+    loss_fn(model, x, y).backward()
+    dopt.step()
+    return {"message": message, "params": params_of(model)}
+
+
+def suite_four_ranks(rank, world_size):
+    out = {}
+    for opt_name, comp in (("sgd", "none"), ("adam", "none"), ("sgd", "fp16"), ("adam", "bf16")):
+        out[f"train/{opt_name}/{comp}"] = train_distributed(rank, world_size, opt_name=opt_name, compression=comp,
+                                                           steps=20)
+    out["accum/passes"] = train_distributed(rank, world_size, opt_name="adam", compression="none", steps=8,
+                                            micro=2, accumulate="passes")
+    return out
+
+
+def mismatch_scenario(rank, world_size):
+    """Different models or settings on rank 1: every rank raises a ValueError naming the mismatch."""
+    cases = {
+        "shape": lambda: (Net(0, hidden=16 if rank == 0 else 17), {}),
+        "count": lambda: (Net(0, extra=rank == 1), {}),
+        "dtype": lambda: (Net(0).to(torch.float64 if rank == 1 else torch.float32), {}),
+        "compression": lambda: (Net(0), {"compression": "fp16" if rank == 0 else "bf16"}),
+    }
+    out = {}
+    for name, make in cases.items():
+        model, kw = make()
+        try:
+            DistributedOptimizer(make_optimizer("sgd", model.parameters(), backend="reference"), timeout=20, **kw)
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def killed_scenario(rank, world_size, *, die_at_step=2, wait_s=None):
+    """Rank 1 dies in the middle of a step (after its forward); the others must raise, not hang."""
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", timeout=wait_s,
+                                **BUCKETS)
+    for t in range(die_at_step + 1):
+        x, y = batch(t)
+        loss = loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size))
+        if rank == 1 and t == die_at_step:
+            os._exit(3)
+        start = time.monotonic()
+        try:
+            loss.backward()
+            dopt.step()
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "elapsed": time.monotonic() - start, "step": t}
+        dopt.zero_grad()
+    return {"error": None}
+
+
+def never_joins_scenario(rank, world_size, *, wait_s=2.0, sleep=6.0):
+    """Rank 1 is alive but never constructs the DistributedOptimizer (until much later)."""
+    if rank == 1:
+        time.sleep(sleep)
+        return {"slept": sleep}
+    start = time.monotonic()
+    try:
+        DistributedOptimizer(make_optimizer("sgd", Net(0).parameters()), timeout=wait_s)
+        return {"error": None, "elapsed": time.monotonic() - start}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "elapsed": time.monotonic() - start}
+
+
+def one_rank_scenario(rank, world_size):
+    """A process group of size 1: no collectives, same result as the plain optimizer."""
+    return train_distributed(rank, world_size, opt_name="adam", compression="none", steps=5)
