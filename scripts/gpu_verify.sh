@@ -21,6 +21,10 @@ status=0
   "$PY" -m pytest "$ROOT/tests" -q -ra --junitxml="$OUTDIR/pytest.xml" || status=1
   echo "== optimizer-step benchmark"
   "$PY" "$ROOT/benchmarks/optim_step.py" --device cuda --out "$OUTDIR" || status=1
+  echo "== communication benchmarks (torchrun + NCCL, every visible GPU)"
+  NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" "$ROOT/benchmarks/comm_allreduce.py" --backend nccl --out "$OUTDIR" || status=1
+  "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" "$ROOT/benchmarks/comm_train_step.py" --backend nccl --out "$OUTDIR" || status=1
   echo "== done, status $status"
   exit $status
 } 2>&1 | tee "$OUTDIR/log.txt"

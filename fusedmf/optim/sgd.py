@@ -53,6 +53,9 @@ class MFSGD(MFOptimizerBase):
     def _uses_momentum(self, group: dict) -> bool:
         return group["momentum"] != 0.0 or self.mf_schedule is not None
 
+    def _init_token(self, group: dict):
+        return self._uses_momentum(group)  # switching momentum on needs buffers
+
     def _state_key(self, state: dict):
         # params whose momentum buffer starts this step must not share a launch with the others
         return (state.get("step", 0), state.get("step", 0) == 0 or state.get("momentum_buffer") is None)
