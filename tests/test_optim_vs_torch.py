@@ -94,7 +94,10 @@ def test_mfsgd_matches_torch_sgd(backend, config, shapes):
         if buf is None:
             assert opt.state[p]["momentum_buffer"] is None
         else:
-            assert_close_ulps(opt.state[p]["momentum_buffer"], buf, name=f"momentum_buffer {i}")
+            # the buffer sums ~1/(1 - momentum) rounded terms: kernels that fuse multiply-adds
+            # differently (the Triton interpreter never does, torch's AVX2 loops do) drift apart by
+            # that factor more ulps than the params, which the lr scales down
+            assert_close_ulps(opt.state[p]["momentum_buffer"], buf, ulps=16, name=f"momentum_buffer {i}")
         assert opt.state[p]["step"] == STEPS
 
 

@@ -73,7 +73,7 @@ def mf_sgd_(
             if s.first_step:
                 u = g.clone()
             else:
-                u = buf.to(dtype).mul_(s.momentum).add_(g, alpha=s.one_minus_dampening)
+                u = buf.to(dtype, copy=True).mul_(s.momentum).add_(g, alpha=s.one_minus_dampening)
             buf.copy_(u)
             d = g.add(u, alpha=s.momentum) if s.nesterov else u
         else:
@@ -110,8 +110,8 @@ def mf_adam_(
         if s.decay_factor != 1.0:
             w = w.mul(s.decay_factor)
         # m = μ·m + (1 − μ)·g, written as torch writes it: lerp(m, g, 1 − μ)
-        m = exp_avgs[i].to(dtype).lerp_(g, s.one_minus_beta1)
-        v = exp_avg_sqs[i].to(dtype).mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
+        m = exp_avgs[i].to(dtype, copy=True).lerp_(g, s.one_minus_beta1)
+        v = exp_avg_sqs[i].to(dtype, copy=True).mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
         denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
         w = w.addcdiv(m, denom, value=s.neg_step_size)
         exp_avgs[i].copy_(m)

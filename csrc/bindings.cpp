@@ -1,0 +1,428 @@
+// fusedmf._C: the Python binding of the CPU and CUDA kernels.
+//
+// The only file that includes pybind11 / torch/extension.h (style.md §3). It validates every
+// tensor before any memory is touched, with messages that name the offending list and index, then
+// hands raw pointers (csrc/tensor_lists.h) to the CPU loops (csrc/cpu/cpu_ops.h) or to the CUDA
+// launchers (csrc/cuda/launch.h). All update functions are in place and return None; the contract
+// is fusedmf/functional/__init__.py's and the math is reference.py's.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "tensor_lists.h"
+
+#ifdef FUSEDMF_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/launch.h"
+#endif
+
+#define FUSEDMF_STRINGIFY_(...) #__VA_ARGS__
+#define FUSEDMF_STRINGIFY(...) FUSEDMF_STRINGIFY_(__VA_ARGS__)
+
+namespace fusedmf {
+namespace {
+
+namespace py = pybind11;
+using TensorList = std::vector<at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr const char* kRebuildHint =
+    "rebuild with `FUSEDMF_CUDA=1 pip install --no-build-isolation .` in the fusedmf checkout "
+    "(needs nvcc and a CUDA build of torch)";
+
+// torch's Python spelling of a dtype, for messages.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kComplexFloat:
+      return "complex64";
+    case at::kComplexDouble:
+      return "complex128";
+    case at::kComplexHalf:
+      return "complex32";
+    default: {
+      std::string s = c10::toString(t);
+      for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return s;
+    }
+  }
+}
+
+std::string dims(at::IntArrayRef a) { return c10::str(a); }  // "[4, 5]"
+
+// One tensor list of a call: its Python name, its tensors, and the kernel slot it fills.
+struct NamedList {
+  const char* name;
+  const TensorList* tensors;
+  int slot;
+  bool optional;  // may be empty (then the list is absent)
+};
+
+// ---------------------------------------------------------------------------------------------
+// NOTE [dtype dispatch]
+// The one place that maps torch dtypes to the kernels' DType and rejects what they do not
+// support; the kernel side only switches on DType (tensor_lists.h visit_dtype).
+constexpr const char* kSupportedCombinations =
+    "supported (param, grad, master) combinations: param float32, float16 or bfloat16; grad float32, "
+    "float16 or bfloat16, independently of the param; master none (params updated in place in fp32 "
+    "arithmetic) or float32. float64 runs on the 'reference' backend";
+
+bool to_dtype(at::ScalarType t, DType* out) {
+  switch (t) {
+    case at::kFloat:
+      *out = DType::F32;
+      return true;
+    case at::kHalf:
+      *out = DType::F16;
+      return true;
+    case at::kBFloat16:
+      *out = DType::BF16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+struct Dtypes {
+  DType param;
+  DType grad;
+};
+
+Dtypes dispatch_dtypes(const char* op, at::ScalarType param, at::ScalarType grad,
+                       std::optional<at::ScalarType> master) {
+  Dtypes d{};
+  const bool ok = to_dtype(param, &d.param) && to_dtype(grad, &d.grad) && (!master || *master == at::kFloat);
+  TORCH_CHECK_TYPE(ok, "fusedmf.", op, ": unsupported dtypes: params ", dtype_name(param), ", grads ",
+                   dtype_name(grad), ", master_params ", master ? dtype_name(*master) : std::string("none"), "; ",
+                   kSupportedCombinations);
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation. Every check runs before any kernel, so a rejected call modifies nothing.
+
+// Same memory layout as the param: equal strides on every dimension of size > 1 (a stride of a
+// size-1 dimension is never used; channels_last and contiguous agree on [N, C, 1, 1]).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() <= 1) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// Checks list lengths, then each tensor of each list against params (lists[0]); returns the
+// device of the call (that of params[0]). Requires at least one param.
+at::Device check_lists(const char* op, const std::vector<NamedList>& lists) {
+  const TensorList& params = *lists[0].tensors;
+  const char* pname = lists[0].name;  // "params", or "tensors" for non_finite_check_
+  const size_t n = params.size();
+  for (const NamedList& l : lists) {
+    const size_t m = l.tensors->size();
+    if (l.optional) {
+      TORCH_CHECK_VALUE(m == 0 || m == n, "fusedmf.", op, ": ", l.name, " has ", m, " tensors but ", pname, " has ",
+                        n, " (", l.name, " must be empty or hold one tensor per param)");
+    } else {
+      TORCH_CHECK_VALUE(m == n, "fusedmf.", op, ": ", l.name, " has ", m, " tensors but ", pname, " has ", n,
+                        " (one per param is required)");
+    }
+  }
+  const at::Device device = params[0].device();
+  for (const NamedList& l : lists) {
+    const TensorList& ts = *l.tensors;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const at::Tensor& t = ts[i];
+      const at::Tensor& p = params[i];
+      TORCH_CHECK_VALUE(t.defined(), "fusedmf.", op, ": ", l.name, "[", i, "] is None");
+      TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fusedmf.", op, ": ", l.name, "[", i, "] has layout ",
+                        t.layout(), "; fusedmf kernels need dense strided tensors");
+      TORCH_CHECK_VALUE(t.device() == device, "fusedmf.", op, ": ", l.name, "[", i, "] is on ", t.device(),
+                        " but ", pname, "[0] is on ", device, " (all tensors of one call must be on one device)");
+      TORCH_CHECK_TYPE(t.scalar_type() == ts[0].scalar_type(), "fusedmf.", op, ": ", l.name, "[", i,
+                       "] has dtype ", dtype_name(t.scalar_type()), " but ", l.name, "[0] has dtype ",
+                       dtype_name(ts[0].scalar_type()), " (dtypes must be uniform within each list)");
+      TORCH_CHECK_VALUE(t.sizes() == p.sizes(), "fusedmf.", op, ": ", l.name, "[", i, "] has shape ",
+                        dims(t.sizes()), " but ", pname, "[", i, "] has shape ", dims(p.sizes()));
+      TORCH_CHECK_VALUE(same_layout(t, p), "fusedmf.", op, ": ", l.name, "[", i, "] has strides ",
+                        dims(t.strides()), " but ", pname, "[", i, "] has strides ", dims(p.strides()),
+                        " (each tensor must have the memory layout of its param)");
+      TORCH_CHECK_VALUE(t.numel() == 0 || t.is_non_overlapping_and_dense(), "fusedmf.", op, ": ", l.name, "[", i,
+                        "] is not dense (shape ", dims(t.sizes()), ", strides ", dims(t.strides()),
+                        "): the kernels read each tensor as one block of memory; pass contiguous tensors "
+                        "(channels_last is fine)");
+    }
+  }
+  return device;
+}
+
+void check_state_dtype(const char* op, const NamedList& l, const char* what) {
+  if (l.tensors->empty()) return;
+  const at::ScalarType t = (*l.tensors)[0].scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat, "fusedmf.", op, ": ", l.name, "[0] has dtype ", dtype_name(t), " but ", what,
+                   " must be float32; ", kSupportedCombinations);
+}
+
+// A one-tensor argument (scalars, inv_grad_scale, found_inf): float32, `numel` elements,
+// contiguous, on `device` (when known).
+void check_aux(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+               const std::optional<at::Device>& device, const char* numel_hint) {
+  TORCH_CHECK_VALUE(t.defined(), "fusedmf.", op, ": ", name, " is None");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "fusedmf.", op, ": ", name, " has dtype ",
+                   dtype_name(t.scalar_type()), " but must be float32");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fusedmf.", op, ": ", name, " has layout ", t.layout(),
+                    "; it must be a dense tensor");
+  TORCH_CHECK_VALUE(t.numel() == numel, "fusedmf.", op, ": ", name, " has ", t.numel(), " elements but must have ",
+                    numel, numel_hint);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fusedmf.", op, ": ", name, " must be contiguous");
+  if (device) {
+    TORCH_CHECK_VALUE(t.device() == *device, "fusedmf.", op, ": ", name, " is on ", t.device(),
+                      " but the tensors are on ", *device);
+  }
+}
+
+void check_device_supported(const char* op, const at::Device& device) {
+  if (device.is_cpu()) return;
+  TORCH_CHECK(device.is_cuda(), "fusedmf.", op, ": tensors on ", device,
+              " are not supported by fusedmf._C (CPU and CUDA only); use the 'reference' backend");
+#ifndef FUSEDMF_WITH_CUDA
+  TORCH_CHECK(false, "fusedmf.", op, ": the tensors are on ", device,
+              " but this build of fusedmf._C has no CUDA kernels; ", kRebuildHint);
+#endif
+}
+
+// The validated call, as raw pointers.
+struct Prepared {
+  std::vector<int64_t> numels;
+  std::vector<void*> ptrs[kMaxSlots];
+  TensorLists lists;
+};
+
+Prepared prepare(const std::vector<NamedList>& lists) {
+  Prepared p;
+  const TensorList& params = *lists[0].tensors;
+  p.numels.reserve(params.size());
+  for (const at::Tensor& t : params) p.numels.push_back(t.numel());
+  p.lists.num_tensors = static_cast<int64_t>(params.size());
+  p.lists.numels = p.numels.data();
+  for (const NamedList& l : lists) {
+    if (l.tensors->empty()) continue;  // an absent optional list
+    std::vector<void*>& v = p.ptrs[l.slot];
+    v.reserve(l.tensors->size());
+    for (const at::Tensor& t : *l.tensors) v.push_back(t.numel() > 0 ? t.data_ptr() : nullptr);
+    p.lists.ptrs[l.slot] = v.data();
+  }
+  return p;
+}
+
+const float* data_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+#ifdef FUSEDMF_WITH_CUDA
+void check_launch(const char* op, cudaError_t e) {
+  TORCH_CHECK(e != cudaErrorInvalidValue, "fusedmf.", op, ": a tensor is too large for the multi-tensor launcher (",
+              "more than 2^31 chunks of 65536 elements)");
+  TORCH_CHECK(e == cudaSuccess, "fusedmf.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
+}
+#endif
+
+// Validates the lists, the scalar vector and the AMP tensors of one update call; returns the
+// device, or nullopt for an empty call (then only the scalar vector's dtype and length are checked).
+std::optional<at::Device> check_update_call(const char* op, const std::vector<NamedList>& lists,
+                                            const at::Tensor& scalars, int64_t num_scalars, const char* slots_name,
+                                            const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
+  std::optional<at::Device> device;
+  if (!lists[0].tensors->empty()) {
+    check_device_supported(op, (*lists[0].tensors)[0].device());
+    device = check_lists(op, lists);
+  } else {
+    for (const NamedList& l : lists) {
+      TORCH_CHECK_VALUE(l.tensors->empty(), "fusedmf.", op, ": ", l.name, " has ", l.tensors->size(),
+                        " tensors but params is empty");
+    }
+  }
+  const std::string hint = std::string(" (one per name in fusedmf.functional.scalars.") + slots_name + ")";
+  check_aux(op, "scalars", scalars, num_scalars, device, hint.c_str());
+  if (inv_grad_scale) check_aux(op, "inv_grad_scale", *inv_grad_scale, 1, device, "");
+  if (found_inf) check_aux(op, "found_inf", *found_inf, 1, device, "");
+  return device;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void mf_sgd_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
+             const TensorList& master_params, const at::Tensor& scalars, const OptTensor& inv_grad_scale,
+             const OptTensor& found_inf) {
+  constexpr const char* op = "mf_sgd_";
+  const std::vector<NamedList> lists{{"params", &params, kParam, false},
+                                     {"grads", &grads, kGrad, false},
+                                     {"momentum_buffers", &momentum_buffers, kMomentum, true},
+                                     {"master_params", &master_params, kMaster, true}};
+  const auto device =
+      check_update_call(op, lists, scalars, kSgdNumScalars, "SGD_SLOTS", inv_grad_scale, found_inf);
+  if (!device) return;  // empty lists: a no-op
+  const Dtypes d = dispatch_dtypes(
+      op, params[0].scalar_type(), grads[0].scalar_type(),
+      master_params.empty() ? std::nullopt : std::optional<at::ScalarType>(master_params[0].scalar_type()));
+  check_state_dtype(op, lists[2], "momentum buffers");
+  const Prepared p = prepare(lists);
+  if (device->is_cpu()) {
+    cpu::mf_sgd(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
+                data_or_null(found_inf));
+    return;
+  }
+#ifdef FUSEDMF_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(*device);
+  check_launch(op, cuda::launch_mf_sgd(p.lists, d.param, d.grad, scalars.data_ptr<float>(),
+                                       data_or_null(inv_grad_scale), data_or_null(found_inf),
+                                       at::cuda::getCurrentCUDAStream(device->index()).stream()));
+#endif
+}
+
+void mf_adam_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+              const TensorList& exp_avg_sqs, const TensorList& master_params, const at::Tensor& scalars,
+              const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
+  constexpr const char* op = "mf_adam_";
+  const std::vector<NamedList> lists{{"params", &params, kParam, false},
+                                     {"grads", &grads, kGrad, false},
+                                     {"exp_avgs", &exp_avgs, kExpAvg, false},
+                                     {"exp_avg_sqs", &exp_avg_sqs, kExpAvgSq, false},
+                                     {"master_params", &master_params, kMaster, true}};
+  const auto device =
+      check_update_call(op, lists, scalars, kAdamNumScalars, "ADAM_SLOTS", inv_grad_scale, found_inf);
+  if (!device) return;
+  const Dtypes d = dispatch_dtypes(
+      op, params[0].scalar_type(), grads[0].scalar_type(),
+      master_params.empty() ? std::nullopt : std::optional<at::ScalarType>(master_params[0].scalar_type()));
+  check_state_dtype(op, lists[2], "Adam states");
+  check_state_dtype(op, lists[3], "Adam states");
+  const Prepared p = prepare(lists);
+  if (device->is_cpu()) {
+    cpu::mf_adam(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
+                 data_or_null(found_inf));
+    return;
+  }
+#ifdef FUSEDMF_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(*device);
+  check_launch(op, cuda::launch_mf_adam(p.lists, d.param, d.grad, scalars.data_ptr<float>(),
+                                        data_or_null(inv_grad_scale), data_or_null(found_inf),
+                                        at::cuda::getCurrentCUDAStream(device->index()).stream()));
+#endif
+}
+
+void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf) {
+  constexpr const char* op = "non_finite_check_";
+  std::optional<at::Device> device;
+  if (!tensors.empty()) {
+    check_device_supported(op, tensors[0].device());
+    // The tensors play the part of params: only device, dtype uniformity and density matter.
+    device = check_lists(op, {{"tensors", &tensors, 0, false}});
+  }
+  check_aux(op, "found_inf", found_inf, 1, device, "");
+  if (!device) return;
+  DType dtype{};
+  TORCH_CHECK_TYPE(to_dtype(tensors[0].scalar_type(), &dtype), "fusedmf.", op, ": tensors[0] has dtype ",
+                   dtype_name(tensors[0].scalar_type()), "; supported: float32, float16, bfloat16");
+  const Prepared p = prepare({{"tensors", &tensors, 0, false}});
+  if (device->is_cpu()) {
+    cpu::non_finite_check(p.lists, dtype, found_inf.data_ptr<float>());
+    return;
+  }
+#ifdef FUSEDMF_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(*device);
+  check_launch(op, cuda::launch_non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(),
+                                                 at::cuda::getCurrentCUDAStream(device->index()).stream()));
+#endif
+}
+
+bool has_cuda() {
+#ifdef FUSEDMF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("Clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("GCC ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+#ifdef FUSEDMF_WITH_CUDA
+std::string cuda_version_string(int v) {  // CUDART_VERSION encoding: 13000 -> "13.0"
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+#endif
+
+py::dict build_info() {
+  py::dict info;
+  info["compiler"] = compiler();
+  info["torch"] = std::string(TORCH_VERSION);
+  info["cuda"] = has_cuda();
+#ifdef FUSEDMF_WITH_CUDA
+  info["cuda_runtime"] = cuda_version_string(CUDART_VERSION);  // headers compiled against
+  info["nvcc"] = cuda_version_string(cuda::nvcc_version());
+#ifdef FUSEDMF_CUDA_ARCHS
+  info["cuda_archs"] = std::string(FUSEDMF_STRINGIFY(FUSEDMF_CUDA_ARCHS));
+#else
+  info["cuda_archs"] = py::none();
+#endif
+#else
+  info["cuda_runtime"] = py::none();
+  info["nvcc"] = py::none();
+  info["cuda_archs"] = py::none();
+#endif
+  info["cpu_capability"] = std::string(cpu::capability());
+  info["cpu_capabilities"] = std::vector<std::string>{"base", "avx2"};
+  return info;
+}
+
+}  // namespace
+}  // namespace fusedmf
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace fusedmf;
+  m.doc() = "fusedmf compiled kernels (CPU, and CUDA when built with it); see fusedmf/functional";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("mf_sgd_", &mf_sgd_, nogil, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
+        py::arg("master_params"), py::arg("scalars"), py::arg("inv_grad_scale") = py::none(),
+        py::arg("found_inf") = py::none(),
+        "One fused MF-SGD / MF-NAG step, in place (reference: fusedmf.functional.reference.mf_sgd_). "
+        "scalars: float32 vector laid out as fusedmf.functional.scalars.SGD_SLOTS.");
+  m.def("mf_adam_", &mf_adam_, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("master_params"), py::arg("scalars"), py::arg("inv_grad_scale") = py::none(),
+        py::arg("found_inf") = py::none(),
+        "One fused MF-Adam / MF-AdamW step, in place (reference: fusedmf.functional.reference.mf_adam_). "
+        "scalars: float32 vector laid out as fusedmf.functional.scalars.ADAM_SLOTS.");
+  m.def("non_finite_check_", &non_finite_check_, nogil, py::arg("tensors"), py::arg("found_inf"),
+        "Set found_inf (1-element float32) to 1 if any element is inf or NaN; never clears it.");
+  m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels.");
+  m.def("build_info", &build_info, "Compiler, CUDA version and archs this extension was built with.");
+  m.def("_cpu_capability", []() { return std::string(cpu::capability()); },
+        "The CPU kernel variant in use: 'avx2' or 'base' (NOTE [cpu capability]).");
+  m.def("_set_cpu_capability", &cpu::set_capability, py::arg("name"),
+        "For tests: use the 'base' or 'avx2' CPU kernels; False if this CPU or build cannot.");
+  m.attr("SGD_NUM_SCALARS") = kSgdNumScalars;
+  m.attr("ADAM_NUM_SCALARS") = kAdamNumScalars;
+}

@@ -1,0 +1,49 @@
+// The CPU loops of one CPU capability, as a table of function pointers.
+//
+// csrc/cpu/kernels_impl.h is compiled twice: by kernels_base.cpp for any CPU of the target
+// architecture, and by kernels_avx2.cpp with target("avx2,fma") on x86-64. cpu_ops.cpp picks one
+// table at run time (NOTE [cpu capability]) and does the threading; the loops only see one piece
+// [begin, end) of one tensor.
+#pragma once
+
+#include <cstdint>
+
+#include "tensor_lists.h"
+
+namespace fusedmf {
+namespace cpu {
+
+enum class MomentumMode : int8_t {
+  kNone,       // no momentum buffers: d = g
+  kFirstStep,  // the buffer is written as u = g and never read (NOTE [skip on overflow], prior-art 5)
+  kUpdate,     // u = momentum * u + (1 - dampening) * g
+};
+
+// The data of tensor i of each list (TensorLists::ptrs[slot][i]), nullptr for an absent list.
+struct TensorPtrs {
+  void* slot[kMaxSlots];
+};
+
+using SgdKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, const SgdScalars& s,
+                           float inv_grad_scale);
+using AdamKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, const AdamScalars& s,
+                            float inv_grad_scale);
+// Whether data[begin, end) holds an inf or a NaN.
+using NonFiniteKernel = bool (*)(const void* data, int64_t begin, int64_t end);
+
+struct KernelTable {
+  const char* name;  // "avx2" or "base"
+  SgdKernel (*sgd)(DType param, DType grad, bool master, MomentumMode momentum);
+  AdamKernel (*adam)(DType param, DType grad, bool master);
+  NonFiniteKernel (*non_finite)(DType dtype);
+};
+
+namespace base_math {
+const KernelTable* kernel_table();
+}
+namespace avx2_math {
+const KernelTable* kernel_table();  // nullptr when not compiled for x86-64
+}
+
+}  // namespace cpu
+}  // namespace fusedmf

@@ -1,0 +1,104 @@
+// MF-Adam / MF-AdamW over lists of tensors: one pass over param (or master), grad, exp_avg and
+// exp_avg_sq, with the math of update_math.h (adam_update) on registers. Rounding as in mf_sgd.cu.
+#include "cuda/launch.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace fusedmf {
+namespace cuda {
+namespace {
+
+using FUSEDMF_MATH_NS::adam_update;
+using FUSEDMF_MATH_NS::to_float;
+
+template <class P, class G, bool kUseMaster>
+struct AdamChunk {
+  P* param;
+  const G* grad;
+  float* master;  // kUseMaster only
+  float* exp_avg;
+  float* exp_avg_sq;
+  AdamScalars s;
+  float inv_grad_scale;
+
+  struct Frag {
+    float w[kIlp], g[kIlp], m[kIlp], v[kIlp];
+  };
+
+  __device__ bool aligned() const {
+    return ilp_aligned(param) && ilp_aligned(grad) && (!kUseMaster || ilp_aligned(master)) && ilp_aligned(exp_avg) &&
+           ilp_aligned(exp_avg_sq);
+  }
+  __device__ void load_vec(Frag& f, int64_t i) const {
+    if constexpr (kUseMaster) {
+      load_pack(master + i, f.w);
+    } else {
+      load_pack(param + i, f.w);
+    }
+    load_pack(grad + i, f.g);
+    load_pack(exp_avg + i, f.m);
+    load_pack(exp_avg_sq + i, f.v);
+  }
+  __device__ void store_vec(const Frag& f, int64_t i) const {
+    store_pack(exp_avg + i, f.m);
+    store_pack(exp_avg_sq + i, f.v);
+    if constexpr (kUseMaster) store_pack(master + i, f.w);
+    store_pack(param + i, f.w);
+  }
+  __device__ void load(Frag& f, int k, int64_t i) const {
+    if constexpr (kUseMaster) {
+      f.w[k] = master[i];
+    } else {
+      f.w[k] = to_float(param[i]);
+    }
+    f.g[k] = to_float(grad[i]);
+    f.m[k] = exp_avg[i];
+    f.v[k] = exp_avg_sq[i];
+  }
+  __device__ void store(const Frag& f, int k, int64_t i) const {
+    exp_avg[i] = f.m[k];
+    exp_avg_sq[i] = f.v[k];
+    if constexpr (kUseMaster) master[i] = f.w[k];
+    param[i] = FUSEDMF_MATH_NS::from_float<P>(f.w[k]);
+  }
+  __device__ void compute(Frag& f, int k) const {
+    f.w[k] = adam_update(s, inv_grad_scale, f.w[k], f.g[k], f.m[k], f.v[k]);
+  }
+};
+
+template <class P, class G, bool kUseMaster>
+struct AdamOp {
+  const float* scalars;
+  const float* inv_grad_scale;
+  const float* found_inf;
+
+  __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
+    if (found_inf != nullptr && *found_inf != 0.0f) return;  // NOTE [skip on overflow]
+    AdamChunk<P, G, kUseMaster> c;
+    c.param = static_cast<P*>(base[kParam]) + begin;
+    c.grad = static_cast<const G*>(base[kGrad]) + begin;
+    c.master = kUseMaster ? static_cast<float*>(base[kMaster]) + begin : nullptr;
+    c.exp_avg = static_cast<float*>(base[kExpAvg]) + begin;
+    c.exp_avg_sq = static_cast<float*>(base[kExpAvgSq]) + begin;
+    c.s = AdamScalars::load(scalars);
+    c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+    typename AdamChunk<P, G, kUseMaster>::Frag f;
+    chunk_apply(c, n, f);
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_mf_adam(const TensorLists& lists, DType param, DType grad, const float* scalars,
+                           const float* inv_grad_scale, const float* found_inf, cudaStream_t stream) {
+  return visit_dtype(param, [&](auto p) {
+    return visit_dtype(grad, [&](auto g) {
+      return visit_bool(lists.has(kMaster), [&](auto master) {
+        const AdamOp<decltype(p), decltype(g), decltype(master)::value> op{scalars, inv_grad_scale, found_inf};
+        return multi_tensor_apply<5>(lists, op, stream);
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedmf

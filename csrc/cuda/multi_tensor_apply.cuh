@@ -1,0 +1,205 @@
+// Chunked multi-tensor launcher, in the spirit of apex's csrc/multi_tensor_apply.cuh.
+//
+// NOTE [multi-tensor launch]
+// Every tensor is cut into chunks of kChunkSize elements and one thread block updates one chunk.
+// The launcher packs the pointers and sizes of up to kMaxTensors tensors and the (tensor, chunk)
+// pair of up to kMaxBlocks blocks into a struct passed by value as a kernel argument (no device
+// allocation, no host-to-device copy, so a step can be captured in a CUDA graph), and launches
+// whenever that struct is full. Differences from apex, each a reported bug there:
+//   - sizes and offsets are int64 (apex: int), so a tensor above 2^31 elements is not corrupted;
+//     only the chunk index is int32 (tensors up to 2^31 chunks = 1.4e14 elements, else an error);
+//   - zero-size tensors never enter the struct, and whatever is pending at the end is always
+//     launched: apex decides on its final launch inside the loop over chunks of the last tensor,
+//     so an empty last tensor drops the final launch and silently skips the tensors before it
+//     (TransformerEngine #3207).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "tensor_lists.h"
+
+namespace fusedmf {
+namespace cuda {
+
+constexpr int kBlockSize = 512;
+constexpr int64_t kChunkSize = 65536;  // elements per block: 128 per thread, 32 iterations of ILP-4
+constexpr int kMaxBlocks = 320;
+constexpr int kIlp = 4;
+
+// Tensors per launch, by depth (number of lists), so that the metadata stays under the classic
+// 4 KiB kernel-argument limit (sm_70+ with CUDA >= 12.1 allows 32 KiB; 4 KiB works everywhere).
+template <int kDepth>
+struct MaxTensors;
+template <>
+struct MaxTensors<1> {
+  static constexpr int value = 110;
+};
+template <>
+struct MaxTensors<4> {
+  static constexpr int value = 48;
+};
+template <>
+struct MaxTensors<5> {
+  static constexpr int value = 36;
+};
+
+template <int kDepth>
+struct TensorListMeta {
+  static constexpr int kMaxTensors = MaxTensors<kDepth>::value;
+  void* ptrs[kDepth][kMaxTensors];  // ptrs[slot][t]: nullptr for an absent list
+  int64_t numels[kMaxTensors];
+  int32_t block_to_chunk[kMaxBlocks];
+  uint8_t block_to_tensor[kMaxBlocks];
+};
+static_assert(sizeof(TensorListMeta<1>) <= 4000, "kernel argument over 4 KiB");
+static_assert(sizeof(TensorListMeta<4>) <= 4000, "kernel argument over 4 KiB");
+static_assert(sizeof(TensorListMeta<5>) <= 4000, "kernel argument over 4 KiB");
+static_assert(MaxTensors<5>::value <= 256 && MaxTensors<1>::value <= 256, "block_to_tensor is uint8");
+
+// One block per chunk; `op(base, begin, n)` updates elements [begin, begin + n) of the tensor
+// whose data pointers (one per list) are base[0..kDepth).
+template <int kDepth, class Op>
+__global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const __grid_constant__ TensorListMeta<kDepth> meta,
+                                                                  const Op op) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t left = meta.numels[t] - begin;
+  const int64_t n = left < kChunkSize ? left : kChunkSize;
+  void* base[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) base[d] = meta.ptrs[d][t];
+  op(base, begin, n);
+}
+
+// Launches `op` over every non-empty tensor of `lists` (slots 0 .. kDepth-1). See NOTE [multi-tensor launch].
+template <int kDepth, class Op>
+cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStream_t stream) {
+  using Meta = TensorListMeta<kDepth>;
+  constexpr int64_t kMaxChunks = int64_t{1} << 31;
+  Meta meta;
+  int loc_tensor = 0;  // tensors in meta
+  int loc_block = 0;   // blocks in meta
+  cudaError_t status = cudaSuccess;
+  auto launch = [&] {
+    multi_tensor_kernel<kDepth, Op><<<loc_block, kBlockSize, 0, stream>>>(meta, op);
+    const cudaError_t e = cudaGetLastError();
+    if (status == cudaSuccess) status = e;
+    loc_block = 0;
+  };
+  for (int64_t i = 0; i < lists.num_tensors; ++i) {
+    const int64_t numel = lists.numels[i];
+    if (numel <= 0) continue;  // zero-size: nothing to do, and no slot taken
+    const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
+    if (chunks > kMaxChunks) return cudaErrorInvalidValue;
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) meta.ptrs[d][loc_tensor] = lists.has(d) ? lists.ptrs[d][i] : nullptr;
+    meta.numels[loc_tensor] = numel;
+    ++loc_tensor;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_to_tensor[loc_block] = static_cast<uint8_t>(loc_tensor - 1);
+      meta.block_to_chunk[loc_block] = static_cast<int32_t>(c);
+      ++loc_block;
+      const bool last_chunk = c == chunks - 1;
+      const bool tensors_full = loc_tensor == Meta::kMaxTensors && last_chunk;
+      const bool blocks_full = loc_block == kMaxBlocks;
+      if (tensors_full || blocks_full) {
+        launch();
+        if (last_chunk) {
+          loc_tensor = 0;
+        } else {  // the current tensor continues in the next launch, as its tensor 0
+#pragma unroll
+          for (int d = 0; d < kDepth; ++d) meta.ptrs[d][0] = meta.ptrs[d][loc_tensor - 1];
+          meta.numels[0] = meta.numels[loc_tensor - 1];
+          loc_tensor = 1;
+        }
+      }
+    }
+  }
+  if (loc_block > 0) launch();  // always flush what is pending
+  return status;
+}
+
+// ---- loads and stores of 1 or kIlp elements, converted to / from float -------------------------
+
+template <class T>
+struct alignas(kIlp * sizeof(T)) Pack {
+  T v[kIlp];
+};
+
+template <class T>
+__device__ __forceinline__ bool ilp_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
+}
+
+template <class T>
+__device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
+  const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);
+#pragma unroll
+  for (int k = 0; k < kIlp; ++k) r[k] = FUSEDMF_MATH_NS::to_float(pack.v[k]);
+}
+
+template <class T>
+__device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
+  Pack<T> pack;
+#pragma unroll
+  for (int k = 0; k < kIlp; ++k) pack.v[k] = FUSEDMF_MATH_NS::from_float<T>(r[k]);
+  *reinterpret_cast<Pack<T>*>(p) = pack;
+}
+
+// NOTE [ILP-4]
+// Each thread moves kIlp elements per iteration. When every pointer of the chunk is aligned to
+// kIlp elements, they move as one vector access per list (16 B for fp32, 8 B for 16-bit types) on
+// consecutive elements; otherwise (views at odd offsets) as kIlp scalar accesses blockDim.x
+// apart, still coalesced, loaded all before any is used (apex's ILP scheme). Both paths and the
+// chunk's tail call the same update_math.h function on registers.
+//
+// An Op used with chunk_apply provides:
+//   struct Frag                                       registers of kIlp elements
+//   bool aligned() const                              all pointers of the chunk kIlp-aligned
+//   void load_vec(Frag&, int64_t i) const             elements i .. i+kIlp-1 (aligned path)
+//   void store_vec(const Frag&, int64_t i) const
+//   void load(Frag&, int k, int64_t i) const          element i into lane k
+//   void store(const Frag&, int k, int64_t i) const
+//   void compute(Frag&, int k) const                  the update of lane k
+// `f` lives across iterations (a reduction can keep its state there).
+template <class Op>
+__device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op::Frag& f) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * kIlp;
+  if (op.aligned()) {
+    const int64_t n_vec = n - n % kIlp;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp; i < n_vec; i += stride) {
+      op.load_vec(f, i);
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) op.compute(f, k);
+      op.store_vec(f, i);
+    }
+    for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) {  // fewer than kIlp left
+      op.load(f, 0, i);
+      op.compute(f, 0);
+      op.store(f, 0, i);
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < n; i0 += stride) {
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) op.load(f, k, i);
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) op.compute(f, k);
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) op.store(f, k, i);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fusedmf

@@ -1,0 +1,60 @@
+// Sets *found_inf = 1 if any element of the tensors is inf or NaN; never clears it. Reads the bits
+// only (exponent all ones), kIlp elements per access where aligned.
+#include "cuda/launch.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace fusedmf {
+namespace cuda {
+namespace {
+
+using FUSEDMF_MATH_NS::non_finite;
+
+template <class T>
+struct NonFiniteChunk {
+  const T* x;
+
+  struct Frag {
+    bool bad;  // sticky over the thread's iterations
+  };
+
+  __device__ bool aligned() const { return ilp_aligned(x); }
+  __device__ void load_vec(Frag& f, int64_t i) const {
+    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(x + i);
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) f.bad |= non_finite(pack.v[k]);
+  }
+  __device__ void store_vec(const Frag&, int64_t) const {}
+  __device__ void load(Frag& f, int, int64_t i) const { f.bad |= non_finite(x[i]); }
+  __device__ void store(const Frag&, int, int64_t) const {}
+  __device__ void compute(Frag&, int) const {}
+};
+
+template <class T>
+struct NonFiniteOp {
+  float* found_inf;
+
+  __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
+    // Already set by an earlier check or block: nothing to learn. Read once per block, so that
+    // the exit is uniform and every thread reaches __syncthreads_or below.
+    __shared__ bool already_set;
+    if (threadIdx.x == 0) already_set = *found_inf != 0.0f;
+    __syncthreads();
+    if (already_set) return;
+    NonFiniteChunk<T> c{static_cast<const T*>(base[0]) + begin};
+    typename NonFiniteChunk<T>::Frag f{false};
+    chunk_apply(c, n, f);
+    if (__syncthreads_or(f.bad) && threadIdx.x == 0) *found_inf = 1.0f;
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, cudaStream_t stream) {
+  return visit_dtype(dtype, [&](auto x) {
+    const NonFiniteOp<decltype(x)> op{found_inf};
+    return multi_tensor_apply<1>(lists, op, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedmf

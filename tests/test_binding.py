@@ -1,0 +1,682 @@
+"""fusedmf._C on CPU tensors, against fusedmf.functional.reference: the binding's own contract.
+
+What is checked here (the backend matrix through fusedmf.functional lives in test_functional.py):
+- mf_sgd_ / mf_adam_ for every (param, grad, master) dtype combination, with momentum off, heavy
+  ball, dampening and Nesterov, L2 and decoupled weight decay, inv_grad_scale, a first step whose
+  momentum buffers hold NaN garbage, several steps, over one call holding tensors of shape [1],
+  [4097], [123, 457], [0], a channels_last 4-D tensor, many small tensors and an empty last tensor;
+- MF-SGD is bit-identical to the reference when both run FMA kernels (NOTE [fma placement] in
+  csrc/update_math.h); MF-Adam is within a few ulps (torch's CPU sqrt is MKL's, not correctly
+  rounded); low-precision params are exactly the round-to-nearest-even cast of the fp32 master;
+- found_inf set: nothing written at all (bit-identical tensors);
+- non_finite_check_;
+- validation: every rejected call names the offending list and index and modifies nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+C = pytest.importorskip("fusedmf._C", reason="fusedmf._C is not built (pip install --no-build-isolation -e .)")
+
+from fusedmf.functional import reference  # noqa: E402
+from fusedmf.functional.scalars import (  # noqa: E402
+    ADAM_SLOTS,
+    SGD_SLOTS,
+    adam_step_scalars,
+    sgd_step_scalars,
+)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DTYPES = (F32, F16, BF16)
+NAMES = {F32: "f32", F16: "f16", BF16: "bf16"}
+
+# (param, grad, master?) -- every combination the kernels support
+COMBOS = [(p, g, m) for p in DTYPES for g in DTYPES for m in (False, True)]
+
+
+def combo_id(c):
+    p, g, m = c
+    return f"p{NAMES[p]}-g{NAMES[g]}-{'master' if m else 'nomaster'}"
+
+
+def torch_runs_fma_kernels() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_capability():
+    before = C._cpu_capability()
+    yield
+    C._set_cpu_capability(before)
+
+
+# ---- comparison helpers -------------------------------------------------------------------------
+
+
+def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """Integers whose difference is the distance in ulps (monotone in the float value)."""
+    int_dtype = {F32: torch.int32, F16: torch.int16, BF16: torch.int16}[t.dtype]
+    i = t.contiguous().view(int_dtype).to(torch.int64)
+    sign_bit = 1 << (torch.iinfo(int_dtype).bits - 1)
+    return torch.where(i < 0, -(i + sign_bit), i)
+
+
+def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, max_ulps: int, what: str, atol: float = 0.0):
+    """|actual - expected| <= max_ulps ulps, or <= atol (for values that cancel towards zero)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    int_dtype = {F32: torch.int32, F16: torch.int16, BF16: torch.int16}[actual.dtype]
+    if actual.numel() == 0 or torch.equal(actual.view(int_dtype), expected.view(int_dtype)):  # bitwise equal
+        return
+    a, e = actual.reshape(-1), expected.reshape(-1)
+    ulps = (_ordered_bits(a) - _ordered_bits(e)).abs()
+    close = (a.double() - e.double()).abs() <= atol
+    nan_both = a.isnan() & e.isnan()
+    bad = ~((ulps <= max_ulps) | close | nan_both)
+    if bad.any():
+        idx = bad.nonzero().flatten()
+        first = idx[:5].tolist()
+        raise AssertionError(
+            f"{what}: {len(idx)} of {a.numel()} elements differ by more than {max_ulps} ulps (max {ulps.max().item()});"
+            f" first at {first}: actual {a[first].tolist()} expected {e[first].tolist()}"
+        )
+
+
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str):
+    assert_ulps(actual, expected, 0, what)
+
+
+def assert_unchanged(before: dict, after: dict):
+    for name, tensors in before.items():
+        for i, (b, a) in enumerate(zip(tensors, after[name])):
+            assert torch.equal(b.contiguous().view(torch.uint8) if b.numel() else b,
+                               a.contiguous().view(torch.uint8) if a.numel() else a), f"{name}[{i}] was modified"
+
+
+def clone_all(tensors):
+    return [t.clone() for t in tensors]
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+def zoo_shapes(seed: int = 0):
+    """One call's tensors: every awkward shape at once, an empty one last."""
+    rng = random.Random(seed)
+    shapes = [((1,), False), ((4097,), False), ((123, 457), False), ((0,), False), ((64, 3, 7, 7), True),
+              ((5, 0, 3), False)]
+    shapes += [((rng.randint(1, 300),), False) for _ in range(40)]
+    shapes += [((rng.randint(1, 9), rng.randint(1, 9), 3, 3), True) for _ in range(3)]
+    shapes += [((0,), False)]
+    return shapes
+
+
+def make_tensor(shape, channels_last, dtype, gen, scale=1.0, positive=False):
+    t = torch.randn(shape, generator=gen) * scale
+    if positive:
+        t = t.abs()
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.to(dtype)
+
+
+def sgd_inputs(param_dtype, grad_dtype, master, momentum, seed=0, garbage_momentum=False):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, bufs = [], [], []
+    for shape, cl in zoo_shapes(seed):
+        params.append(make_tensor(shape, cl, param_dtype, gen))
+        grads.append(make_tensor(shape, cl, grad_dtype, gen))
+        bufs.append(torch.full_like(params[-1], float("nan"), dtype=F32) if garbage_momentum
+                    else make_tensor(shape, cl, F32, gen, 0.1))
+    masters = [p.to(F32) for p in params] if master else []
+    return params, grads, (bufs if momentum else []), masters
+
+
+def sgd_vector(**kwargs):
+    s = sgd_step_scalars(**kwargs)
+    return s, torch.tensor(s.as_list(), dtype=torch.float32)
+
+
+def adam_vector(**kwargs):
+    s = adam_step_scalars(**kwargs)
+    return s, torch.tensor(s.as_list(), dtype=torch.float32)
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+
+def _locate(tensors, flat_index):
+    for i, t in enumerate(tensors):
+        if flat_index < t.numel():
+            return f"[{i}] (shape {list(t.shape)}) element {flat_index}"
+        flat_index -= t.numel()
+    return "?"
+
+
+def check_update(name, kernel_lists, ref_lists, master, param_dtype, max_ulps, atol=0.0):
+    """Compare every list, all tensors of a list at once; low-precision params must be the exact
+    cast of the kernel's master."""
+    for list_name, mine in kernel_lists.items():
+        ref = ref_lists[list_name]
+        for i, (a, e) in enumerate(zip(mine, ref)):
+            assert a.stride() == e.stride() or a.numel() <= 1, f"{name}: {list_name}[{i}] changed layout"
+        a, e = _flat(mine), _flat(ref)
+        try:
+            if list_name == "params" and master:
+                assert_bitwise(a, _flat(kernel_lists["master_params"]).to(param_dtype), "params vs cast(master)")
+                assert_ulps(a, e, 1 if param_dtype != F32 else max_ulps, "params", atol)
+            elif list_name == "params" and param_dtype != F32:
+                # fp32 results within max_ulps may round to neighbouring low-precision values
+                assert_ulps(a, e, 0 if max_ulps == 0 else 1, "params", atol)
+            else:
+                assert_ulps(a, e, max_ulps, list_name, atol)
+        except AssertionError as err:
+            bad = ((_ordered_bits(a) - _ordered_bits(e)).abs() > max_ulps).nonzero().flatten()
+            where = _locate(mine, bad[0].item()) if len(bad) else ""
+            raise AssertionError(f"{name}: {list_name}: {err} (first mismatch in {list_name}{where})") from None
+
+
+# ---- MF-SGD ----------------------------------------------------------------------------------------
+
+MOMENTUM_CONFIGS = {
+    "plain": dict(momentum=0.0),
+    "heavyball": dict(momentum=0.9),
+    "dampening": dict(momentum=0.8, dampening=0.25),
+    "nesterov": dict(momentum=0.95, nesterov=True),
+}
+DECAY_CONFIGS = {"nowd": dict(), "l2": dict(weight_decay=1e-2), "decoupled": dict(weight_decay=1e-2, decoupled_weight_decay=True)}
+
+
+# (weight decay, inv_grad_scale) pairs: each decay mode with and without unscaling, in 4 runs
+DECAY_SCALE = [("nowd", None), ("l2", 0.5), ("decoupled", 0.5), ("l2", None)]
+
+
+@pytest.mark.parametrize("decay,inv_scale", DECAY_SCALE, ids=[f"{d}-{'invscale' if s else 'noscale'}" for d, s in DECAY_SCALE])
+@pytest.mark.parametrize("mconf", list(MOMENTUM_CONFIGS), ids=str)
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_sgd_matches_reference(combo, mconf, decay, inv_scale):
+    param_dtype, grad_dtype, master = combo
+    kw = dict(MOMENTUM_CONFIGS[mconf], **DECAY_CONFIGS[decay])
+    use_momentum = kw["momentum"] > 0
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, use_momentum, garbage_momentum=True)
+    mine = {"params": params, "momentum_buffers": bufs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    inv = None if inv_scale is None else torch.tensor([inv_scale])
+    for step in range(3):
+        # an MF that changes every step, the first step starting the buffers from NaN garbage
+        s, vec = sgd_vector(lr=0.1, first_step=step == 0, **dict(kw, momentum=kw["momentum"] * (1 - 0.01 * step)))
+        C.mf_sgd_(params, grads, bufs, masters, vec, inv, None)
+        reference.mf_sgd_(ref["params"], grads, ref["momentum_buffers"], ref["master_params"], s, inv, None)
+    exact = C._cpu_capability() == "avx2" and torch_runs_fma_kernels()
+    check_update(f"mf_sgd_ {combo_id(combo)} {mconf} {decay}", mine, ref, master, param_dtype, 0 if exact else 4,
+                 atol=0 if exact else 1e-6)
+
+
+def test_sgd_first_step_does_not_read_buffers():
+    params, grads, bufs, _ = sgd_inputs(F32, F32, False, True, garbage_momentum=True)
+    _, vec = sgd_vector(lr=0.1, momentum=0.9, first_step=True)
+    C.mf_sgd_(params, grads, bufs, [], vec, None, None)
+    for i, (u, g) in enumerate(zip(bufs, grads)):
+        assert_bitwise(u, g, f"momentum_buffers[{i}] after the first step")  # u = g, NaNs never read
+        assert not params[i].isnan().any(), f"params[{i}] read the NaN garbage"
+
+
+# ---- MF-Adam ---------------------------------------------------------------------------------------
+
+
+def adam_inputs(param_dtype, grad_dtype, master, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, m, v = [], [], [], []
+    for shape, cl in zoo_shapes(seed):
+        params.append(make_tensor(shape, cl, param_dtype, gen))
+        grads.append(make_tensor(shape, cl, grad_dtype, gen))
+        m.append(make_tensor(shape, cl, F32, gen, 0.1))
+        v.append(make_tensor(shape, cl, F32, gen, 0.1, positive=True))
+    masters = [p.to(F32) for p in params] if master else []
+    return params, grads, m, v, masters
+
+
+@pytest.mark.parametrize("mf,inv_scale", [("constant", None), ("varying", 0.25)], ids=["constmf-noscale", "varyingmf-invscale"])
+@pytest.mark.parametrize("decay", list(DECAY_CONFIGS), ids=str)
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_adam_matches_reference(combo, decay, inv_scale, mf):
+    param_dtype, grad_dtype, master = combo
+    params, grads, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    mine = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    inv = None if inv_scale is None else torch.tensor([inv_scale])
+    product = 1.0
+    for step in range(1, 4):
+        beta1 = 0.9 if mf == "constant" else 0.3 + 0.2 * step  # crosses the lerp branch at 0.5
+        product *= beta1
+        s, vec = adam_vector(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, step=step, beta1_product=product,
+                             **DECAY_CONFIGS[decay])
+        C.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, inv, None)
+        reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["master_params"], s, inv,
+                           None)
+    # a few ulps: torch's CPU sqrt (MKL) is off by an ulp in ~20% of cases, ours is IEEE
+    check_update(f"mf_adam_ {combo_id(combo)} {decay}", mine, ref, master, param_dtype, 4, atol=1e-6)
+
+
+# ---- the portable (base) CPU kernels ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", [(F32, F32, False), (BF16, F16, True), (F16, BF16, False)], ids=combo_id)
+def test_base_capability_matches_reference(combo):
+    assert C._set_cpu_capability("base")
+    assert C._cpu_capability() == "base"
+    param_dtype, grad_dtype, master = combo
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, True)
+    mine = {"params": params, "momentum_buffers": bufs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    s, vec = sgd_vector(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    C.mf_sgd_(params, grads, bufs, masters, vec, torch.tensor([0.5]), None)
+    reference.mf_sgd_(ref["params"], grads, ref["momentum_buffers"], ref["master_params"], s, torch.tensor([0.5]))
+    check_update("mf_sgd_ base", mine, ref, master, param_dtype, 4, atol=1e-6)
+
+    params, grads, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    mine = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    s, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, weight_decay=0.1,
+                         decoupled_weight_decay=True)
+    C.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, None, None)
+    reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["master_params"], s)
+    check_update("mf_adam_ base", mine, ref, master, param_dtype, 4, atol=1e-6)
+
+
+def test_unknown_capability_is_refused():
+    assert not C._set_cpu_capability("avx512_please")
+    assert C.build_info()["cpu_capability"] == C._cpu_capability()
+
+
+# ---- conversions -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=NAMES.get)
+def test_param_is_exact_cast_of_master(dtype):
+    """With zero grads and lr 0 the master is unchanged and the param is its cast: compare with torch's .to()."""
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(100_000, generator=gen) * torch.exp2(torch.randint(-40, 40, (100_000,), generator=gen).float())
+    finfo = torch.finfo(dtype)
+    # values exactly halfway between two representable values, and around overflow / subnormals
+    grid = torch.randn(20_000, generator=gen).to(dtype).to(F32)
+    halfway = (grid + torch.nextafter(grid.to(dtype), torch.tensor(float("inf"), dtype=dtype)).to(F32)) / 2
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), finfo.max, -finfo.max, finfo.max * 1.001,
+                             65519.99, 65520.0, finfo.tiny, finfo.tiny / 3, 1e-8, -1e-8, 5.96e-8, 2.98e-8])
+    master = torch.cat([wide, halfway, specials])
+    param = torch.zeros_like(master, dtype=dtype)
+    _, vec = sgd_vector(lr=0.0, momentum=0.0)
+    C.mf_sgd_([param], [torch.zeros_like(master)], [], [master], vec, None, None)
+    assert_bitwise(param, master.to(dtype), f"cast to {dtype}")
+
+
+# ---- found_inf: skip on overflow ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", [(F32, F32, False), (BF16, F16, True)], ids=combo_id)
+@pytest.mark.parametrize("first_step", [True, False], ids=["first", "later"])
+def test_found_inf_writes_nothing(combo, first_step):
+    param_dtype, grad_dtype, master = combo
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, True, garbage_momentum=first_step)
+    before = {"params": clone_all(params), "bufs": clone_all(bufs), "masters": clone_all(masters)}
+    _, vec = sgd_vector(lr=0.1, momentum=0.9, first_step=first_step, weight_decay=0.1)
+    C.mf_sgd_(params, grads, bufs, masters, vec, torch.tensor([2.0]), torch.tensor([1.0]))
+    assert_unchanged(before, {"params": params, "bufs": bufs, "masters": masters})
+
+    params, grads, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    before = {"params": clone_all(params), "m": clone_all(exp_avgs), "v": clone_all(exp_avg_sqs),
+              "masters": clone_all(masters)}
+    _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
+    C.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, None, torch.tensor([float("inf")]))
+    assert_unchanged(before, {"params": params, "m": exp_avgs, "v": exp_avg_sqs, "masters": masters})
+
+
+def test_found_inf_zero_updates():
+    params, grads, bufs, _ = sgd_inputs(F32, F32, False, True)
+    before = clone_all(params)
+    _, vec = sgd_vector(lr=0.1, momentum=0.9)
+    C.mf_sgd_(params, grads, bufs, [], vec, None, torch.tensor([0.0]))
+    assert not torch.equal(params[1], before[1])
+
+
+# ---- non_finite_check_ ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", ["first", "middle", "last_of_big", "last_tensor"])
+def test_non_finite_check_finds(dtype, bad, where):
+    tensors = [torch.randn(s).to(dtype) for s in [(3,), (0,), (1000, 333), (7,), (0,), (5,)]]
+    target, index = {"first": (0, 0), "middle": (2, 123_456), "last_of_big": (2, 332_999), "last_tensor": (5, 4)}[where]
+    tensors[target].view(-1)[index] = float(bad)
+    found = torch.zeros(1)
+    C.non_finite_check_(tensors, found)
+    assert found.item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES.get)
+def test_non_finite_check_clean_and_sticky(dtype):
+    finfo = torch.finfo(dtype)
+    tensors = [torch.randn(100_003).to(dtype), torch.tensor([finfo.max, -finfo.max, finfo.tiny, 0.0], dtype=dtype),
+               torch.empty(0, dtype=dtype)]
+    found = torch.zeros(1)
+    C.non_finite_check_(tensors, found)
+    assert found.item() == 0.0
+    found.fill_(1.0)
+    C.non_finite_check_(tensors, found)  # never cleared
+    assert found.item() == 1.0
+    C.non_finite_check_([], torch.zeros(1))  # empty list: no-op
+
+
+# ---- empty and zero-size calls ------------------------------------------------------------------------
+
+
+def test_empty_lists_are_noops():
+    _, vec = sgd_vector(lr=0.1, momentum=0.9)
+    C.mf_sgd_([], [], [], [], vec, None, None)
+    _, vec = adam_vector(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
+    C.mf_adam_([], [], [], [], [], vec, None, None)
+    p = [torch.empty(0), torch.empty(3, 0)]
+    C.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), [], vec, None, None)
+
+
+def test_scalar_vector_length_matches_python_slots():
+    assert C.SGD_NUM_SCALARS == len(SGD_SLOTS)
+    assert C.ADAM_NUM_SCALARS == len(ADAM_SLOTS)
+
+
+def test_build_info():
+    info = C.build_info()
+    assert info["cuda"] == C.has_cuda()
+    assert info["cpu_capability"] in ("base", "avx2")
+    assert info["compiler"]
+    if C.has_cuda():
+        assert info["cuda_runtime"] and info["nvcc"]
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+
+def sgd_call(**override):
+    """A valid mf_sgd_ call's arguments (param shapes [3], [5, 4], [2], [6]), with some replaced."""
+    params = [torch.randn(3), torch.randn(5, 4), torch.randn(2), torch.randn(6)]
+    args = dict(params=params, grads=[torch.randn_like(p) for p in params],
+                momentum_buffers=[torch.randn_like(p) for p in params], master_params=[],
+                scalars=sgd_vector(lr=0.1, momentum=0.9)[1], inv_grad_scale=None, found_inf=None)
+    args.update(override)
+    return args
+
+
+def expect_rejected(fn, args, exc, *fragments):
+    tensors = {k: clone_all(v) if isinstance(v, list) else ([v.clone()] if isinstance(v, torch.Tensor) else [])
+               for k, v in args.items()}
+    with pytest.raises(exc) as info:
+        fn(**args)
+    message = str(info.value)
+    for f in fragments:
+        assert f in message, f"{f!r} not in error message: {message}"
+    after = {k: v if isinstance(v, list) else ([v] if isinstance(v, torch.Tensor) else []) for k, v in args.items()}
+    for name, ts in tensors.items():
+        for i, (b, a) in enumerate(zip(ts, after[name])):
+            if b.layout == torch.strided and b.device.type == "cpu" and b.numel():
+                same = torch.equal(b.contiguous().view(torch.uint8), a.contiguous().view(torch.uint8))
+                assert same, f"{name}[{i}] modified by a rejected call"
+
+
+def _params():
+    return [torch.randn(3), torch.randn(5, 4), torch.randn(2), torch.randn(6)]
+
+
+def test_rejects_list_length_mismatch():
+    a = sgd_call()
+    a["grads"] = a["grads"][:3]
+    expect_rejected(C.mf_sgd_, a, ValueError, "fusedmf.mf_sgd_: grads has 3 tensors but params has 4")
+    a = sgd_call()
+    a["momentum_buffers"] = a["momentum_buffers"][:2]
+    expect_rejected(C.mf_sgd_, a, ValueError, "momentum_buffers has 2 tensors but params has 4", "must be empty")
+    a = sgd_call(master_params=[torch.randn(3)])
+    expect_rejected(C.mf_sgd_, a, ValueError, "master_params has 1 tensors but params has 4")
+
+
+def test_rejects_shape_mismatch():
+    a = sgd_call()
+    a["params"][3] = torch.randn(5, 4)
+    a["grads"][3] = torch.randn(4, 5)
+    a["momentum_buffers"][3] = torch.randn(5, 4)
+    expect_rejected(C.mf_sgd_, a, ValueError, "fusedmf.mf_sgd_: grads[3] has shape [4, 5] but params[3] has shape [5, 4]")
+
+
+def test_rejects_stride_mismatch():
+    a = sgd_call()
+    a["momentum_buffers"][1] = torch.randn(4, 5).t()  # shape [5, 4], strides [1, 5]: dense, another layout
+    expect_rejected(C.mf_sgd_, a, ValueError, "momentum_buffers[1] has strides [1, 5] but params[1] has strides [4, 1]")
+
+
+def test_accepts_size_one_dims_with_other_strides():
+    p = torch.randn(8, 3, 1, 1)
+    g = torch.randn(8, 3, 1, 1).contiguous(memory_format=torch.channels_last)  # same memory order
+    s, vec = sgd_vector(lr=0.1, momentum=0.0)
+    ref = p.clone()
+    C.mf_sgd_([p], [g], [], [], vec, None, None)
+    reference.mf_sgd_([ref], [g], [], [], s)
+    assert torch.equal(p, ref)
+
+
+def test_rejects_non_dense():
+    base_p, base_g, base_u = torch.randn(6, 8), torch.randn(6, 8), torch.randn(6, 8)
+    a = sgd_call()
+    a["params"][1], a["grads"][1], a["momentum_buffers"][1] = base_p[:5, ::2], base_g[:5, ::2], base_u[:5, ::2]
+    expect_rejected(C.mf_sgd_, a, ValueError, "params[1] is not dense (shape [5, 4], strides [8, 2])")
+
+
+def test_rejects_wrong_state_dtype():
+    a = sgd_call()
+    a["momentum_buffers"] = [u.half() for u in a["momentum_buffers"]]
+    expect_rejected(C.mf_sgd_, a, TypeError, "momentum_buffers[0] has dtype float16", "must be float32")
+    params = _params()
+    expect_rejected(C.mf_adam_, dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params),
+                                     exp_avg_sqs=[p.double() for p in params], master_params=[],
+                                     scalars=adam_vector(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, step=1,
+                                                         beta1_product=0.9)[1],
+                                     inv_grad_scale=None, found_inf=None),
+                    TypeError, "exp_avg_sqs[0] has dtype float64")
+
+
+def test_rejects_mixed_dtypes_within_a_list():
+    a = sgd_call()
+    a["grads"][2] = a["grads"][2].half()
+    expect_rejected(C.mf_sgd_, a, TypeError, "grads[2] has dtype float16 but grads[0] has dtype float32", "uniform")
+
+
+@pytest.mark.parametrize("what", ["float64_params", "complex_params", "float16_master", "int_grads"])
+def test_rejects_unsupported_dtype_combinations(what):
+    a = sgd_call(momentum_buffers=[])
+    if what == "float64_params":
+        a["params"] = [p.double() for p in a["params"]]
+    elif what == "complex_params":
+        a["params"] = [p.to(torch.complex64) for p in a["params"]]
+    elif what == "float16_master":
+        a["params"] = [p.half() for p in a["params"]]
+        a["master_params"] = [p.clone() for p in a["params"]]
+    else:
+        a["grads"] = [g.int() for g in a["grads"]]
+    expect_rejected(C.mf_sgd_, a, TypeError, "unsupported dtypes", "supported (param, grad, master) combinations")
+
+
+def test_rejects_bad_scalar_vectors():
+    a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS) - 1))
+    expect_rejected(C.mf_sgd_, a, ValueError, "scalars has 6 elements but must have 7", "SGD_SLOTS")
+    a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS), dtype=torch.float64))
+    expect_rejected(C.mf_sgd_, a, TypeError, "scalars has dtype float64 but must be float32")
+    a = sgd_call(inv_grad_scale=torch.ones(2))
+    expect_rejected(C.mf_sgd_, a, ValueError, "inv_grad_scale has 2 elements but must have 1")
+    a = sgd_call(found_inf=torch.zeros(1, dtype=torch.float16))
+    expect_rejected(C.mf_sgd_, a, TypeError, "found_inf has dtype float16")
+    params = _params()
+    adam = dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params), exp_avg_sqs=clone_all(params),
+                master_params=[], scalars=sgd_vector(lr=0.1, momentum=0.9)[1], inv_grad_scale=None, found_inf=None)
+    expect_rejected(C.mf_adam_, adam, ValueError, "scalars has 7 elements but must have 10", "ADAM_SLOTS")
+    expect_rejected(C.mf_sgd_, dict(sgd_call(), params=[], grads=[], momentum_buffers=[],
+                                    scalars=torch.zeros(3)), ValueError, "scalars has 3 elements")
+
+
+def test_rejects_wrong_device():
+    a = sgd_call()
+    a["grads"][1] = torch.empty(5, 4, device="meta")
+    expect_rejected(C.mf_sgd_, a, ValueError, "grads[1] is on meta but params[0] is on cpu")
+    a = sgd_call(found_inf=torch.zeros(1, device="meta"))
+    expect_rejected(C.mf_sgd_, a, ValueError, "found_inf is on meta but the tensors are on cpu")
+    a = sgd_call(momentum_buffers=[])
+    a["params"] = [torch.empty_like(p, device="meta") for p in a["params"]]
+    a["grads"] = [torch.empty_like(p, device="meta") for p in a["grads"]]
+    expect_rejected(C.mf_sgd_, a, RuntimeError, "tensors on meta are not supported")
+    expect_rejected(C.non_finite_check_, dict(tensors=[torch.randn(3), torch.randn(2, device="meta")],
+                                              found_inf=torch.zeros(1)),
+                    ValueError, "tensors[1] is on meta but tensors[0] is on cpu")
+
+
+@pytest.mark.skipif(C.has_cuda(), reason="this build has CUDA kernels")
+def test_cuda_tensors_without_cuda_build_are_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device to make CUDA tensors with; the message is checked where one exists")
+    a = sgd_call()
+    a = {k: ([t.cuda() for t in v] if isinstance(v, list) else (v.cuda() if isinstance(v, torch.Tensor) else v))
+         for k, v in a.items()}
+    expect_rejected(C.mf_sgd_, a, RuntimeError, "has no CUDA kernels", "FUSEDMF_CUDA=1 pip install --no-build-isolation .")
+
+
+def test_rejects_sparse():
+    a = sgd_call(momentum_buffers=[])
+    a["grads"][0] = a["grads"][0].to_sparse()
+    expect_rejected(C.mf_sgd_, a, ValueError, "grads[0] has layout Sparse")
+
+
+def test_non_finite_check_validation():
+    expect_rejected(C.non_finite_check_, dict(tensors=[torch.randn(3)], found_inf=torch.zeros(2)),
+                    ValueError, "found_inf has 2 elements but must have 1")
+    expect_rejected(C.non_finite_check_, dict(tensors=[torch.randn(3).double()], found_inf=torch.zeros(1)),
+                    TypeError, "tensors[0] has dtype float64")
+    expect_rejected(C.non_finite_check_, dict(tensors=[torch.randn(3), torch.randn(2).half()], found_inf=torch.zeros(1)),
+                    TypeError, "tensors[1] has dtype float16 but tensors[0] has dtype float32")
+
+
+# ---- CUDA kernels (need a GPU and a CUDA build; skipped otherwise, with the reason) -----------------
+
+needs_cuda = pytest.mark.skipif(not (C.has_cuda() and torch.cuda.is_available()),
+                                reason="needs fusedmf._C built with CUDA (FUSEDMF_CUDA=1) and a visible GPU")
+
+
+def _to(tensors, device):
+    """Copies on `device`; on CUDA every third one a view one element into its buffer, so that the
+    kernels take their scalar (unaligned) path for it."""
+    out = []
+    for i, t in enumerate(tensors):
+        if device == "cuda" and i % 3 == 1 and t.dim() == 1:
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+            out.append(buf[1:].copy_(t))
+        else:
+            out.append(t.to(device))
+    return out
+
+
+def _launcher_zoo(dtype, seed=0):
+    """Shapes that exercise the launcher: >48 tensors per launch, a tensor of >320 chunks, sizes
+    not multiple of 4, zero-size tensors in the middle and last."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(int(n), generator=gen) for n in torch.randint(1, 3000, (150,), generator=gen)]
+    tensors += [torch.randn(4097, generator=gen), torch.empty(0)]
+    tensors += [torch.randn(320 * 65536 + 5, generator=gen), torch.empty(0), torch.randn(3, generator=gen),
+                torch.empty(0)]
+    return [t.to(dtype) for t in tensors]
+
+
+def _views_like(tensors, dtype, gen, scale=1.0, positive=False):
+    out = []
+    for t in tensors:
+        x = torch.randn(t.numel(), generator=gen) * scale
+        out.append((x.abs() if positive else x).to(dtype))
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_cuda_sgd_and_adam_match_cpu_kernels(combo):
+    """The CUDA kernels round like the CPU kernels (NOTE [fma placement]): bit for bit."""
+    param_dtype, grad_dtype, master = combo
+    gen = torch.Generator().manual_seed(3)
+    params = _launcher_zoo(param_dtype)
+    grads = _views_like(params, grad_dtype, gen)
+    bufs = _views_like(params, F32, gen, 0.1)
+    masters = [p.to(F32) for p in params] if master else []
+    cpu = {"params": clone_all(params), "momentum_buffers": clone_all(bufs), "master_params": clone_all(masters)}
+    dev = {k: _to(v, "cuda") for k, v in cpu.items()}
+    grads_dev = _to(grads[1:] + grads[:1], "cuda")  # other alignments than the params'
+    grads_dev = grads_dev[-1:] + grads_dev[:-1]
+    inv = torch.tensor([0.5])
+    for step in range(2):
+        _, vec = sgd_vector(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, first_step=step == 0)
+        C.mf_sgd_(cpu["params"], grads, cpu["momentum_buffers"], cpu["master_params"], vec, inv, None)
+        C.mf_sgd_(dev["params"], grads_dev, dev["momentum_buffers"], dev["master_params"], vec.cuda(), inv.cuda(),
+                  torch.zeros(1, device="cuda"))
+    exact = C._cpu_capability() == "avx2"
+    check_update(f"cuda mf_sgd_ {combo_id(combo)}", {k: _to(v, "cpu") for k, v in dev.items()}, cpu, master,
+                 param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
+
+    exp_avgs = _views_like(params, F32, gen, 0.1)
+    exp_avg_sqs = _views_like(params, F32, gen, 0.1, positive=True)
+    masters = [p.to(F32) for p in params] if master else []
+    cpu = {"params": clone_all(params), "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "master_params": masters}
+    dev = {k: _to(v, "cuda") for k, v in cpu.items()}
+    _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, weight_decay=0.1,
+                         decoupled_weight_decay=True)
+    C.mf_adam_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"], cpu["master_params"], vec, inv, None)
+    C.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], dev["master_params"], vec.cuda(),
+               inv.cuda(), None)
+    check_update(f"cuda mf_adam_ {combo_id(combo)}", {k: _to(v, "cpu") for k, v in dev.items()}, cpu, master,
+                 param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
+
+
+@needs_cuda
+def test_cuda_found_inf_writes_nothing_and_non_finite_check():
+    params = _to(_launcher_zoo(F32), "cuda")
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.full_like(p, float("nan")) for p in params]
+    before = {"params": clone_all(params), "bufs": clone_all(bufs)}
+    found = torch.zeros(1, device="cuda")
+    C.non_finite_check_(grads, found)
+    assert found.item() == 0.0
+    grads[-2][-1] = float("nan")  # the last non-empty tensor, an empty one after it
+    C.non_finite_check_(grads, found)
+    assert found.item() == 1.0
+    _, vec = sgd_vector(lr=0.1, momentum=0.9, first_step=True)
+    C.mf_sgd_(params, grads, bufs, [], vec.cuda(), None, found)
+    torch.cuda.synchronize()
+    assert_unchanged(before, {"params": params, "bufs": bufs})
+
+
+@needs_cuda
+def test_cuda_step_replays_in_a_graph_with_new_scalars():
+    params = [torch.randn(1000, device="cuda"), torch.randn(7, 9, device="cuda")]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.randn_like(p) for p in params]
+    eager = {"params": clone_all(params), "bufs": clone_all(bufs)}
+    vec = torch.zeros(len(SGD_SLOTS), device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        C.mf_sgd_(clone_all(params), grads, clone_all(bufs), [], vec, None, None)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        C.mf_sgd_(params, grads, bufs, [], vec, None, None)
+    for step in range(3):
+        _, v = sgd_vector(lr=0.1 / (step + 1), momentum=0.8 + 0.05 * step, first_step=step == 0)
+        vec.copy_(v)
+        graph.replay()
+        C.mf_sgd_(eager["params"], grads, eager["bufs"], [], v.cuda(), None, None)
+    torch.cuda.synchronize()
+    assert_unchanged(eager, {"params": params, "bufs": bufs})  # i.e. identical
