@@ -4,5 +4,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # Triton runs on CPU tensors through its interpreter where there is no GPU.
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export TRITON_INTERPRET=1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TRITON_INTERPRET=1
+  echo "[fusedmf] no GPU: Triton kernels run on CPU tensors under TRITON_INTERPRET=1"
+fi
 exec "$PY" -m pytest tests -q -ra "$@"
