@@ -55,11 +55,8 @@ std::string dtype_name(at::ScalarType t) {
       return "complex128";
     case at::kComplexHalf:
       return "complex32";
-    default: {
-      std::string s = c10::toString(t);
-      for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      return s;
-    }
+    default:
+      return c10::getDtypeNames(t).first;  // "int32", "bool", ... as torch.<name>
   }
 }
 
@@ -350,6 +347,103 @@ void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf) {
 #endif
 }
 
+// NOTE [pack layout] (fusedmf/functional/pack.py): grads[i] goes to out[offsets[i] ...], each slot
+// rounded up to kPackAlignBytes. Grads may mix fp32/fp16/bf16 (a bucket can hold params of several
+// dtypes, and zero slots of the buffer's dtype); a grad that is not dense is packed from a copy
+// laid out as torch.empty_like(grad), the slot order of the reference.
+void pack_(const TensorList& grads, const at::Tensor& out, double scale) {
+  constexpr const char* op = "pack_";
+  TORCH_CHECK_VALUE(out.defined(), "fusedmf.", op, ": out is None");
+  check_device_supported(op, out.device());
+  const at::Device device = out.device();
+  TORCH_CHECK_VALUE(out.layout() == at::kStrided, "fusedmf.", op, ": out has layout ", out.layout(),
+                    "; it must be a dense 1-D buffer");
+  DType out_dtype{};
+  TORCH_CHECK_TYPE(to_dtype(out.scalar_type(), &out_dtype), "fusedmf.", op, ": out has dtype ",
+                   dtype_name(out.scalar_type()),
+                   "; supported: float32, float16, bfloat16 (float64 runs on the 'reference' backend)");
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "fusedmf.", op,
+                    ": out must be a contiguous 1-D buffer, got shape ", dims(out.sizes()), " and strides ",
+                    dims(out.strides()));
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(out.data_ptr()) % kPackAlignBytes == 0, "fusedmf.", op,
+                    ": out must start on a ", kPackAlignBytes, "-byte boundary (NOTE [pack layout]); its data is at ",
+                    reinterpret_cast<uintptr_t>(out.data_ptr()) % kPackAlignBytes, " bytes past one");
+  const int64_t n = static_cast<int64_t>(grads.size());
+  std::vector<DType> grad_dtypes(grads.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.defined(), "fusedmf.", op, ": grads[", i, "] is None");
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "fusedmf.", op, ": grads[", i, "] has layout ", g.layout(),
+                      "; fusedmf kernels need dense strided tensors");
+    TORCH_CHECK_VALUE(g.device() == device, "fusedmf.", op, ": grads[", i, "] is on ", g.device(), " but out is on ",
+                      device, " (all tensors of one call must be on one device)");
+    TORCH_CHECK_TYPE(to_dtype(g.scalar_type(), &grad_dtypes[i]), "fusedmf.", op, ": grads[", i, "] has dtype ",
+                     dtype_name(g.scalar_type()),
+                     "; supported: float32, float16, bfloat16 (float64 runs on the 'reference' backend)");
+  }
+  // offsets[i] = round_up(offsets[i - 1] + numel, align): pack.py's pack_offsets
+  const int64_t align = kPackAlignBytes / static_cast<int64_t>(out.element_size());
+  std::vector<int64_t> offsets(grads.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    offsets[i] = total;
+    total += (grads[i].numel() + align - 1) / align * align;
+  }
+  TORCH_CHECK_VALUE(total <= out.numel(), "fusedmf.", op, ": the grads need ", total,
+                    " elements of out (slots padded to ", kPackAlignBytes, " bytes, NOTE [pack layout]), out has ",
+                    out.numel());
+  if (total == 0) return;  // no grads, or only zero-size ones
+
+#ifdef FUSEDMF_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;  // the copies below and the launches run on out's device
+  if (device.is_cuda()) guard.emplace(device);
+#endif
+  // Everything is validated: from here on only copies of non-dense grads, then the kernels.
+  TensorList dense;  // keeps those copies alive until the kernels are enqueued
+  std::vector<int64_t> numels(grads.size());
+  std::vector<void*> src(grads.size()), dst(grads.size());
+  char* const base = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor* g = &grads[i];
+    numels[i] = g->numel();
+    if (numels[i] == 0) continue;
+    if (!g->is_non_overlapping_and_dense()) {
+      dense.push_back(at::empty_like(*g).copy_(*g));  // the layout of the grad's slot (pack.py slot_strides)
+      g = &dense.back();
+    }
+    src[i] = g->data_ptr();
+    dst[i] = base + offsets[i] * static_cast<int64_t>(out.element_size());
+  }
+  TensorLists lists;
+  lists.num_tensors = n;
+  lists.numels = numels.data();
+  lists.ptrs[kGrad] = src.data();
+  lists.ptrs[kPackOut] = dst.data();
+  const float scale32 = static_cast<float>(scale);  // what torch.mul(fp32 tensor, scale) multiplies by
+  if (device.is_cpu()) {
+    cpu::pack(lists, grad_dtypes.data(), out_dtype, scale32);
+    return;
+  }
+#ifdef FUSEDMF_WITH_CUDA
+  // One multi-tensor launch per grad dtype present (one in the usual uniform bucket): the
+  // launcher's lists carry one dtype each. The other dtypes' tensors are masked out as zero-size.
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  const DType order[] = {DType::F32, DType::F16, DType::BF16};
+  std::vector<int64_t> group_numels(grads.size());
+  for (const DType d : order) {
+    bool any = false;
+    for (int64_t i = 0; i < n; ++i) {
+      group_numels[i] = grad_dtypes[i] == d ? numels[i] : 0;
+      any = any || group_numels[i] > 0;
+    }
+    if (!any) continue;
+    TensorLists group = lists;
+    group.numels = group_numels.data();
+    check_launch(op, cuda::launch_pack(group, d, out_dtype, scale32, stream));
+  }
+#endif
+}
+
 bool has_cuda() {
 #ifdef FUSEDMF_WITH_CUDA
   return true;
@@ -417,6 +511,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "scalars: float32 vector laid out as fusedmf.functional.scalars.ADAM_SLOTS.");
   m.def("non_finite_check_", &non_finite_check_, nogil, py::arg("tensors"), py::arg("found_inf"),
         "Set found_inf (1-element float32) to 1 if any element is inf or NaN; never clears it.");
+  m.def("pack_", &pack_, nogil, py::arg("grads"), py::arg("out"), py::arg("scale"),
+        "Write cast(grads[i] * scale) into the flat 1-D buffer out at the 16-byte-aligned offsets of "
+        "fusedmf.functional.pack_offsets (reference: fusedmf.functional.pack.pack_); padding is not written.");
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels.");
   m.def("build_info", &build_info, "Compiler, CUDA version and archs this extension was built with.");
   m.def("_cpu_capability", []() { return std::string(cpu::capability()); },

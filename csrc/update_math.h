@@ -79,6 +79,11 @@ constexpr int kMomentum = 3;  // SGD: fp32 momentum buffer, optional
 constexpr int kExpAvg = 3;    // Adam: fp32 first moment
 constexpr int kExpAvgSq = 4;  // Adam: fp32 second moment
 constexpr int kMaxSlots = 5;
+// pack_ (fusedmf/functional/pack.py, NOTE [pack layout]) uses two slots: the grads in kGrad and,
+// in kPackOut, the start of each grad's slot of the flat buffer (out + offsets[i]).
+constexpr int kPackOut = 0;
+// Slots of a packed buffer start on a multiple of this many bytes (pack.py PACK_ALIGN_BYTES).
+constexpr int kPackAlignBytes = 16;
 
 // Flags travel as 0.0 / 1.0 and are tested with != 0 (scalars.py).
 struct SgdScalars {

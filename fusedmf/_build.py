@@ -34,6 +34,7 @@ CUDA_SOURCES = (
     "csrc/cuda/mf_sgd.cu",
     "csrc/cuda/mf_adam.cu",
     "csrc/cuda/non_finite_check.cu",
+    "csrc/cuda/pack.cu",
 )
 
 DEFAULT_CUDA_ARCH_LIST = "9.0"

@@ -10,6 +10,8 @@ What is checked here (the backend matrix through fusedmf.functional lives in tes
   rounded); low-precision params are exactly the round-to-nearest-even cast of the fp32 master;
 - found_inf set: nothing written at all (bit-identical tensors);
 - non_finite_check_;
+- pack_ against fusedmf.functional.pack.pack_ (NOTE [pack layout]): every (grad, out) dtype pair,
+  bit-identical (one rounding of an fp32 product), padding never written, on both CPU capabilities;
 - validation: every rejected call names the offending list and index and modifies nothing.
 """
 
@@ -17,13 +19,17 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
 
 C = pytest.importorskip("fusedmf._C", reason="fusedmf._C is not built (pip install --no-build-isolation -e .)")
 
+import fusedmf.functional as F  # noqa: E402
 from fusedmf.functional import reference  # noqa: E402
+from fusedmf.functional.pack import PACK_ALIGN_BYTES, pack_offsets  # noqa: E402
+from fusedmf.functional.pack import pack_ as reference_pack_  # noqa: E402
 from fusedmf.functional.scalars import (  # noqa: E402
     ADAM_SLOTS,
     SGD_SLOTS,
@@ -680,3 +686,183 @@ def test_cuda_step_replays_in_a_graph_with_new_scalars():
         C.mf_sgd_(eager["params"], grads, eager["bufs"], [], v.cuda(), None, None)
     torch.cuda.synchronize()
     assert_unchanged(eager, {"params": params, "bufs": bufs})  # i.e. identical
+
+
+# ---- pack_ (NOTE [pack layout] in fusedmf/functional/pack.py) ---------------------------------------
+
+# a bit pattern no kernel writes by accident: the padding must still hold it afterwards
+PACK_SENTINEL = {F32: -1.2345678e-7, F16: -0.0001234, BF16: -1.2e-30}
+
+
+def pack_grads(dtype, seed=0):
+    """The zoo of one call: [1], [4097], [123, 457], [0], channels_last 4-D, many small grads, an
+    empty last one; values across magnitudes, so that fp16 overflows and underflows happen."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for shape, cl in zoo_shapes(seed):
+        t = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+        grads.append((t.contiguous(memory_format=torch.channels_last) if cl else t).to(dtype))
+    assert grads[-1].numel() == 0
+    return grads
+
+
+def pack_buffer(grads, dtype, extra=5):
+    """A sentinel-filled buffer a few elements longer than the grads need, and the padding mask."""
+    offsets, total = pack_offsets([g.numel() for g in grads], torch.empty((), dtype=dtype).element_size())
+    out = torch.full((total + extra,), PACK_SENTINEL[dtype], dtype=dtype)
+    padding = torch.ones(total + extra, dtype=torch.bool)
+    for g, off in zip(grads, offsets):
+        padding[off:off + g.numel()] = False
+    return out, padding
+
+
+def check_pack(grads, out_dtype, scale, what):
+    mine, padding = pack_buffer(grads, out_dtype)
+    ref = mine.clone()
+    assert mine.data_ptr() % PACK_ALIGN_BYTES == 0
+    C.pack_(grads, mine, scale)
+    reference_pack_(grads, ref, scale)
+    assert_bitwise(mine, ref, what)
+    assert_bitwise(mine[padding], torch.full_like(mine[padding], PACK_SENTINEL[out_dtype]), f"{what}: padding")
+
+
+PACK_COMBOS = [(g, o) for g in DTYPES for o in DTYPES]
+
+
+def pack_id(c):
+    return f"g{NAMES[c[0]]}-out{NAMES[c[1]]}"
+
+
+@pytest.mark.parametrize("scale", [1 / 3, 0.5], ids=["third", "half"])
+@pytest.mark.parametrize("combo", PACK_COMBOS, ids=pack_id)
+def test_pack_matches_reference(combo, scale):
+    grad_dtype, out_dtype = combo
+    check_pack(pack_grads(grad_dtype), out_dtype, scale, f"pack_ {combo} scale {scale}")
+
+
+@pytest.mark.parametrize("combo", [(F32, F16), (BF16, F32), (F16, BF16)], ids=pack_id)
+def test_pack_base_capability_matches_reference(combo):
+    assert C._set_cpu_capability("base")
+    check_pack(pack_grads(combo[0], seed=1), combo[1], 1 / 3, f"pack_ base {combo}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow")
+@pytest.mark.parametrize("out_dtype", [F16, BF16], ids=NAMES.get)
+def test_pack_rounds_like_torch(out_dtype):
+    """Halfway cases, overflow to inf, subnormals, signed zeros, inf and NaN: torch's .to() bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    grid = torch.randn(20_000, generator=gen).to(out_dtype).to(F32)
+    up = torch.nextafter(grid.to(out_dtype), torch.tensor(float("inf"), dtype=out_dtype)).to(F32)
+    halfway = (grid + up) / 2
+    finfo = torch.finfo(out_dtype)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), finfo.max, finfo.max * 1.001,
+                             65519.99, 65520.0, finfo.tiny, finfo.tiny / 3, 5.96e-8, 2.98e-8, 3.4e38, -3.4e38])
+    x = torch.cat([halfway, specials])
+    for scale in (1.0, 0.5, 1 / 3):
+        check_pack([x, x.to(F16), x.to(BF16)], out_dtype, scale, f"pack_ specials into {out_dtype} * {scale}")
+    out = torch.zeros(x.numel() + 8, dtype=out_dtype)
+    C.pack_([x], out, 1.0)
+    assert_bitwise(out[:x.numel()], x.to(out_dtype), "pack_ with scale 1 is torch's cast")
+
+
+def test_pack_mixed_dtypes_and_layouts():
+    """Grads of several dtypes in one call (a bucket of mixed params, zero slots in the buffer's
+    dtype), a transposed (dense) grad, and a grad that is not dense (packed row-major, as the reference)."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(3, 5, generator=gen), torch.randn(2, 3, 4, 4, generator=gen).to(BF16)
+             .contiguous(memory_format=torch.channels_last), torch.randn(7, generator=gen).half(),
+             torch.randn(0), torch.randn(6, 9, generator=gen).t(), torch.randn(9, 4, generator=gen)[::2, 1:],
+             torch.randn(4, 5, generator=gen)[:, None, :].expand(4, 3, 5).to(F16), torch.randn(1).to(BF16)]
+    for out_dtype in DTYPES:
+        check_pack(grads, out_dtype, 0.25, f"mixed grads into {out_dtype}")
+
+
+def test_pack_large_call_is_split_across_threads():
+    """More than a few grain sizes of elements, so at::parallel_for cuts tensors into pieces."""
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(n, generator=gen) for n in (300_001, 17, 150_000, 3)]
+    check_pack(grads, F16, 1 / 3, "large pack")
+
+
+def test_pack_empty_calls():
+    out = torch.full((8,), 3.0)
+    C.pack_([], out, 0.5)
+    C.pack_([torch.empty(0), torch.empty(3, 0)], out, 0.5)
+    C.pack_([], torch.empty(0), 0.5)
+    assert (out == 3.0).all()
+
+
+def test_pack_dispatch_runs_the_cpu_kernel():
+    before = set(F.pack_fallbacks)
+    grads = pack_grads(F32)
+    out, _ = pack_buffer(grads, F16)
+    ref = out.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        assert F.pack(grads, out, scale=0.5, backend="cpu") == "cpu"
+        assert F.pack(grads, out, scale=0.5) == "cpu"  # auto
+    assert "cpu" not in F.pack_fallbacks - before
+    reference_pack_(grads, ref, 0.5)
+    assert_bitwise(out, ref, "F.pack(backend='cpu')")
+    # float64 stays with the reference, whatever backend is named
+    assert F.pack([torch.randn(3, dtype=torch.float64)], torch.zeros(8), scale=0.5, backend="cpu") == "reference"
+
+
+def pack_call(**override):
+    args = dict(grads=[torch.randn(3), torch.randn(5, 4), torch.randn(2)], out=torch.zeros(32), scale=0.5)
+    args.update(override)
+    return args
+
+
+def test_pack_rejects_bad_out():
+    base = torch.zeros(64)
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(4, 8)), ValueError,
+                    "fusedmf.pack_: out must be a contiguous 1-D buffer, got shape [4, 8]")
+    expect_rejected(C.pack_, pack_call(out=base[::2]), ValueError,
+                    "out must be a contiguous 1-D buffer, got shape [32] and strides [2]")
+    expect_rejected(C.pack_, pack_call(out=base[1:]), ValueError, "out must start on a 16-byte boundary",
+                    "4 bytes past one")
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(27)), ValueError,
+                    "fusedmf.pack_: the grads need 28 elements of out", "out has 27")  # 4 + 20 + 4
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(39, dtype=F16)), ValueError,
+                    "the grads need 40 elements of out", "out has 39")  # slots of 8 fp16: 8 + 24 + 8
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(32, dtype=torch.float64)), TypeError,
+                    "out has dtype float64", "'reference' backend")
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(32, dtype=torch.int32)), TypeError, "out has dtype int32")
+    expect_rejected(C.pack_, pack_call(out=torch.zeros(32, device="meta")), RuntimeError,
+                    "tensors on meta are not supported")
+
+
+def test_pack_rejects_bad_grads():
+    a = pack_call()
+    a["grads"][1] = torch.empty(5, 4, device="meta")
+    expect_rejected(C.pack_, a, ValueError, "fusedmf.pack_: grads[1] is on meta but out is on cpu")
+    a = pack_call()
+    a["grads"][2] = a["grads"][2].double()
+    expect_rejected(C.pack_, a, TypeError, "grads[2] has dtype float64", "'reference' backend")
+    a = pack_call()
+    a["grads"][0] = a["grads"][0].to_sparse()
+    expect_rejected(C.pack_, a, ValueError, "grads[0] has layout Sparse")
+    a = pack_call()
+    a["grads"][2] = None
+    with pytest.raises(TypeError):  # pybind11 refuses None in a list of tensors
+        C.pack_(**a)
+
+
+@needs_cuda
+@pytest.mark.parametrize("combo", PACK_COMBOS, ids=pack_id)
+def test_cuda_pack_matches_reference(combo):
+    """The launcher's zoo (several launches, a tensor of >320 chunks, unaligned grads), bit for bit."""
+    grad_dtype, out_dtype = combo
+    grads = _to(_launcher_zoo(grad_dtype), "cuda")
+    grads += [torch.randn(3, 8, 5, 7, device="cuda").to(grad_dtype).contiguous(memory_format=torch.channels_last),
+              torch.randn(9, 4, device="cuda")[::2].to(grad_dtype), torch.randn(5, device="cuda").half(),
+              torch.empty(0, device="cuda")]
+    mine, padding = pack_buffer(grads, out_dtype)
+    mine = mine.cuda()
+    ref = mine.clone()
+    C.pack_(grads, mine, 1 / 3)
+    reference_pack_(grads, ref, 1 / 3)
+    torch.cuda.synchronize()
+    assert_bitwise(mine.cpu(), ref.cpu(), f"cuda pack_ {combo}")
+    assert (mine.cpu()[padding] == PACK_SENTINEL[out_dtype]).all(), "padding written"

@@ -9,7 +9,8 @@ channels_last 4-D} x 3 steps (first_step, then a changing MF), comparing params 
 tensor after every step; plus block/launch boundaries with many small tensors and an empty last
 one, views into a flat buffer (unaligned addresses), exact fp32 -> fp16/bf16 rounding, skip on
 overflow (bit-identical), the non-finite check, table caching, and validation errors that name the
-list and index and modify nothing.
+list and index and modify nothing. pack_ against fusedmf.functional.pack.pack_ (NOTE [pack layout]):
+bit-identical values, padding never written, block boundaries, validation.
 """
 
 import dataclasses
@@ -36,19 +37,20 @@ from triton_kernels import _multi_tensor as mt  # noqa: E402
 
 
 def _spec_modules():
-    """fusedmf.functional.{reference, scalars}; by file path if fusedmf itself does not import."""
+    """fusedmf.functional.{reference, scalars, pack}; by file path if fusedmf itself does not import."""
     try:
         from fusedmf.functional import reference, scalars
-        return reference, scalars
-    except Exception:  # fusedmf/__init__.py mid-edit: these two files only import each other
+        # by its module name: fusedmf.functional.pack is also the name of the dispatching function
+        return reference, scalars, importlib.import_module("fusedmf.functional.pack")
+    except Exception:  # fusedmf/__init__.py mid-edit: these files import only each other and torch
         name = "_fusedmf_functional_spec"
         pkg = types.ModuleType(name)
         pkg.__path__ = [os.path.join(ROOT, "fusedmf", "functional")]
         sys.modules[name] = pkg
-        return importlib.import_module(name + ".reference"), importlib.import_module(name + ".scalars")
+        return tuple(importlib.import_module(f"{name}.{m}") for m in ("reference", "scalars", "pack"))
 
 
-reference, S = _spec_modules()
+reference, S, P = _spec_modules()
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -667,6 +669,154 @@ def test_non_finite_check_validation():
 
 
 # ---------------------------------------------------------------------------------------------
+# pack_ (NOTE [pack layout] in fusedmf/functional/pack.py)
+
+# a value no kernel writes by accident: the padding must still hold it afterwards
+PACK_SENTINEL = {F32: -1.2345678e-7, F16: -0.0001234, BF16: -1.2e-30}
+PACK_SHAPES = [(1,), (4097,), (123, 457), (0,), (3, 8, 5, 7)] + [(n,) for n in (5, 31, 64, 65, 129, 3)] + [(0,)]
+
+
+def _pack_grads(shapes, dtype, seed=0):
+    """Values across magnitudes (fp16 overflow and subnormals happen); 4-D shapes channels_last."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in shapes:
+        x = torch.randn(s, generator=gen) * torch.exp2(torch.randint(-30, 30, s, generator=gen).float())
+        x = x.to(dtype)
+        out.append((x.contiguous(memory_format=torch.channels_last) if len(s) == 4 else x).to(DEV))
+    return out
+
+
+def _assert_same_values(actual, expected, name):
+    """Bit for bit, except that NaNs only need to be NaN: torch's vectorised CPU cast to bfloat16
+    writes NaN as 0xFFFF, its scalar cast (and ours) as 0x7FC0."""
+    nan = actual.isnan()
+    assert torch.equal(nan, expected.isnan()), f"{name}: NaNs at different places"
+    assert_bit_identical(actual[~nan], expected[~nan], name)
+
+
+def _check_pack(grads, out_dtype, scale, name, extra=5):
+    offsets, total = P.pack_offsets([g.numel() for g in grads], torch.empty((), dtype=out_dtype).element_size())
+    mine = torch.full((total + extra,), PACK_SENTINEL[out_dtype], dtype=out_dtype, device=DEV)
+    ref = mine.clone()
+    tk.pack_(grads, mine, scale)
+    P.pack_(grads, ref, scale)
+    _assert_same_values(mine, ref, name)
+    padding = torch.ones(total + extra, dtype=torch.bool, device=DEV)
+    for g, off in zip(grads, offsets):
+        padding[off:off + g.numel()] = False
+    assert bool((mine[padding] == PACK_SENTINEL[out_dtype]).all()), f"{name}: padding was written"
+
+
+PACK_COMBOS = [(g, o) for g in (F32, F16, BF16) for o in (F32, F16, BF16)]
+_DT = {F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("combo", PACK_COMBOS, ids=[f"g{_DT[g]}-out{_DT[o]}" for g, o in PACK_COMBOS])
+def test_pack_matches_reference(combo):
+    grad_dtype, out_dtype = combo
+    grads = _pack_grads(PACK_SHAPES, grad_dtype)
+    assert grads[-1].numel() == 0  # an empty last grad
+    _check_pack(grads, out_dtype, 1 / 3, f"pack_ {combo}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_pack_scale_half_block_boundaries_and_mixed_dtypes(small_blocks):
+    """Tiny blocks (many per grad, masked tails, several launches), grads of mixed dtypes in one
+    call (one launch per dtype), a grad that is not dense (packed as the reference: row-major)."""
+    grads = _pack_grads(MANY_SMALL, F32, seed=1)
+    grads[2] = grads[2].to(BF16)
+    grads[5] = grads[5].to(F16)
+    grads.append(torch.randn(9, 6, device=DEV)[::2, 1:])
+    grads.append(torch.empty(0, device=DEV))
+    for out_dtype in (F32, F16, BF16):
+        _check_pack(grads, out_dtype, 0.5, f"small blocks into {out_dtype}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("out_dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_pack_rounds_to_nearest_even(out_dtype):
+    mant = 10 if out_dtype == F16 else 7
+    one_ulp = 2.0 ** -mant
+    values = [1.0 + one_ulp / 2, 1.0 + 3 * one_ulp / 2, -(1.0 + one_ulp / 2), 1.0 + one_ulp / 2 + 2.0 ** -20,
+              2.0 - one_ulp / 4, 6e-8, 1e-40, float("inf"), float("-inf"), float("nan"), 3.4e38, 65519.0, 65520.0,
+              -0.0]
+    x = torch.tensor(values, dtype=F32, device=DEV)
+    _check_pack([x], out_dtype, 1.0, f"pack_ rounding into {out_dtype}")
+    out = torch.zeros(16, dtype=out_dtype, device=DEV)
+    tk.pack_([x], out, 1.0)
+    _assert_same_values(out[:x.numel()], x.to(out_dtype), f"scale 1 is torch's cast to {out_dtype}")
+
+
+def test_pack_views_into_flat_buffers_unaligned():
+    """Grads that are views at odd offsets (no vector accesses) pack like aligned ones."""
+    flat = torch.randn(1000, device=DEV)
+    grads = [flat[1:130], flat[131:140].view(3, 3), flat[141:900]]
+    _check_pack(grads, F16, 1 / 3, "unaligned grads")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_pack_through_fusedmf_functional():
+    F = pytest.importorskip("fusedmf.functional")
+    grads = _pack_grads([(4, 5), (0,), (3, 8, 5, 7)], F32)
+    _, total = P.pack_offsets([g.numel() for g in grads], 2)
+    out = torch.zeros(total, dtype=F16, device=DEV)
+    ref = out.clone()
+    assert F.pack(grads, out, scale=0.5, backend="triton") == "triton"  # no fallback to the reference
+    assert "triton" not in F.pack_fallbacks
+    P.pack_(grads, ref, 0.5)
+    assert_bit_identical(out, ref, "F.pack(backend='triton')")
+
+
+def test_pack_align_matches_fusedmf():
+    from triton_kernels import pack as tpack
+    assert tpack.PACK_ALIGN_BYTES == P.PACK_ALIGN_BYTES
+    for n in ([0, 1, 7, 8, 9, 4097], []):
+        for elem in (2, 4):
+            assert tpack.pack_offsets(n, elem) == P.pack_offsets(n, elem)
+
+
+def _pack_args():
+    return dict(grads=[torch.randn(3, device=DEV), torch.randn(5, 4, device=DEV), torch.randn(2, device=DEV)],
+                out=torch.zeros(32, device=DEV), scale=0.5)
+
+
+PACK_BAD = {
+    "out_2d": (_set("out", None, lambda a: torch.zeros(4, 8, device=DEV)),
+               r"out must be a contiguous 1-D buffer, got shape \[4, 8\]"),
+    "out_strided": (_set("out", None, lambda a: torch.zeros(64, device=DEV)[::2]),
+                    r"out must be a contiguous 1-D buffer, got shape \[32\] and strides \[2\]"),
+    "out_unaligned": (_set("out", None, lambda a: torch.zeros(64, device=DEV)[1:]),
+                      r"out must start on a 16-byte boundary.*4 bytes past one"),
+    "out_too_small": (_set("out", None, lambda a: torch.zeros(27, device=DEV)),
+                      r"the grads need 28 elements of out .* out has 27"),
+    "out_fp16_too_small": (_set("out", None, lambda a: torch.zeros(39, dtype=F16, device=DEV)),
+                           r"the grads need 40 elements of out .* out has 39"),
+    "out_dtype": (_set("out", None, lambda a: torch.zeros(32, dtype=torch.float64, device=DEV)),
+                  r"out has dtype torch.float64.*'reference' backend"),
+    "grad_device": (_set("grads", 1, lambda t: torch.empty(t.shape, device="meta")),
+                    r"grads\[1\] is on meta but out is on"),
+    "grad_dtype": (_set("grads", 2, lambda t: t.double()), r"grads\[2\] has dtype torch.float64"),
+    "grad_not_a_tensor": (_set("grads", 0, 1.5), r"grads\[0\] is a float, not a tensor"),
+    "grad_sparse": (_set("grads", 0, lambda t: t.to_sparse()), r"grads\[0\] has layout torch.sparse_coo"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACK_BAD), ids=list(PACK_BAD))
+def test_pack_validation_names_what_is_wrong_and_writes_nothing(case):
+    edit, pattern = PACK_BAD[case]
+    args = _pack_args()
+    edit(args)
+    if isinstance(args["out"], torch.Tensor) and args["out"].dtype.is_floating_point:
+        args["out"].fill_(7.0)
+    snap = {k: v for k, v in _snapshot(args).items() if v[0].layout == torch.strided}
+    with pytest.raises(tk.InputError, match=pattern):
+        tk.pack_(**args)
+    _assert_unchanged(snap)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU only
 
 
@@ -720,7 +870,7 @@ sys.path.insert(0, sys.argv[1])
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_kernels import adam, non_finite, sgd
+from triton_kernels import adam, non_finite, pack, sgd
 
 PTRS = {"tensor_table": "*i64", "block_table": "*i64", "scalars_ptr": "*fp32",
         "inv_grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
@@ -739,6 +889,9 @@ out["sgd_bf16_master_unaligned"] = ops(ptx(sgd.mf_sgd_kernel, PTRS, dict(
 out["adam_fp16_master_aligned"] = ops(ptx(adam.mf_adam_kernel, PTRS, dict(
     PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True, HAS_INV_SCALE=True,
     HAS_FOUND_INF=True, ALIGNED=True, BLOCK=2048)))
+out["pack_fp32_to_fp16_aligned"] = ops(ptx(pack.pack_kernel,
+    {"tensor_table": "*i64", "block_table": "*i64", "scale": "fp32"},
+    dict(GRAD_DTYPE=tl.float32, OUT_DTYPE=tl.float16, ALIGNED=True, BLOCK=2048)))
 out["non_finite_bf16"] = ops(ptx(non_finite.non_finite_kernel,
     {"tensor_table": "*i64", "block_table": "*i64", "found_inf_ptr": "*fp32"},
     dict(DTYPE=tl.bfloat16, ALIGNED=True, BLOCK=2048)))
@@ -748,8 +901,8 @@ print(json.dumps(out))
 
 def test_kernels_compile_for_sm90_with_vector_access_and_ieee_div_sqrt():
     """Compile representative variants for sm_90 (no GPU needed: Triton ships LLVM and ptxas) and
-    check what the interpreter cannot: they compile, full blocks use vector accesses when aligned,
-    and Adam uses IEEE division and square root, not div.full / sqrt.approx."""
+    check what the interpreter cannot: they compile, full blocks use vector accesses when aligned
+    (pack_ included), and Adam uses IEEE division and square root, not div.full / sqrt.approx."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no NVIDIA backend")
     import json
     import subprocess
@@ -766,3 +919,6 @@ def test_kernels_compile_for_sm90_with_vector_access_and_ieee_div_sqrt():
     assert not any(op in adam_ops for op in ("div.full.f32", "div.approx.f32", "sqrt.approx.f32")), adam_ops
     assert "ld.global.v4.b32" in adam_ops and "ld.global.v2.b32" in adam_ops, adam_ops  # fp32 and fp16 x 4
     assert "ld.global.v2.b32" in out["non_finite_bf16"], out
+    # pack_: fp32 grads in as 128-bit loads, 4 fp16 values out as one 64-bit store
+    assert "ld.global.v4.b32" in out["pack_fp32_to_fp16_aligned"], out
+    assert "st.global.v2.b32" in out["pack_fp32_to_fp16_aligned"], out

@@ -133,6 +133,15 @@ void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf) {
   if (found.load()) *found_inf = 1.0f;
 }
 
+void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale) {
+  const KernelTable& t = table();
+  std::vector<PackKernel> kernels(static_cast<size_t>(lists.num_tensors));
+  for (int64_t i = 0; i < lists.num_tensors; ++i) kernels[i] = t.pack(grad_dtypes[i], out);
+  for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
+    kernels[i](lists.ptrs[kGrad][i], lists.ptrs[kPackOut][i], begin, end, scale);
+  });
+}
+
 const char* capability() { return table().name; }
 
 bool set_capability(const std::string& name) {

@@ -18,6 +18,12 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
 // Tensors in lists.ptrs[0]; sets *found_inf = 1 if any element is inf or NaN, never clears it.
 void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf);
 
+// pack_ (NOTE [pack layout] in fusedmf/functional/pack.py): for every tensor i, writes
+// cast(float(grad_i[k]) * scale) to out_i[k], where lists.ptrs[kGrad][i] is the dense grad and
+// lists.ptrs[kPackOut][i] the start of its slot; grad_dtypes[i] is the dtype of grad i (grads may
+// mix dtypes), `out` that of the buffer. One parallel region for the whole call.
+void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale);
+
 // NOTE [cpu capability]: "avx2" or "base", chosen on first use.
 const char* capability();
 // For tests: force "base" or "avx2" (false if this machine or build cannot run it).

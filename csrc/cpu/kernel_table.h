@@ -30,12 +30,16 @@ using AdamKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, con
                             float inv_grad_scale);
 // Whether data[begin, end) holds an inf or a NaN.
 using NonFiniteKernel = bool (*)(const void* data, int64_t begin, int64_t end);
+// out[i] = cast(float(grad[i]) * scale) for i in [begin, end): one slot of a packed buffer
+// (NOTE [pack layout] in fusedmf/functional/pack.py); `out` is the start of the slot.
+using PackKernel = void (*)(const void* grad, void* out, int64_t begin, int64_t end, float scale);
 
 struct KernelTable {
   const char* name;  // "avx2" or "base"
   SgdKernel (*sgd)(DType param, DType grad, bool master, MomentumMode momentum);
   AdamKernel (*adam)(DType param, DType grad, bool master);
   NonFiniteKernel (*non_finite)(DType dtype);
+  PackKernel (*pack)(DType grad, DType out);
 };
 
 namespace base_math {

@@ -1,5 +1,5 @@
-// The CPU loops of every update rule. Included once per CPU capability, by kernels_base.cpp and
-// kernels_avx2.cpp, which define before including it:
+// The CPU loops of every update rule and of pack_. Included once per CPU capability, by
+// kernels_base.cpp and kernels_avx2.cpp, which define before including it:
 //   FUSEDMF_MATH_NS     the namespace of this variant (base_math / avx2_math), see update_math.h
 //   FUSEDMF_CPU_TARGET  the target attribute of the loops (empty for base)
 //   FUSEDMF_CPU_FMA     when the target has a fused multiply-add (NOTE [fma placement])
@@ -25,6 +25,7 @@ namespace FUSEDMF_MATH_NS {
 
 using ::fusedmf::FUSEDMF_MATH_NS::adam_update;
 using ::fusedmf::FUSEDMF_MATH_NS::from_float;
+using ::fusedmf::FUSEDMF_MATH_NS::mul_rn;
 using ::fusedmf::FUSEDMF_MATH_NS::non_finite;
 using ::fusedmf::FUSEDMF_MATH_NS::sgd_update;
 using ::fusedmf::FUSEDMF_MATH_NS::to_float;
@@ -98,6 +99,17 @@ FUSEDMF_CPU_TARGET bool non_finite_kernel(const void* data, int64_t begin, int64
   return false;
 }
 
+// NOTE [pack layout]: the product is formed in fp32 and rounded once to O (round to nearest
+// even, as torch's .to() rounds); `scale` is the fp32 value of the Python float, as torch's
+// mul(tensor, scalar) uses it.
+template <class G, class O>
+FUSEDMF_CPU_TARGET void pack_kernel(const void* grad, void* out, int64_t begin, int64_t end, float scale) {
+  const G* __restrict g = static_cast<const G*>(grad);
+  O* __restrict o = static_cast<O*>(out);
+  const float s = scale;
+  for (int64_t i = begin; i < end; ++i) o[i] = from_float<O>(mul_rn(to_float(g[i]), s));
+}
+
 // ---- selection of one instantiation (host code, default target) ------------------------------
 
 template <class P, class G, bool kUseMaster>
@@ -137,6 +149,12 @@ inline NonFiniteKernel select_non_finite(DType dtype) {
   return visit_dtype(dtype, [](auto x) -> NonFiniteKernel { return &non_finite_kernel<decltype(x)>; });
 }
 
+inline PackKernel select_pack(DType grad, DType out) {
+  return visit_dtype(grad, [&](auto g) {
+    return visit_dtype(out, [](auto o) -> PackKernel { return &pack_kernel<decltype(g), decltype(o)>; });
+  });
+}
+
 }  // namespace FUSEDMF_MATH_NS
 }  // namespace cpu
 }  // namespace fusedmf
@@ -147,7 +165,8 @@ inline NonFiniteKernel select_non_finite(DType dtype) {
   namespace cpu {                                                                                 \
   namespace FUSEDMF_MATH_NS {                                                                     \
   const KernelTable* kernel_table() {                                                             \
-    static const KernelTable table{NAME, &select_sgd, &select_adam, &select_non_finite};          \
+    static const KernelTable table{NAME, &select_sgd, &select_adam, &select_non_finite,          \
+                                   &select_pack};                                                 \
     return &table;                                                                                \
   }                                                                                               \
   }                                                                                               \

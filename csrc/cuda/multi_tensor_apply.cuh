@@ -37,6 +37,10 @@ struct MaxTensors<1> {
   static constexpr int value = 110;
 };
 template <>
+struct MaxTensors<2> {
+  static constexpr int value = 96;
+};
+template <>
 struct MaxTensors<4> {
   static constexpr int value = 48;
 };
@@ -54,9 +58,11 @@ struct TensorListMeta {
   uint8_t block_to_tensor[kMaxBlocks];
 };
 static_assert(sizeof(TensorListMeta<1>) <= 4000, "kernel argument over 4 KiB");
+static_assert(sizeof(TensorListMeta<2>) <= 4000, "kernel argument over 4 KiB");
 static_assert(sizeof(TensorListMeta<4>) <= 4000, "kernel argument over 4 KiB");
 static_assert(sizeof(TensorListMeta<5>) <= 4000, "kernel argument over 4 KiB");
-static_assert(MaxTensors<5>::value <= 256 && MaxTensors<1>::value <= 256, "block_to_tensor is uint8");
+static_assert(MaxTensors<5>::value <= 256 && MaxTensors<1>::value <= 256 && MaxTensors<2>::value <= 256,
+              "block_to_tensor is uint8");
 
 // One block per chunk; `op(base, begin, n)` updates elements [begin, begin + n) of the tensor
 // whose data pointers (one per list) are base[0..kDepth).

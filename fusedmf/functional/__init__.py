@@ -233,9 +233,13 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, backend: str = "
     if total > out.numel():
         raise ValueError(f"fusedmf.pack: the grads need {total} elements of out (padded slots), out has {out.numel()}")
     scale = float(scale)
-    # float64 anywhere is the reference's territory, as for the update rules
+    # float64 anywhere is the reference's territory, as for the update rules: the compiled and
+    # Triton pack_ kernels take fp32/fp16/bf16 only, so a float64 pack runs the reference whatever
+    # backend was asked for (and says so in the return value)
     wide = out.dtype == torch.float64 or any(g.dtype == torch.float64 for g in grads)
     name = _backends.resolve(backend, out.device, torch.float64 if wide else out.dtype)
+    if wide:
+        name = "reference"
     kernel = None if name == "reference" else getattr(_kernels(name), "pack_", None)
     if kernel is None:
         if name != "reference" and name not in pack_fallbacks:

@@ -19,9 +19,11 @@ Arithmetic: the product is formed in fp32 (in the grad's dtype for fp32/fp64 gra
 once to ``out.dtype``. Multiplying by 1/world_size *before* the sum is what keeps an fp16 allreduce
 from overflowing at scale (prior-art.md, complaint 6).
 
-Compiled backends (csrc/, triton_kernels/) provide the same signature
-``pack_(grads: List[Tensor], out: Tensor, scale: float)``; ``fusedmf.functional.pack`` is the one
-dispatch point that falls back to this reference while a backend has none.
+Compiled backends provide the same signature ``pack_(grads: List[Tensor], out: Tensor, scale: float)``
+for fp32/fp16/bf16 grads and buffers: ``fusedmf._C.pack_`` (csrc/bindings.cpp; the loops in
+csrc/cpu/kernels_impl.h and csrc/cuda/pack.cu) and ``triton_kernels.pack_`` (triton_kernels/pack.py).
+``fusedmf.functional.pack`` is the one dispatch point: float64 runs here, and so does any backend
+whose module has no ``pack_``.
 """
 
 from __future__ import annotations

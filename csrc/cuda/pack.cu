@@ -1,0 +1,62 @@
+// pack_: gathers a list of gradients into one flat buffer, prescaled and cast (NOTE [pack layout]
+// in fusedmf/functional/pack.py). Slot i of the buffer starts at out + offsets[i], a 16-byte
+// boundary, so with 16-byte-aligned grads every chunk takes the vector path (NOTE [ILP-4]).
+//
+// Rounding: __fmul_rn forms the fp32 product and from_float rounds it once to the buffer's dtype
+// (round to nearest even), as torch.mul(grad.float(), scale, out=slot) does: bit for bit the
+// reference's values.
+#include "cuda/launch.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace fusedmf {
+namespace cuda {
+namespace {
+
+using FUSEDMF_MATH_NS::mul_rn;
+using FUSEDMF_MATH_NS::to_float;
+
+// One chunk of one grad and its slot: see chunk_apply (NOTE [ILP-4]).
+template <class G, class O>
+struct PackChunk {
+  const G* grad;
+  O* out;
+  float scale;
+
+  struct Frag {
+    float x[kIlp];
+  };
+
+  __device__ bool aligned() const { return ilp_aligned(grad) && ilp_aligned(out); }
+  __device__ void load_vec(Frag& f, int64_t i) const { load_pack(grad + i, f.x); }
+  __device__ void store_vec(const Frag& f, int64_t i) const { store_pack(out + i, f.x); }
+  __device__ void load(Frag& f, int k, int64_t i) const { f.x[k] = to_float(grad[i]); }
+  __device__ void store(const Frag& f, int k, int64_t i) const { out[i] = FUSEDMF_MATH_NS::from_float<O>(f.x[k]); }
+  __device__ void compute(Frag& f, int k) const { f.x[k] = mul_rn(f.x[k], scale); }
+};
+
+template <class G, class O>
+struct PackOp {
+  float scale;
+
+  __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
+    PackChunk<G, O> c{static_cast<const G*>(base[kGrad]) + begin, static_cast<O*>(base[kPackOut]) + begin, scale};
+    typename PackChunk<G, O>::Frag f;
+    chunk_apply(c, n, f);
+  }
+};
+
+static_assert(kPackOut == 0 && kGrad == 1, "pack_ launches over slots 0 and 1");
+
+}  // namespace
+
+cudaError_t launch_pack(const TensorLists& lists, DType grad, DType out, float scale, cudaStream_t stream) {
+  return visit_dtype(grad, [&](auto g) {
+    return visit_dtype(out, [&](auto o) {
+      const PackOp<decltype(g), decltype(o)> op{scale};
+      return multi_tensor_apply<2>(lists, op, stream);
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedmf
