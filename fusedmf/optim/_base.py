@@ -269,7 +269,7 @@ class MFOptimizerBase(Optimizer):
             params = group["params"]
             grads = [p.grad for p in params] if grad_of is None else [grad_of(p) for p in params]
             grads_by_group.append(grads)
-            key.append((id(group), len(params), tuple(g is None for g in grads)))
+            key.append((id(group), tuple(map(id, params)), tuple(g is None for g in grads)))
         key = tuple(key)
         cached = self._layout_cache
         if cached is not None and cached[0] == key:
