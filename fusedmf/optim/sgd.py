@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import functional as F
@@ -17,7 +19,8 @@ class MFSGD(MFOptimizerBase):
 
     Args:
         params: iterable of params or param groups.
-        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD.
+        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD; ``dampening`` may
+            also be ``"tied"``: τ_t = μ_t, so the buffer is an EMA of the gradients (opt-in).
         decoupled_weight_decay: multiply the weights by ``1 - lr * weight_decay`` instead of adding
             ``weight_decay * w`` to the gradient (SGDW). Default False (torch semantics).
         mf_schedule: None, or a callable ``step -> momentum`` (e.g. from :mod:`fusedmf.mf`), called with
@@ -26,6 +29,11 @@ class MFSGD(MFOptimizerBase):
         master_weights: None (default) keeps fp32 master weights for fp16/bf16 params; False updates
             low-precision params in place (fp32 arithmetic, fp32 momentum).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+        lr_compensation: None (default, off) or μ_ref: each step uses η_t = lr·(1 − μ_t)/(1 − μ_ref),
+            so the effective step η_t/(1 − μ_t) stays lr/(1 − μ_ref) as the MF changes (opt-in).
+
+    After each step ``last_effective_lr`` holds, per param group, η_t·(1 − τ_t)/(1 − μ_t) (η_t
+    when the group has no momentum) for the update just planned (algorithms.md: log it every step).
 
     State per param: ``momentum_buffer`` (fp32, or None without momentum, as torch), ``step`` (int)
     and ``master_param`` (fp32) for low-precision params with masters.
@@ -35,9 +43,12 @@ class MFSGD(MFOptimizerBase):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
-                 mf_schedule=None, master_weights=None, backend: str = "auto"):
+                 mf_schedule=None, master_weights=None, backend: str = "auto",
+                 lr_compensation: Optional[float] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay)
+                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
+                        lr_compensation=lr_compensation)
+        self.last_effective_lr: list = []
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
 
     def _validate_group(self, group: dict) -> None:
@@ -46,8 +57,20 @@ class MFSGD(MFOptimizerBase):
             raise TypeError("MFSGD: lr must be a float (per-step values reach the kernels as data already)")
         check_lr(lr)
         check_mf("momentum", group["momentum"])
+        dampening = group["dampening"]
+        if isinstance(dampening, str):
+            if dampening != "tied":
+                raise ValueError(f"MFSGD: dampening must be a number or \"tied\", got {dampening!r}")
+            if group["nesterov"]:
+                raise ValueError("MFSGD: nesterov momentum requires zero dampening, not dampening=\"tied\"")
+            dampening = 0.0  # the check below then covers the other arguments
+        reference = group.get("lr_compensation")
+        if reference is not None:
+            if isinstance(reference, bool):
+                raise TypeError("MFSGD: lr_compensation is the reference MF (a float) or None, not a bool")
+            check_mf("lr_compensation (the reference MF)", reference)
         sgd_step_scalars(lr=lr, momentum=group["momentum"] if self.mf_schedule is None else 0.5,
-                         dampening=group["dampening"], weight_decay=group["weight_decay"],
+                         dampening=dampening, weight_decay=group["weight_decay"],
                          nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"])
 
     def _uses_momentum(self, group: dict) -> bool:
@@ -79,11 +102,24 @@ class MFSGD(MFOptimizerBase):
         # (no buffer yet). If that later update is skipped, the zero buffer then reads as
         # u = (1 - dampening)·g, which is g for the default dampening of 0.
         first_step = step == 0 or state.get("momentum_buffer") is None
-        return sgd_step_scalars(
-            lr=group["lr"], momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
+        momentum = check_mf("momentum from mf_schedule" if self.mf_schedule else "momentum", momentum)
+        dampening = momentum if group["dampening"] == "tied" else group["dampening"]
+        lr = group["lr"]
+        reference = group.get("lr_compensation")
+        if reference is not None:  # opt-in: η_t = η·(1 − μ_t)/(1 − μ_ref)
+            lr = lr * (1.0 - momentum) / (1.0 - reference)
+        scalars = sgd_step_scalars(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"],
             first_step=first_step,
         )
+        # log η_t·(1 − τ_t)/(1 − μ_t), per param group (η_t without momentum)
+        effective = lr * (1.0 - dampening) / (1.0 - momentum) if self._uses_momentum(group) else lr
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if len(self.last_effective_lr) != len(self.param_groups):
+            self.last_effective_lr = [None] * len(self.param_groups)
+        self.last_effective_lr[index] = effective
+        return scalars
 
     def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
         buffers = [s["momentum_buffer"] for s in states] if self._uses_momentum(group) else []
