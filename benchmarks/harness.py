@@ -49,6 +49,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+# one definition of the statistics and CPU name, shared with fusedmf's own bench modules
+from fusedmf.bench._common import _cpu_model, quantile, summarize  # noqa: E402,F401
+
 __all__ = ["Case", "Unavailable", "run", "run_pair", "measure_copy_bandwidth", "machine_info", "summarize",
            "time_cpu", "time_cuda", "speedup", "progress"]
 
@@ -111,21 +114,6 @@ class _PlainProgress:
 
 
 # ---------------------------------------------------------------------------------------- statistics
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def summarize(repeats_s: Sequence[float]) -> dict:
-    s = sorted(repeats_s)
-    return {"median_s": _quantile(s, 0.5), "p20_s": _quantile(s, 0.2), "p80_s": _quantile(s, 0.8),
-            "min_s": s[0] if s else math.nan, "max_s": s[-1] if s else math.nan, "n": len(s)}
-
-
 # ---------------------------------------------------------------------------------------- timers
 def time_cpu(fn: Callable[[], Any], *, warmup: int, repeats: int, min_repeat_s: float = 2e-3) -> dict:
     """Per-call seconds of a synchronous callable: warm-up, then ``repeats`` timed repeats.
@@ -252,17 +240,6 @@ def _run_cmd(args: Sequence[str], cwd: Optional[str] = None) -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _mem_total_gib() -> Optional[float]:
@@ -460,8 +437,8 @@ def run_pair(a: Case, b: Case, device: torch.device, *, warmup: int, rounds: int
         _release(device)
     ratios = sorted(y / x for x, y in zip(ta, tb))
     rec.update(status="ok", wall_s=time.perf_counter() - t0, a_s=ta, b_s=tb, a_median_s=summarize(ta)["median_s"],
-               b_median_s=summarize(tb)["median_s"], speedup=_quantile(ratios, 0.5),
-               speedup_p20=_quantile(ratios, 0.2), speedup_p80=_quantile(ratios, 0.8))
+               b_median_s=summarize(tb)["median_s"], speedup=quantile(ratios, 0.5),
+               speedup_p20=quantile(ratios, 0.2), speedup_p80=quantile(ratios, 0.8))
     return rec
 
 
