@@ -322,7 +322,7 @@ void mf_adam_(const TensorList& params, const TensorList& grads, const TensorLis
 #endif
 }
 
-void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf) {
+void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf, const OptTensor& sumsq) {
   constexpr const char* op = "non_finite_check_";
   std::optional<at::Device> device;
   if (!tensors.empty()) {
@@ -331,18 +331,25 @@ void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf) {
     device = check_lists(op, {{"tensors", &tensors, 0, false}});
   }
   check_aux(op, "found_inf", found_inf, 1, device, "");
+  float* sq = nullptr;
+  if (sumsq.has_value()) {
+    check_aux(op, "sumsq", *sumsq, 1, device ? device : std::optional<at::Device>(found_inf.device()), "");
+    TORCH_CHECK_VALUE(sumsq->data_ptr() != found_inf.data_ptr(), "fusedmf.", op,
+                      ": sumsq and found_inf are the same memory; they must be two tensors");
+    sq = sumsq->data_ptr<float>();
+  }
   if (!device) return;
   DType dtype{};
   TORCH_CHECK_TYPE(to_dtype(tensors[0].scalar_type(), &dtype), "fusedmf.", op, ": tensors[0] has dtype ",
                    dtype_name(tensors[0].scalar_type()), "; supported: float32, float16, bfloat16");
   const Prepared p = prepare({{"tensors", &tensors, 0, false}});
   if (device->is_cpu()) {
-    cpu::non_finite_check(p.lists, dtype, found_inf.data_ptr<float>());
+    cpu::non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(), sq);
     return;
   }
 #ifdef FUSEDMF_WITH_CUDA
   const c10::cuda::CUDAGuard guard(*device);
-  check_launch(op, cuda::launch_non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(),
+  check_launch(op, cuda::launch_non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(), sq,
                                                  at::cuda::getCurrentCUDAStream(device->index()).stream()));
 #endif
 }
@@ -351,7 +358,7 @@ void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf) {
 // rounded up to kPackAlignBytes. Grads may mix fp32/fp16/bf16 (a bucket can hold params of several
 // dtypes, and zero slots of the buffer's dtype); a grad that is not dense is packed from a copy
 // laid out as torch.empty_like(grad), the slot order of the reference.
-void pack_(const TensorList& grads, const at::Tensor& out, double scale) {
+void pack_(const TensorList& grads, const at::Tensor& out, double scale, const OptTensor& sumsq) {
   constexpr const char* op = "pack_";
   TORCH_CHECK_VALUE(out.defined(), "fusedmf.", op, ": out is None");
   check_device_supported(op, out.device());
@@ -392,6 +399,15 @@ void pack_(const TensorList& grads, const at::Tensor& out, double scale) {
   TORCH_CHECK_VALUE(total <= out.numel(), "fusedmf.", op, ": the grads need ", total,
                     " elements of out (slots padded to ", kPackAlignBytes, " bytes, NOTE [pack layout]), out has ",
                     out.numel());
+  float* sq = nullptr;
+  if (sumsq.has_value()) {
+    check_aux(op, "sumsq", *sumsq, 1, device, "");
+    const uintptr_t at = reinterpret_cast<uintptr_t>(sumsq->data_ptr());
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(out.data_ptr());
+    TORCH_CHECK_VALUE(at + sizeof(float) <= lo || at >= lo + static_cast<uintptr_t>(out.nbytes()), "fusedmf.", op,
+                      ": sumsq lies inside out; it must be a separate 1-element float32 tensor");
+    sq = sumsq->data_ptr<float>();
+  }
   if (total == 0) return;  // no grads, or only zero-size ones
 
 #ifdef FUSEDMF_WITH_CUDA
@@ -421,7 +437,7 @@ void pack_(const TensorList& grads, const at::Tensor& out, double scale) {
   lists.ptrs[kPackOut] = dst.data();
   const float scale32 = static_cast<float>(scale);  // what torch.mul(fp32 tensor, scale) multiplies by
   if (device.is_cpu()) {
-    cpu::pack(lists, grad_dtypes.data(), out_dtype, scale32);
+    cpu::pack(lists, grad_dtypes.data(), out_dtype, scale32, sq);
     return;
   }
 #ifdef FUSEDMF_WITH_CUDA
@@ -439,7 +455,7 @@ void pack_(const TensorList& grads, const at::Tensor& out, double scale) {
     if (!any) continue;
     TensorLists group = lists;
     group.numels = group_numels.data();
-    check_launch(op, cuda::launch_pack(group, d, out_dtype, scale32, stream));
+    check_launch(op, cuda::launch_pack(group, d, out_dtype, scale32, sq, stream));
   }
 #endif
 }
@@ -510,10 +526,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One fused MF-Adam / MF-AdamW step, in place (reference: fusedmf.functional.reference.mf_adam_). "
         "scalars: float32 vector laid out as fusedmf.functional.scalars.ADAM_SLOTS.");
   m.def("non_finite_check_", &non_finite_check_, nogil, py::arg("tensors"), py::arg("found_inf"),
-        "Set found_inf (1-element float32) to 1 if any element is inf or NaN; never clears it.");
-  m.def("pack_", &pack_, nogil, py::arg("grads"), py::arg("out"), py::arg("scale"),
+        py::arg("sumsq") = py::none(),
+        "Set found_inf (1-element float32) to 1 if any element is inf or NaN; never clears it. sumsq "
+        "(1-element float32, optional): add the sum of the squares of the elements (meaningless if found_inf is set).");
+  m.def("pack_", &pack_, nogil, py::arg("grads"), py::arg("out"), py::arg("scale"), py::arg("sumsq") = py::none(),
         "Write cast(grads[i] * scale) into the flat 1-D buffer out at the 16-byte-aligned offsets of "
-        "fusedmf.functional.pack_offsets (reference: fusedmf.functional.pack.pack_); padding is not written.");
+        "fusedmf.functional.pack_offsets (reference: fusedmf.functional.pack.pack_); padding is not written. "
+        "sumsq (1-element float32, optional): add the sum of the squared fp32 products grads[i] * scale.");
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels.");
   m.def("build_info", &build_info, "Compiler, CUDA version and archs this extension was built with.");
   m.def("_cpu_capability", []() { return std::string(cpu::capability()); },

@@ -21,6 +21,8 @@ fusedmf's own heuristics, not results from the papers:
   updates, e.g. over the LR warm-up so that the MF does not jump.
 - :class:`sequence` -- schedules one after another, each for a number of updates.
 - :class:`callable_schedule` -- wrap any ``step -> MF`` function to get validation and a repr.
+- :class:`noise_adaptive` -- an EXPERIMENT: the horizon rule with the measured gradient noise scale
+  (fusedmf.noise) as the reference batch, so the MF rises as the per-rank batch falls below it.
 
 :func:`effective_lr` gives the step size a constant MF amounts to, η·(1 − τ)/(1 − μ): raising μ
 from 0.9 to 0.99 at τ = 0 multiplies it by 10, which is what ``MFSGD(lr_compensation=...)`` or
@@ -35,7 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 from .functional.scalars import check_lr, check_mf
 
 __all__ = ["MFSchedule", "constant", "by_world_size", "horizon", "ramp", "sequence", "callable_schedule",
-           "effective_lr", "as_schedule"]
+           "noise_adaptive", "effective_lr", "as_schedule"]
 
 
 class MFSchedule:
@@ -239,6 +241,82 @@ class sequence(MFSchedule):
 
     def __repr__(self) -> str:
         return "sequence([" + ", ".join(f"({n}, {s!r})" for n, s in self.segments) + "])"
+
+
+class noise_adaptive(MFSchedule):
+    """EXPERIMENT (fusedmf's, not from the papers): raise the MF as the per-rank batch falls below the
+    measured gradient noise scale.
+
+    ``noise`` is a :class:`fusedmf.noise.GradientNoiseScale` (fed by ``DistributedOptimizer(noise_scale=...)``).
+    The rule is :class:`horizon` with the noise scale in place of the reference batch:
+
+        1 − μ_target = (1 − mf_ref) · min(1, b / B_simple)**power,   clamped to [mf_ref, mf_max]
+
+    i.e. while the per-rank batch b is at least the noise scale, gradients are signal-dominated and
+    ``mf_ref`` is kept; below it (power 1) the momentum's averaging horizon 1/(1 − μ) grows like
+    B_simple / b steps, so the samples one rank sees within the horizon stay B_simple / (1 − mf_ref).
+    Why it might help: the papers' finding is that a larger MF helps as b shrinks at fixed B; B_simple
+    says *how* small b is relative to the noise. Untested at scale: benchmarks/mf_experiment.py runs it
+    next to the fixed schedules.
+
+    Guards, so that an estimate does not make the MF jump: ``mf_ref`` until ``min_samples`` noise
+    samples are in, and afterwards the MF moves by at most ``max_change`` per update towards the
+    target. The estimate read is :meth:`~fusedmf.noise.GradientNoiseScale.settled_value` (all samples
+    but the newest, which may still be on its way from the GPU): the same on every rank, so replicas
+    stay identical. Stateful: call it with increasing update numbers (a repeated number returns the
+    value it gave before, as after a skipped step).
+    """
+
+    def __init__(self, noise, batch_size_per_rank: Optional[int] = None, *, mf_ref: float = 0.9, power: float = 1.0,
+                 mf_max: float = 0.995, min_samples: int = 20, max_change: float = 0.001):
+        if not hasattr(noise, "settled_value"):
+            raise TypeError(f"noise_adaptive needs a fusedmf.noise.GradientNoiseScale, got {type(noise).__name__}")
+        self.noise = noise
+        b = noise.batch_size_per_rank if batch_size_per_rank is None else batch_size_per_rank
+        if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
+            raise ValueError(f"noise_adaptive: batch_size_per_rank must be a positive batch size, got {b!r}")
+        self.b = b
+        self.mf_ref = check_mf("mf_ref", mf_ref)
+        self.mf_max = check_mf("mf_max", mf_max)
+        if self.mf_max < self.mf_ref:
+            raise ValueError(f"noise_adaptive: mf_max {mf_max} must be >= mf_ref {mf_ref}")
+        if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
+            raise ValueError(f"noise_adaptive: power must be a finite number >= 0, got {power!r}")
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+            raise ValueError(f"noise_adaptive: min_samples must be an integer >= 1, got {min_samples!r}")
+        if not (isinstance(max_change, (int, float)) and max_change > 0):
+            raise ValueError(f"noise_adaptive: max_change must be > 0, got {max_change!r}")
+        self.power, self.min_samples, self.max_change = float(power), min_samples, float(max_change)
+        self._last_step, self._mf = 0, self.mf_ref
+        #: (update, B_simple read, target, MF) of the last call: log it next to the effective LR
+        self.last: Optional[Tuple[int, Optional[float], float, float]] = None
+
+    def target(self, b_simple: Optional[float]) -> float:
+        """The MF the rule aims at for a noise scale (mf_ref when unknown)."""
+        if b_simple is None or not b_simple > 0:
+            return self.mf_ref
+        ratio = min(1.0, self.b / b_simple)          # 0 for an infinite noise scale: mf_max
+        raw = 1.0 - (1.0 - self.mf_ref) * ratio ** self.power
+        return min(max(raw, self.mf_ref), self.mf_max)
+
+    def value(self, step: int) -> float:
+        if step == self._last_step:
+            return self._mf
+        if step < self._last_step:
+            raise ValueError(f"noise_adaptive is stateful and must be called with increasing update numbers: "
+                             f"got {step} after {self._last_step}")
+        value = self.noise.settled_value()
+        enough = self.noise._count >= self.min_samples
+        goal = self.target(value) if enough else self.mf_ref
+        delta = max(-self.max_change, min(self.max_change, goal - self._mf))
+        self._mf = min(max(self._mf + delta, self.mf_ref), self.mf_max)
+        self._last_step = step
+        self.last = (step, value, goal, self._mf)
+        return self._mf
+
+    def __repr__(self) -> str:
+        return (f"noise_adaptive(b={self.b}, mf_ref={self.mf_ref}, power={self.power}, mf_max={self.mf_max}, "
+                f"min_samples={self.min_samples}, max_change={self.max_change})")
 
 
 def effective_lr(lr: float, mf: float, dampening: float = 0.0) -> float:

@@ -484,3 +484,86 @@ def never_joins_scenario(rank, world_size, *, wait_s=2.0, sleep=6.0):
 def one_rank_scenario(rank, world_size):
     """A process group of size 1: no collectives, same result as the plain optimizer."""
     return train_distributed(rank, world_size, opt_name="adam", compression="none", steps=5)
+
+
+# ------------------------------------------------------------------------------------------ noise scale
+NOISE_SHAPES = ((2000,), (40, 50), (2, 3, 4, 4))     # 4096 values; the last one channels_last
+
+
+def noise_problem(seed: int = 0, b_simple: float = 64.0):
+    """The synthetic problem of tests/test_noise_scale.py: per-sample gradients G + ξ, ξ ~ N(0, diag(σ²)),
+    with σ² in [0.5, 1.5] and |G|² set so that tr(Σ)/|G|² = b_simple."""
+    g = torch.Generator().manual_seed(seed)
+    d = sum(torch.Size(s).numel() for s in NOISE_SHAPES)
+    sigma2 = 0.5 + torch.rand(d, generator=g, dtype=torch.float64)
+    G = torch.randn(d, generator=g, dtype=torch.float64)
+    G *= (float(sigma2.sum()) / b_simple / float(G.square().sum())) ** 0.5
+    return G, sigma2
+
+
+class NoiseModel(nn.Module):
+    """Parameters whose gradient is exactly the vector the loss is built from: loss = Σ_p <p, v_p>."""
+
+    def __init__(self):
+        super().__init__()
+        ps = [nn.Parameter(torch.zeros(s)) for s in NOISE_SHAPES]
+        ps[2].data = ps[2].data.to(memory_format=torch.channels_last)
+        self.ps = nn.ParameterList(ps)
+
+    def loss(self, v: torch.Tensor) -> torch.Tensor:
+        total, pos = 0.0, 0
+        for p in self.ps:
+            n = p.numel()
+            total = total + (p * v[pos:pos + n].reshape(p.shape)).sum()
+            pos += n
+        return total
+
+
+def noise_scale_run(rank, world_size, *, b, steps, compression="none", beta=0.95, scales=None, bad_step=None,
+                    adaptive=False, seed=0):
+    """``steps`` steps of DistributedOptimizer(noise_scale=...) on the synthetic problem; every rank also
+    computes the unfused norms from the gathered gradients and the reduced buffers."""
+    from fusedmf import mf
+    from fusedmf.noise import GradientNoiseScale, squared_norm
+
+    G, sigma2 = noise_problem(seed)
+    model = NoiseModel()
+    noise = GradientNoiseScale(b, beta=beta)
+    sched = mf.noise_adaptive(noise, mf_ref=0.9, mf_max=0.995, min_samples=10, max_change=0.002) if adaptive else None
+    opt = MFSGD(model.parameters(), lr=1e-3, momentum=0.9, mf_schedule=sched)
+    dopt = DistributedOptimizer(opt, compression=compression, noise_scale=noise, bucket_cap_mb=4e-3,
+                                first_bucket_cap_mb=2e-3)
+    unfused, mfs = [], []
+    for t in range(steps):
+        g = torch.Generator().manual_seed(100003 * seed + 1009 * t + rank)
+        samples = G + torch.randn(b, G.numel(), generator=g, dtype=torch.float64) * sigma2.sqrt()
+        v = samples.mean(0).float()
+        if bad_step is not None and t == bad_step and rank == world_size - 1:
+            v[17] = float("inf")
+        scale = 1.0 if scales is None else scales[t % len(scales)]
+        (model.loss(v) * scale).backward()
+        dopt.step(grad_scale=scale if scales is not None else None)
+        everyone = [torch.empty_like(v) for _ in range(world_size)]
+        dist.all_gather(everyone, v)
+        local = sum(squared_norm([x]) for x in everyone) / world_size
+        exact_global = squared_norm([torch.stack(everyone).double().mean(0)])
+        reduced = squared_norm(dopt.reduced_grads().values()) / scale ** 2
+        unfused.append({"local": local, "global_exact": exact_global, "global_reduced": reduced,
+                        "skipped": bool(dopt.last_step_skipped)})
+        if sched is not None:
+            mfs.append(opt.param_groups[0]["momentum"] if sched.last is None else sched.last[3])
+        dopt.zero_grad()
+    recorded = len(noise.history) + len(noise._pending)       # folded + still in flight
+    value = noise.value
+    return {"history": list(noise.history), "value": value, "g2": noise.gradient_sq,
+            "trace": noise.trace_sigma, "samples": noise.samples, "recorded": recorded,
+            "unfused": unfused, "mfs": mfs, "params": params_of(model), "state": noise.state_dict(),
+            "truth": {"g2": float(G.square().sum()), "trace": float(sigma2.sum()) }}
+
+
+def noise_scale_suite(rank, world_size):
+    out = {"stat": noise_scale_run(rank, world_size, b=16, steps=160, adaptive=True)}
+    if world_size == 2:
+        out["fp16_scaled"] = noise_scale_run(rank, world_size, b=8, steps=12, compression="fp16",
+                                             scales=[1024.0, 64.0, 4096.0], bad_step=5, seed=1)
+    return out

@@ -7,7 +7,7 @@ calls read it and skip their loads.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -21,8 +21,8 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def non_finite_kernel(tensor_table, block_table, found_inf_ptr,
-                      DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def non_finite_kernel(tensor_table, block_table, found_inf_ptr, sumsq_ptr,
+                      DTYPE: tl.constexpr, SUMSQ: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(found_inf_ptr) == 0.0:
         pid = tl.program_id(0).to(tl.int64)  # NOTE [multi-tensor tables]
         row = tl.load(block_table + 2 * pid)
@@ -40,13 +40,18 @@ def non_finite_kernel(tensor_table, block_table, found_inf_ptr,
         finite = tl.abs(x) <= _FLT_MAX
         if tl.min(finite.to(tl.int32), axis=0) == 0:
             tl.store(found_inf_ptr, 1.0)
+        if SUMSQ:  # one atomic add per program (NOTE [sums of squares], csrc/cpu/kernels_impl.h)
+            tl.atomic_add(sumsq_ptr, tl.sum(x * x, axis=0))
 
 
 @torch.no_grad()
-def non_finite_check_(tensors: Sequence[torch.Tensor], found_inf: torch.Tensor) -> None:
+def non_finite_check_(tensors: Sequence[torch.Tensor], found_inf: torch.Tensor,
+                      sumsq: Optional[torch.Tensor] = None) -> None:
     """Set ``found_inf`` (a 1-element float32 tensor on the tensors' device) to 1.0 if any element
     of ``tensors`` is inf or NaN; never clears it. Tensors may mix fp32/fp16/bf16; zero-size
-    tensors are skipped; a tensor that is not dense is checked through a contiguous copy."""
+    tensors are skipped; a tensor that is not dense is checked through a contiguous copy.
+    ``sumsq`` (optional, like found_inf): add the sum of the squares of the elements to it; its
+    value is meaningless once found_inf is set (programs that see found_inf set skip their block)."""
     op = "non_finite_check_"
     if not isinstance(tensors, (list, tuple)):
         raise mt.InputError(f"{op}: tensors must be a list of tensors, got {type(tensors).__name__}")
@@ -54,6 +59,9 @@ def non_finite_check_(tensors: Sequence[torch.Tensor], found_inf: torch.Tensor) 
         raise mt.InputError(f"{op}: found_inf must be a 1-element float32 tensor, got {type(found_inf).__name__}")
     device = found_inf.device
     mt.check_device_scalar(op, "found_inf", found_inf, device)
+    mt.check_device_scalar(op, "sumsq", sumsq, device)
+    if sumsq is not None and sumsq.data_ptr() == found_inf.data_ptr():
+        raise mt.InputError(f"{op}: sumsq and found_inf are the same memory; they must be two tensors")
     groups = {}
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
@@ -77,4 +85,5 @@ def non_finite_check_(tensors: Sequence[torch.Tensor], found_inf: torch.Tensor) 
                 keep_alive.append(t)
             rows.append((t.numel(), t.data_ptr()))
         tables = mt.get_tables(device, rows, (dtype,))
-        mt.launch(non_finite_kernel, tables, (found_inf,), dict(DTYPE=mt.TORCH_TO_TL[dtype]))
+        mt.launch(non_finite_kernel, tables, (found_inf, found_inf if sumsq is None else sumsq),
+                  dict(DTYPE=mt.TORCH_TO_TL[dtype], SUMSQ=sumsq is not None))

@@ -15,7 +15,7 @@ the slot order of the reference.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -33,8 +33,9 @@ _COL_GRAD = tl.constexpr(2)
 
 
 @triton.jit
-def pack_kernel(tensor_table, block_table, scale,
-                GRAD_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def pack_kernel(tensor_table, block_table, scale, sumsq_ptr,
+                GRAD_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, SUMSQ: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # NOTE [multi-tensor tables]
     row = tl.load(block_table + 2 * pid)
     start = tl.load(block_table + 2 * pid + 1)
@@ -44,10 +45,14 @@ def pack_kernel(tensor_table, block_table, scale,
     mask = offs < numel - start  # used only for the last block of a grad: the padding is never written
     if start + BLOCK <= numel:
         g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED=False)
-        _store_f32(row_ptr, _COL_OUT, start, offs, g * scale, mask, OUT_DTYPE, ALIGNED, MASKED=False)
-    else:
+        p = g * scale
+        _store_f32(row_ptr, _COL_OUT, start, offs, p, mask, OUT_DTYPE, ALIGNED, MASKED=False)
+    else:  # masked lanes read 0.0: they add nothing to the sum of squares
         g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED=True)
-        _store_f32(row_ptr, _COL_OUT, start, offs, g * scale, mask, OUT_DTYPE, ALIGNED, MASKED=True)
+        p = g * scale
+        _store_f32(row_ptr, _COL_OUT, start, offs, p, mask, OUT_DTYPE, ALIGNED, MASKED=True)
+    if SUMSQ:  # the squared fp32 products, one atomic add per program (NOTE [sums of squares], csrc/cpu/kernels_impl.h)
+        tl.atomic_add(sumsq_ptr, tl.sum(p * p, axis=0))
 
 
 def pack_offsets(numels: Sequence[int], element_size: int):
@@ -76,10 +81,13 @@ def _check_out(op: str, out) -> None:
 
 
 @torch.no_grad()
-def pack_(grads: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> None:
+def pack_(grads: Sequence[torch.Tensor], out: torch.Tensor, scale: float,
+          sumsq: Optional[torch.Tensor] = None) -> None:
     """Write ``cast(grads[i] * scale)`` into the flat 1-D buffer ``out`` at the 16-byte-aligned
     offsets of ``pack_offsets``; the compiled binding's contract (reference:
-    fusedmf.functional.pack.pack_). Every argument is checked before anything is written."""
+    fusedmf.functional.pack.pack_). ``sumsq`` (a 1-element float32 tensor on out's device, optional):
+    add the sum of the squared fp32 products to it. Every argument is checked before anything is
+    written."""
     op = "pack_"
     if not isinstance(grads, (list, tuple)):
         raise mt.InputError(f"{op}: grads must be a list of tensors, got {type(grads).__name__}")
@@ -100,6 +108,9 @@ def pack_(grads: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> Non
     if total > out.numel():
         raise mt.InputError(f"{op}: the grads need {total} elements of out (slots padded to {PACK_ALIGN_BYTES} "
                             f"bytes, NOTE [pack layout]), out has {out.numel()}")
+    mt.check_device_scalar(op, "sumsq", sumsq, device)
+    if sumsq is not None and out.data_ptr() <= sumsq.data_ptr() < out.data_ptr() + out.numel() * out.element_size():
+        raise mt.InputError(f"{op}: sumsq lies inside out; it must be a separate 1-element float32 tensor")
     if device.type == "meta":
         raise mt.InputError(f"{op}: out is on meta; the Triton backend runs on CUDA tensors (or CPU tensors "
                             f"under TRITON_INTERPRET=1)")
@@ -117,4 +128,5 @@ def pack_(grads: Sequence[torch.Tensor], out: torch.Tensor, scale: float) -> Non
     out_dtype = mt.TORCH_TO_TL[out.dtype]
     for dtype, rows in groups.items():
         tables = mt.get_tables(device, rows, (out.dtype, dtype))
-        mt.launch(pack_kernel, tables, (scale,), dict(GRAD_DTYPE=mt.TORCH_TO_TL[dtype], OUT_DTYPE=out_dtype))
+        mt.launch(pack_kernel, tables, (scale, out if sumsq is None else sumsq),
+                  dict(GRAD_DTYPE=mt.TORCH_TO_TL[dtype], OUT_DTYPE=out_dtype, SUMSQ=sumsq is not None))

@@ -121,25 +121,50 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
   });
 }
 
-void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf) {
+// Partial sums of one call, one slot per thread of the pool, added in thread order at the end: a
+// call's sum does not depend on which thread finishes first (NOTE [sums of squares]).
+class ThreadSums {
+ public:
+  ThreadSums() : sums_(static_cast<size_t>(std::max(at::get_num_threads(), 1)), 0.0) {}
+  void add(double x) {
+    const size_t t = static_cast<size_t>(at::get_thread_num());
+    sums_[t < sums_.size() ? t : 0] += x;  // parallel_for runs at most get_num_threads() pieces at once
+  }
+  double total() const {
+    double s = 0.0;
+    for (double x : sums_) s += x;
+    return s;
+  }
+
+ private:
+  std::vector<double> sums_;
+};
+
+void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, float* sumsq) {
   if (skipped(found_inf)) return;  // already set; it is never cleared, so nothing to learn
-  const NonFiniteKernel kernel = table().non_finite(dtype);
+  const NonFiniteKernel kernel = table().non_finite(dtype, sumsq != nullptr);
   std::atomic<bool> found{false};
+  ThreadSums sums;
   for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
-    if (!found.load(std::memory_order_relaxed) && kernel(lists.ptrs[0][i], begin, end)) {
+    double piece = 0.0;
+    if (!found.load(std::memory_order_relaxed) && kernel(lists.ptrs[0][i], begin, end, &piece)) {
       found.store(true, std::memory_order_relaxed);
     }
+    sums.add(piece);
   });
   if (found.load()) *found_inf = 1.0f;
+  if (sumsq != nullptr) *sumsq = static_cast<float>(static_cast<double>(*sumsq) + sums.total());
 }
 
-void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale) {
+void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale, float* sumsq) {
   const KernelTable& t = table();
   std::vector<PackKernel> kernels(static_cast<size_t>(lists.num_tensors));
-  for (int64_t i = 0; i < lists.num_tensors; ++i) kernels[i] = t.pack(grad_dtypes[i], out);
+  for (int64_t i = 0; i < lists.num_tensors; ++i) kernels[i] = t.pack(grad_dtypes[i], out, sumsq != nullptr);
+  ThreadSums sums;
   for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
-    kernels[i](lists.ptrs[kGrad][i], lists.ptrs[kPackOut][i], begin, end, scale);
+    sums.add(kernels[i](lists.ptrs[kGrad][i], lists.ptrs[kPackOut][i], begin, end, scale));
   });
+  if (sumsq != nullptr) *sumsq = static_cast<float>(static_cast<double>(*sumsq) + sums.total());
 }
 
 const char* capability() { return table().name; }

@@ -16,13 +16,16 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
              const float* found_inf);
 
 // Tensors in lists.ptrs[0]; sets *found_inf = 1 if any element is inf or NaN, never clears it.
-void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf);
+// sumsq (nullptr: not wanted): adds the sum of the squares of the elements to *sumsq; meaningless
+// when found_inf is or becomes set (NOTE [sums of squares] in kernels_impl.h).
+void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, float* sumsq);
 
 // pack_ (NOTE [pack layout] in fusedmf/functional/pack.py): for every tensor i, writes
 // cast(float(grad_i[k]) * scale) to out_i[k], where lists.ptrs[kGrad][i] is the dense grad and
 // lists.ptrs[kPackOut][i] the start of its slot; grad_dtypes[i] is the dtype of grad i (grads may
-// mix dtypes), `out` that of the buffer. One parallel region for the whole call.
-void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale);
+// mix dtypes), `out` that of the buffer. One parallel region for the whole call. sumsq (nullptr: not
+// wanted): adds the sum of the squared fp32 products, before the cast, to *sumsq.
+void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale, float* sumsq);
 
 // NOTE [cpu capability]: "avx2" or "base", chosen on first use.
 const char* capability();

@@ -28,18 +28,20 @@ using SgdKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, cons
                            float inv_grad_scale);
 using AdamKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, const AdamScalars& s,
                             float inv_grad_scale);
-// Whether data[begin, end) holds an inf or a NaN.
-using NonFiniteKernel = bool (*)(const void* data, int64_t begin, int64_t end);
+// Whether data[begin, end) holds an inf or a NaN. The sum-of-squares variant also adds the sum of
+// the squares of the elements to *sumsq when it returns false (NOTE [sums of squares]).
+using NonFiniteKernel = bool (*)(const void* data, int64_t begin, int64_t end, double* sumsq);
 // out[i] = cast(float(grad[i]) * scale) for i in [begin, end): one slot of a packed buffer
-// (NOTE [pack layout] in fusedmf/functional/pack.py); `out` is the start of the slot.
-using PackKernel = void (*)(const void* grad, void* out, int64_t begin, int64_t end, float scale);
+// (NOTE [pack layout] in fusedmf/functional/pack.py); `out` is the start of the slot. The
+// sum-of-squares variant returns the sum of the squared fp32 products, the other 0.
+using PackKernel = double (*)(const void* grad, void* out, int64_t begin, int64_t end, float scale);
 
 struct KernelTable {
   const char* name;  // "avx2" or "base"
   SgdKernel (*sgd)(DType param, DType grad, bool master, MomentumMode momentum);
   AdamKernel (*adam)(DType param, DType grad, bool master);
-  NonFiniteKernel (*non_finite)(DType dtype);
-  PackKernel (*pack)(DType grad, DType out);
+  NonFiniteKernel (*non_finite)(DType dtype, bool sumsq);
+  PackKernel (*pack)(DType grad, DType out, bool sumsq);
 };
 
 namespace base_math {

@@ -84,30 +84,85 @@ FUSEDMF_CPU_TARGET void adam_kernel(const TensorPtrs& t, int64_t begin, int64_t 
   }
 }
 
-template <class T>
-FUSEDMF_CPU_TARGET bool non_finite_kernel(const void* data, int64_t begin, int64_t end) {
+// NOTE [sums of squares]
+// The gradient-noise-scale statistics (fusedmf/noise.py) are sums of squares folded into loops that
+// read the data anyway (pack_ and the non-finite check), so they cost no extra pass over memory.
+// Squares accumulate in kLanes fp32 lanes (a pattern GCC vectorizes without -ffast-math: each lane
+// is its own dependency chain) over blocks of kBlock elements, and each block's lanes are added in
+// double: the relative error of a sum stays near kBlock / kLanes * 2^-24 whatever its length.
+constexpr int64_t kBlock = 4096;
+constexpr int kLanes = 16;
+
+template <class T, bool kSumsq>
+FUSEDMF_CPU_TARGET bool non_finite_kernel(const void* data, int64_t begin, int64_t end, double* sumsq) {
   const T* __restrict x = static_cast<const T*>(data);
-  // Blocks of 4096 elements: an OR-reduction the compiler vectorizes, with an early exit between
-  // blocks (an overflowing step stops reading at the first bad block of its thread).
-  constexpr int64_t kBlock = 4096;
+  // Blocks of kBlock elements: an OR-reduction the compiler vectorizes, with an early exit between
+  // blocks (an overflowing step stops reading at the first bad block of its thread; its sum of
+  // squares is then meaningless, and the caller discards it).
+  double total = 0.0;
   for (int64_t lo = begin; lo < end; lo += kBlock) {
     const int64_t hi = end - lo < kBlock ? end : lo + kBlock;
     uint32_t bad = 0;
-    for (int64_t i = lo; i < hi; ++i) bad |= non_finite(x[i]) ? 1u : 0u;
+    if constexpr (kSumsq) {
+      float acc[kLanes] = {};
+      int64_t i = lo;
+      for (; i + kLanes <= hi; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          bad |= non_finite(x[i + k]) ? 1u : 0u;
+          const float v = to_float(x[i + k]);
+          acc[k] += v * v;
+        }
+      }
+      for (; i < hi; ++i) {
+        bad |= non_finite(x[i]) ? 1u : 0u;
+        const float v = to_float(x[i]);
+        acc[0] += v * v;
+      }
+      for (int k = 0; k < kLanes; ++k) total += acc[k];
+    } else {
+      for (int64_t i = lo; i < hi; ++i) bad |= non_finite(x[i]) ? 1u : 0u;
+    }
     if (bad != 0) return true;
   }
+  if constexpr (kSumsq) *sumsq += total;
   return false;
 }
 
 // NOTE [pack layout]: the product is formed in fp32 and rounded once to O (round to nearest
 // even, as torch's .to() rounds); `scale` is the fp32 value of the Python float, as torch's
 // mul(tensor, scalar) uses it.
-template <class G, class O>
-FUSEDMF_CPU_TARGET void pack_kernel(const void* grad, void* out, int64_t begin, int64_t end, float scale) {
+// With kSumsq, also returns the sum of the squares of the fp32 products (before rounding to O):
+// NOTE [sums of squares].
+template <class G, class O, bool kSumsq>
+FUSEDMF_CPU_TARGET double pack_kernel(const void* grad, void* out, int64_t begin, int64_t end, float scale) {
   const G* __restrict g = static_cast<const G*>(grad);
   O* __restrict o = static_cast<O*>(out);
   const float s = scale;
-  for (int64_t i = begin; i < end; ++i) o[i] = from_float<O>(mul_rn(to_float(g[i]), s));
+  if constexpr (!kSumsq) {
+    for (int64_t i = begin; i < end; ++i) o[i] = from_float<O>(mul_rn(to_float(g[i]), s));
+    return 0.0;
+  } else {
+    double total = 0.0;
+    for (int64_t lo = begin; lo < end; lo += kBlock) {
+      const int64_t hi = end - lo < kBlock ? end : lo + kBlock;
+      float acc[kLanes] = {};
+      int64_t i = lo;
+      for (; i + kLanes <= hi; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          const float p = mul_rn(to_float(g[i + k]), s);
+          o[i + k] = from_float<O>(p);
+          acc[k] += p * p;
+        }
+      }
+      for (; i < hi; ++i) {
+        const float p = mul_rn(to_float(g[i]), s);
+        o[i] = from_float<O>(p);
+        acc[0] += p * p;
+      }
+      for (int k = 0; k < kLanes; ++k) total += acc[k];
+    }
+    return total;
+  }
 }
 
 // ---- selection of one instantiation (host code, default target) ------------------------------
@@ -145,13 +200,17 @@ inline AdamKernel select_adam(DType param, DType grad, bool master) {
   });
 }
 
-inline NonFiniteKernel select_non_finite(DType dtype) {
-  return visit_dtype(dtype, [](auto x) -> NonFiniteKernel { return &non_finite_kernel<decltype(x)>; });
+inline NonFiniteKernel select_non_finite(DType dtype, bool sumsq) {
+  return visit_dtype(dtype, [&](auto x) {
+    return visit_bool(sumsq, [](auto q) -> NonFiniteKernel { return &non_finite_kernel<decltype(x), decltype(q)::value>; });
+  });
 }
 
-inline PackKernel select_pack(DType grad, DType out) {
+inline PackKernel select_pack(DType grad, DType out, bool sumsq) {
   return visit_dtype(grad, [&](auto g) {
-    return visit_dtype(out, [](auto o) -> PackKernel { return &pack_kernel<decltype(g), decltype(o)>; });
+    return visit_dtype(out, [&](auto o) {
+      return visit_bool(sumsq, [](auto q) -> PackKernel { return &pack_kernel<decltype(g), decltype(o), decltype(q)::value>; });
+    });
   });
 }
 

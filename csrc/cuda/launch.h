@@ -29,15 +29,19 @@ cudaError_t launch_mf_adam(const TensorLists& lists, DType param, DType grad, co
                            const float* inv_grad_scale, const float* found_inf, cudaStream_t stream);
 
 // Tensors in lists.ptrs[0], all of `dtype`. Writes 1.0f to *found_inf if it sees an inf or a NaN;
-// never clears it.
-cudaError_t launch_non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, cudaStream_t stream);
+// never clears it. sumsq (device pointer, or nullptr): adds the sum of the squares of the elements
+// (meaningless once found_inf is set; NOTE [sums of squares] in csrc/cpu/kernels_impl.h).
+cudaError_t launch_non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, float* sumsq,
+                                    cudaStream_t stream);
 
 // pack_ (NOTE [pack layout] in fusedmf/functional/pack.py): for every tensor i, writes
 // cast(float(grad_i[k]) * scale) to out_i[k], where lists.ptrs[kGrad][i] is the dense grad (all of
 // dtype `grad`) and lists.ptrs[kPackOut][i] the start of its slot in the buffer (dtype `out`).
 // One multi-tensor launch (several only when its kernel-argument struct fills up, NOTE
 // [multi-tensor launch]). `scale` is a kernel argument, so a captured graph replays it unchanged.
-cudaError_t launch_pack(const TensorLists& lists, DType grad, DType out, float scale, cudaStream_t stream);
+// sumsq (device pointer, or nullptr): adds the sum of the squared fp32 products, before the cast.
+cudaError_t launch_pack(const TensorLists& lists, DType grad, DType out, float scale, float* sumsq,
+                        cudaStream_t stream);
 
 // The nvcc that compiled the kernels, as major * 1000 + minor * 10 (CUDART_VERSION's encoding).
 int nvcc_version();

@@ -207,5 +207,24 @@ __device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op
   }
 }
 
+// Sum of `x` over the block, valid in thread 0 (every thread of the block must call it). Used by
+// the sums of squares of pack_ and the non-finite check (NOTE [sums of squares] in
+// csrc/cpu/kernels_impl.h): one atomicAdd per block into the caller's fp32 accumulator.
+__device__ __forceinline__ float block_sum(float x) {
+  __shared__ float warp_sums[kBlockSize / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  x = 0.0f;
+  if (warp == 0) {
+    x = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  }
+  return x;
+}
+
 }  // namespace cuda
 }  // namespace fusedmf

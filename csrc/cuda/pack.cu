@@ -15,8 +15,9 @@ namespace {
 using FUSEDMF_MATH_NS::mul_rn;
 using FUSEDMF_MATH_NS::to_float;
 
-// One chunk of one grad and its slot: see chunk_apply (NOTE [ILP-4]).
-template <class G, class O>
+// One chunk of one grad and its slot: see chunk_apply (NOTE [ILP-4]). With kSumsq the squares of
+// the fp32 products are summed on the way (NOTE [sums of squares] in csrc/cpu/kernels_impl.h).
+template <class G, class O, bool kSumsq>
 struct PackChunk {
   const G* grad;
   O* out;
@@ -24,6 +25,7 @@ struct PackChunk {
 
   struct Frag {
     float x[kIlp];
+    float sq;  // this thread's sum of squares, across iterations
   };
 
   __device__ bool aligned() const { return ilp_aligned(grad) && ilp_aligned(out); }
@@ -31,17 +33,27 @@ struct PackChunk {
   __device__ void store_vec(const Frag& f, int64_t i) const { store_pack(out + i, f.x); }
   __device__ void load(Frag& f, int k, int64_t i) const { f.x[k] = to_float(grad[i]); }
   __device__ void store(const Frag& f, int k, int64_t i) const { out[i] = FUSEDMF_MATH_NS::from_float<O>(f.x[k]); }
-  __device__ void compute(Frag& f, int k) const { f.x[k] = mul_rn(f.x[k], scale); }
+  __device__ void compute(Frag& f, int k) const {
+    f.x[k] = mul_rn(f.x[k], scale);
+    if constexpr (kSumsq) f.sq = fmaf(f.x[k], f.x[k], f.sq);
+  }
 };
 
-template <class G, class O>
+template <class G, class O, bool kSumsq>
 struct PackOp {
   float scale;
+  float* sumsq;  // kSumsq: the fp32 accumulator (one atomicAdd per block)
 
   __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
-    PackChunk<G, O> c{static_cast<const G*>(base[kGrad]) + begin, static_cast<O*>(base[kPackOut]) + begin, scale};
-    typename PackChunk<G, O>::Frag f;
+    using Chunk = PackChunk<G, O, kSumsq>;
+    Chunk c{static_cast<const G*>(base[kGrad]) + begin, static_cast<O*>(base[kPackOut]) + begin, scale};
+    typename Chunk::Frag f;
+    f.sq = 0.0f;
     chunk_apply(c, n, f);
+    if constexpr (kSumsq) {
+      const float total = block_sum(f.sq);
+      if (threadIdx.x == 0) atomicAdd(sumsq, total);
+    }
   }
 };
 
@@ -49,11 +61,14 @@ static_assert(kPackOut == 0 && kGrad == 1, "pack_ launches over slots 0 and 1");
 
 }  // namespace
 
-cudaError_t launch_pack(const TensorLists& lists, DType grad, DType out, float scale, cudaStream_t stream) {
+cudaError_t launch_pack(const TensorLists& lists, DType grad, DType out, float scale, float* sumsq,
+                        cudaStream_t stream) {
   return visit_dtype(grad, [&](auto g) {
     return visit_dtype(out, [&](auto o) {
-      const PackOp<decltype(g), decltype(o)> op{scale};
-      return multi_tensor_apply<2>(lists, op, stream);
+      return visit_bool(sumsq != nullptr, [&](auto q) {
+        const PackOp<decltype(g), decltype(o), decltype(q)::value> op{scale, sumsq};
+        return multi_tensor_apply<2>(lists, op, stream);
+      });
     });
   });
 }

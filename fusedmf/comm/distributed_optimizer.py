@@ -45,6 +45,7 @@ from torch.autograd import Variable
 
 from .. import functional as F
 from ..functional.pack import slot_strides, slot_view
+from ..noise import GradientNoiseScale
 from ..optim._base import MFOptimizerBase
 from .buckets import BucketSpec, assign_buckets
 from .telemetry import CommTelemetry
@@ -92,6 +93,11 @@ class DistributedOptimizer:
         telemetry_history: how many steps the telemetry keeps.
         backend: backend of the pack and non-finite-check ops ("auto" or a name); the update runs on
             the optimizer's own backend.
+        noise_scale: a :class:`fusedmf.noise.GradientNoiseScale` to feed every step with the local and
+            reduced gradient norms, summed inside the pack and non-finite-check kernels (NOTE [noise scale
+            from the allreduce] in fusedmf/noise.py): one 3-float allreduce per step more, no extra pass
+            over the gradients, no host synchronisation; the sample of step t arrives at step t + 1.
+            Needs world size >= 2 and every bucket on one device.
 
     Use it as the optimizer: ``loss.backward(); dopt.step(); dopt.zero_grad()``. With a
     :class:`fusedmf.amp.DynamicLossScaler`, ``scaler.step(dopt)`` works: the scaler's found_inf is
@@ -117,6 +123,7 @@ class DistributedOptimizer:
         telemetry: bool = False,
         telemetry_history: int = 100,
         backend: str = "auto",
+        noise_scale: Optional[GradientNoiseScale] = None,
     ):
         if not isinstance(optimizer, MFOptimizerBase):
             raise TypeError(f"DistributedOptimizer wraps a fusedmf MFSGD or MFAdam, got {type(optimizer).__name__}")
@@ -173,7 +180,31 @@ class DistributedOptimizer:
         self._steps = 0
         #: what ran in the last step: {"pack": name, "non_finite_check": name, "update": {name: tensors}}
         self.backends_used: Dict[str, object] = {}
+        self.noise_scale: Optional[GradientNoiseScale] = self._init_noise_scale(noise_scale)
         self._reset_round()
+
+    def _init_noise_scale(self, noise_scale) -> Optional[GradientNoiseScale]:
+        """Device state of NOTE [noise scale from the allreduce] (fusedmf/noise.py)."""
+        if noise_scale is None:
+            return None
+        if not isinstance(noise_scale, GradientNoiseScale):
+            raise TypeError(f"noise_scale must be a fusedmf.noise.GradientNoiseScale, got {type(noise_scale).__name__}")
+        if self.world_size < 2:
+            raise ValueError("noise_scale needs world size >= 2: with one rank the local and the global batch are the "
+                             "same batch, and B_simple cannot be estimated (use GradientNoiseScale.update by hand)")
+        devices = {b.device for b in self.buckets}
+        if len(devices) != 1:
+            raise ValueError(f"noise_scale needs every gradient on one device, the buckets are on {sorted(map(str, devices))}")
+        device = devices.pop()
+        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
+        self._ns_local = zeros(1)       # Σ (g·s)² of this rank's packs in the current round
+        self._ns_global = zeros(1)      # Σ x² of the reduced buffers, from the non-finite check
+        self._ns_carry = zeros(2)       # [|G_B|² unscaled, valid] of the last step, sent with the next allreduce
+        self._ns_prev_local = zeros(1)  # |G_b|² (mean over ranks, unscaled) of the last step
+        self._ns_has_prev = False
+        self._ns_comm: Optional[torch.Tensor] = None
+        self._ns_work = None
+        return noise_scale
 
     # ------------------------------------------------------------------ construction check
     def _signature(self):
@@ -224,6 +255,9 @@ class DistributedOptimizer:
         self._mask_work = None
         self._mask: Optional[torch.Tensor] = None
         self._locally_missing = False
+        if getattr(self, "noise_scale", None) is not None:
+            self._ns_local.zero_()
+            self._ns_comm, self._ns_work = None, None
 
     def _scale(self) -> float:
         passes = max(self._passes, 1) if self.average_backward_passes else 1
@@ -290,7 +324,8 @@ class DistributedOptimizer:
                 g = torch.empty_strided(p.shape, self._strides[i], dtype=g.dtype, device=g.device).copy_(g)
             grads.append(g)
         with torch.profiler.record_function("fusedmf.pack"), _nvtx_range(f"fusedmf pack bucket {b}", self._nvtx):
-            self.backends_used["pack"] = F.pack(grads, buf, scale=self._scale(), backend=self.backend)
+            self.backends_used["pack"] = F.pack(grads, buf, scale=self._scale(), backend=self.backend,
+                                                sumsq=self._ns_local if self.noise_scale is not None else None)
         self._packed[b] = True
         if self.telemetry is not None:
             self.telemetry.bucket_packed(self.buckets, b)
@@ -344,6 +379,11 @@ class DistributedOptimizer:
             device = self.buckets[0].device
             self._mask = mask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else mask
             self._mask_work = dist.all_reduce(self._mask, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+        if self.noise_scale is not None:
+            # NOTE [noise scale from the allreduce]: [local Σ(g·s)², carried |G_B|², carried validity]
+            self._ns_comm = torch.cat([self._ns_local, self._ns_carry])
+            self._ns_work = dist.all_reduce(self._ns_comm, op=dist.ReduceOp.SUM, group=self.process_group,
+                                            async_op=True)
         self._closed = True
 
     # ------------------------------------------------------------------ waiting
@@ -417,6 +457,8 @@ class DistributedOptimizer:
                 self._wait(work, f"the allreduce of bucket {k} ({self.buckets[k].nbytes} bytes)",
                            host_wait=self.buckets[k].device.type == "cpu")
             used = self._used_params()
+            if self.noise_scale is not None:
+                self._wait(self._ns_work, "the allreduce of the noise-scale norms", host_wait=self._host_wait)
         if tel is not None:
             tel.wait_end(self.buckets)
 
@@ -424,6 +466,8 @@ class DistributedOptimizer:
             found = self._check_non_finite(found_inf)
             if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
                 grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
+            if self.noise_scale is not None:
+                self._noise_scale_step(found, grad_scale)
             views = self._views if used is None else {self.params[i]: self._views[self.params[i]] for i in used}
             self.optimizer._step_with_grads(views.get, grad_scale, found)
         self.backends_used["update"] = dict(self.optimizer.backends_used)
@@ -449,12 +493,44 @@ class DistributedOptimizer:
             target = torch.zeros(1, dtype=torch.float32, device=devices[0])
             if user_found is not None:
                 target += torch.as_tensor(user_found, dtype=torch.float32).reshape(1).to(devices[0])
+        sumsq = None
+        if self.noise_scale is not None:       # one device (checked at construction)
+            self._ns_global.zero_()
+            sumsq = self._ns_global
         for d in devices:
             flag = target if d == devices[0] else torch.zeros(1, dtype=torch.float32, device=d)
-            self.backends_used["non_finite_check"] = F.non_finite_check(per_device[d], flag, backend=self.backend)
+            self.backends_used["non_finite_check"] = F.non_finite_check(per_device[d], flag, sumsq=sumsq,
+                                                                        backend=self.backend)
             if flag is not target:
                 target += flag.to(target.device, non_blocking=True)
         return target
+
+    def _noise_scale_record_previous(self) -> None:
+        """The previous step's sample is complete once this round's small allreduce is done: its
+        carried |G_B|² and validity, summed over the ranks, are now the same on every rank."""
+        if self._ns_has_prev and self._ns_comm is not None:
+            n = self.world_size
+            comm = self._ns_comm
+            valid = (comm[2:3] > n - 0.5).to(torch.float32)      # every rank had a finite step
+            self.noise_scale.record(torch.cat([self._ns_prev_local, comm[1:2] / n, valid]), n)
+            self._ns_has_prev = False
+
+    def _noise_scale_step(self, found: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor]) -> None:
+        """NOTE [noise scale from the allreduce]: record the last step's sample, carry this step's."""
+        self._noise_scale_record_previous()
+        comm, n = self._ns_comm, self.world_size
+        device = comm.device
+        if grad_scale is not None:
+            inv2 = grad_scale.to(device=device, dtype=torch.float32).reshape(1).reciprocal().square()
+        else:
+            inv2 = torch.ones(1, dtype=torch.float32, device=device)
+        # mean over ranks of |g_r / passes|² = N² · Σ_r |g_r·s|² / N, with s = 1 / (N · passes)
+        self._ns_prev_local = comm[0:1] * float(n) * inv2
+        valid = torch.ones(1, dtype=torch.float32, device=device) if found is None else \
+            (found.to(device).reshape(1) == 0).to(torch.float32)
+        glob = torch.where(valid > 0, self._ns_global * inv2, torch.zeros_like(self._ns_global))
+        self._ns_carry = torch.cat([glob, valid])
+        self._ns_has_prev = True
 
     # ------------------------------------------------------------------ accumulation and zeroing
     @contextlib.contextmanager
@@ -477,6 +553,10 @@ class DistributedOptimizer:
                 self._wait(work, f"the allreduce of bucket {k} (drained by zero_grad)", host_wait=self._host_wait)
             self._wait(self._mask_work, "the count of ranks that produced each gradient (drained by zero_grad)",
                        host_wait=self._host_wait)
+            if self.noise_scale is not None:
+                self._wait(self._ns_work, "the allreduce of the noise-scale norms (drained by zero_grad)",
+                           host_wait=self._host_wait)
+                self._noise_scale_record_previous()   # the carry arrived; this round's own sample is dropped
             if self.telemetry is not None:
                 self.telemetry.discard_round()
         self._reset_round()

@@ -189,14 +189,36 @@ def _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_
     return name
 
 
-def non_finite_check(tensors: Sequence[Tensor], found_inf: Tensor, *, backend: str = "auto") -> str:
-    """Set ``found_inf`` (a 1-element fp32 tensor on the tensors' device) to 1 if any value is inf/NaN."""
+def _check_sumsq(op: str, sumsq: Optional[Tensor], device: torch.device) -> None:
+    if sumsq is None:
+        return
+    if not isinstance(sumsq, torch.Tensor) or sumsq.dtype != torch.float32 or sumsq.numel() != 1 \
+            or sumsq.device != device:
+        what = (f"{sumsq.dtype} of shape {list(sumsq.shape)} on {sumsq.device}" if isinstance(sumsq, torch.Tensor)
+                else type(sumsq).__name__)
+        raise ValueError(f"fusedmf.{op}: sumsq must be a 1-element float32 tensor on {device}, got {what}")
+
+
+def non_finite_check(tensors: Sequence[Tensor], found_inf: Tensor, *, sumsq: Optional[Tensor] = None,
+                     backend: str = "auto") -> str:
+    """Set ``found_inf`` (a 1-element fp32 tensor on the tensors' device) to 1 if any value is inf/NaN.
+
+    ``sumsq`` (optional, a 1-element fp32 tensor on the same device): also add Σ x² over every
+    element, read in the same pass (the reduced gradient's squared norm for the noise scale,
+    fusedmf/noise.py). Accumulated in fp32 on GPUs (one atomic add per block, so the last bits
+    depend on the order blocks finish) and in double per thread on CPUs. Not meaningful when
+    found_inf is or becomes set: the kernels stop reading early then.
+    """
     tensors = list(tensors)
-    device = _device_of(tensors)
+    device = _device_of(tensors) if tensors else found_inf.device
     _check_same_device({"tensors": tensors, "found_inf": [found_inf]}, device, "non_finite_check")
+    _check_sumsq("non_finite_check", sumsq, device)
     dtype = tensors[0].dtype if tensors else None
     name = _backends.resolve(backend, device, dtype)
-    _kernels(name).non_finite_check_(tensors, found_inf)
+    if sumsq is None:
+        _kernels(name).non_finite_check_(tensors, found_inf)
+    else:
+        _kernels(name).non_finite_check_(tensors, found_inf, sumsq)
     return name
 
 
@@ -205,8 +227,14 @@ _PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 pack_fallbacks: set = set()
 
 
-def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, backend: str = "auto") -> str:
+def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[Tensor] = None,
+         backend: str = "auto") -> str:
     """Write ``cast(grads[i] * scale)`` for every grad into the flat 1-D buffer ``out``.
+
+    ``sumsq`` (optional, a 1-element fp32 tensor on out's device): also add Σ (fp32(g)·scale)² --
+    the products before the cast -- in the same pass (the local gradient's squared norm for the
+    noise scale, fusedmf/noise.py). The sum's last bits depend on the backend and, on GPUs, on the
+    order blocks finish.
 
     One launch gathers, prescales and casts the gradients of a communication bucket; the slots
     sit at 16-byte-aligned offsets (NOTE [pack layout] in fusedmf/functional/pack.py, see
@@ -225,6 +253,9 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, backend: str = "
     if out.data_ptr() % PACK_ALIGN_BYTES:
         raise ValueError(f"fusedmf.pack: out must start on a {PACK_ALIGN_BYTES}-byte boundary (NOTE [pack layout])")
     _check_same_device({"grads": grads}, out.device, "pack")
+    _check_sumsq("pack", sumsq, out.device)
+    if sumsq is not None and out.data_ptr() <= sumsq.data_ptr() < out.data_ptr() + out.numel() * out.element_size():
+        raise ValueError("fusedmf.pack: sumsq lies inside out; it must be a separate 1-element float32 tensor")
     for i, g in enumerate(grads):
         if g.dtype not in _PACK_DTYPES or g.is_complex() or g.layout != torch.strided:
             raise TypeError(f"fusedmf.pack: grads[{i}] has dtype {g.dtype} and layout {g.layout}; "
@@ -246,7 +277,10 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, backend: str = "
             pack_fallbacks.add(name)
             warnings.warn(f"fusedmf.pack: backend {name!r} has no pack_ kernel yet; the reference pack runs "
                           "in its place", RuntimeWarning, stacklevel=2)
-        _reference_pack_(grads, out, scale)
+        _reference_pack_(grads, out, scale, sumsq)
         return "reference"
-    kernel(grads, out, scale)
+    if sumsq is None:
+        kernel(grads, out, scale)
+    else:
+        kernel(grads, out, scale, sumsq)
     return name

@@ -29,7 +29,7 @@ whose module has no ``pack_``.
 from __future__ import annotations
 
 import threading
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -89,8 +89,13 @@ def _cpu_scratch(n: int, dtype: torch.dtype) -> Tensor:
 
 
 @torch.no_grad()
-def pack_(grads: Sequence[Tensor], out: Tensor, scale: float) -> None:
+def pack_(grads: Sequence[Tensor], out: Tensor, scale: float, sumsq: Optional[Tensor] = None) -> None:
     """Reference implementation of the pack op (NOTE [pack layout]).
+
+    ``sumsq``: add Σ (fp32(g)·scale)² over every element -- the products before they are rounded to
+    ``out.dtype``, squared and summed in float64 and added once -- to this 1-element fp32 tensor:
+    the local gradient's squared norm of the noise-scale estimate (fusedmf/noise.py), at no extra
+    pass in the compiled kernels (NOTE [sums of squares] in csrc/cpu/kernels_impl.h).
 
     The arithmetic is ``round_to(out.dtype, fp32(g) * scale)`` (float64 for float64 grads). On CPU it
     runs chunk by chunk through an fp32 scratch: ``torch.mul(g, s, out=fp16_view)`` would form the
@@ -99,11 +104,15 @@ def pack_(grads: Sequence[Tensor], out: Tensor, scale: float) -> None:
     single kernel that computes in fp32 and rounds once on the store.
     """
     offsets, _ = pack_offsets([g.numel() for g in grads], out.element_size())
+    total = torch.zeros((), dtype=torch.float64, device=out.device) if sumsq is not None else None
     for g, off in zip(grads, offsets):
         n = g.numel()
         if n == 0:
             continue
         src = _memory_order(g)
+        if total is not None:
+            compute = torch.float64 if src.dtype == torch.float64 else torch.float32
+            total += (src.to(compute) * scale).double().square().sum()
         dst = out[off:off + n]          # the slot, in the memory order of the grad (NOTE [pack layout])
         compute = torch.float64 if src.dtype == torch.float64 else torch.float32
         if out.device.type != "cpu" or (src.dtype == compute and out.dtype == compute):
@@ -117,3 +126,5 @@ def pack_(grads: Sequence[Tensor], out: Tensor, scale: float) -> None:
             else:
                 tmp.copy_(src[start:stop]).mul_(scale)
             dst[start:stop].copy_(tmp)
+    if sumsq is not None:
+        sumsq.add_(total.to(sumsq.dtype))

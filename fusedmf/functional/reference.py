@@ -39,8 +39,19 @@ def _unscaled(grad: Tensor, dtype: torch.dtype, inv_grad_scale: Optional[Tensor]
 
 
 @torch.no_grad()
-def non_finite_check_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
-    """Set ``found_inf`` to 1 if any element of ``tensors`` is inf or NaN (never clears it)."""
+def non_finite_check_(tensors: Sequence[Tensor], found_inf: Tensor, sumsq: Optional[Tensor] = None) -> None:
+    """Set ``found_inf`` to 1 if any element of ``tensors`` is inf or NaN (never clears it).
+
+    ``sumsq``: add Σ x² over every element (computed in float64, added once) -- the reduced
+    gradient's squared norm of the noise-scale estimate (fusedmf/noise.py). Its value is not
+    specified when found_inf is or becomes set: the compiled kernels stop early then.
+    """
+    if sumsq is not None:
+        if bool(found_inf.ne(0).any()):
+            return
+        total = sum((t.double().square().sum() for t in tensors if t.numel()), torch.zeros((), dtype=torch.float64,
+                                                                                    device=found_inf.device))
+        sumsq.add_(total.to(sumsq.dtype))
     for t in tensors:
         if t.numel() and not bool(torch.isfinite(t).all()):
             found_inf.fill_(1.0)
