@@ -269,11 +269,20 @@ def test_mf_experiment_smoke(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     record = module.main(["--steps", "2", "--world-sizes", "1", "2", "--batch", "8", "--samples", "32",
-                          "--width", "4", "--rules", "const", "horizon_comp", "--optimizers", "sgd", "adam",
+                          "--test-samples", "16", "--width", "4", "--rules", "const", "horizon_comp", "noise",
+                          "--mf-values", "0.95", "--optimizers", "sgd", "adam", "--device", "cpu",
                           "--out", str(tmp_path)])
     runs = {(r["optimizer"], r["rule"], r["world_size"]) for r in record["results"]}
-    assert runs == {("sgd", "const", 1), ("sgd", "const", 2), ("sgd", "horizon_comp", 1), ("sgd", "horizon_comp", 2),
-                    ("adam", "const", 1), ("adam", "const", 2)}
+    assert runs == {(o, r, k) for o in ("sgd", "adam") for r in ("const", "noise", "const0.95") for k in (1, 2)} | \
+        {("sgd", "horizon_comp", 1), ("sgd", "horizon_comp", 2)}
+    for r in record["results"]:
+        assert len(r["train_error"]) == 2 and all(0.0 <= e <= 1.0 for e in r["train_error"])
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        if r["rule"] == "const0.95":
+            assert r["mf"] == [0.95, 0.95]
+    noise2 = next(r for r in record["results"] if r["rule"] == "noise" and r["world_size"] == 2)
+    assert len(noise2["noise_scale"]) == 2 and all(v is not None for v in noise2["noise_scale"])
+    assert next(r for r in record["results"] if r["rule"] == "noise" and r["world_size"] == 1)["noise_scale"] is None
     comp2 = next(r for r in record["results"] if r["rule"] == "horizon_comp" and r["world_size"] == 2)
     assert comp2["mf_last"] == pytest.approx(0.95)  # 1 - 0.1 * (4 / 8)
     assert comp2["effective_lr"] == pytest.approx([0.02 / 0.1] * 2)  # lr_compensation keeps lr / (1 - 0.9)
