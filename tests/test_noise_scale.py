@@ -278,3 +278,20 @@ def test_noise_adaptive_mf_rises_when_the_per_rank_batch_is_below_the_noise_scal
     # b = 16, B_simple ≈ 64: the target is 1 − 0.1·16/64 = 0.975, reached within 160 steps
     target = 1 - 0.1 * min(1.0, 16 / r["value"])
     assert mfs[-1] == pytest.approx(target, abs=0.004)
+
+
+def test_distributed_optimizer_rejects_bad_noise_arguments_without_touching_the_model():
+    from fusedmf.comm import DistributedOptimizer
+    from fusedmf.optim import MFSGD
+
+    model = torch.nn.Linear(4, 3)
+    opt = MFSGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="world size >= 2"):        # one process: one batch size only
+        DistributedOptimizer(opt, noise_scale=GradientNoiseScale(8))
+    with pytest.raises(TypeError, match="GradientNoiseScale"):
+        DistributedOptimizer(opt, noise_scale=8)
+    # no hooks were left behind: a plain backward + step still works and updates the params
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

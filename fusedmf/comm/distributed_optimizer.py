@@ -169,6 +169,8 @@ class DistributedOptimizer:
                 self._views[self.params[i]] = slot_view(buf, off, self.params[i].shape, self._strides[i])
         self._host_wait = all(b.device.type == "cpu" for b in self.buckets)
         self._nvtx = any(b.device.type == "cuda" for b in self.buckets)
+        # checked before the hooks go on the params: a rejected argument leaves the model untouched
+        self.noise_scale: Optional[GradientNoiseScale] = self._init_noise_scale(noise_scale)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
 
         self.telemetry: Optional[CommTelemetry] = None
@@ -180,7 +182,6 @@ class DistributedOptimizer:
         self._steps = 0
         #: what ran in the last step: {"pack": name, "non_finite_check": name, "update": {name: tensors}}
         self.backends_used: Dict[str, object] = {}
-        self.noise_scale: Optional[GradientNoiseScale] = self._init_noise_scale(noise_scale)
         self._reset_round()
 
     def _init_noise_scale(self, noise_scale) -> Optional[GradientNoiseScale]:
