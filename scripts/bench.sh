@@ -2,7 +2,8 @@
 # The README's main command: set up (scripts/env.sh), build, then run the benchmarks on a small
 # default (a few minutes on a CPU): the optimizer step over ResNet-50's parameters, the bucketed
 # allreduce over bucket sizes and compressions, a data-parallel training step against torch DDP,
-# training throughput, measured + predicted scaling efficiency, and the MF experiment.
+# training throughput, measured + predicted scaling efficiency (spawned gloo ranks on a CPU; torchrun +
+# NCCL over the GPUs on a machine with several), and the MF experiment.
 # JSON/CSV (Chrome traces, PNG plots) go under benchmarks/out/; each prints its table.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -12,11 +13,20 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" benchmarks/comm_allreduce.py --backend nccl
   "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" benchmarks/comm_train_step.py --backend nccl
   "$PY" benchmarks/throughput.py --device cuda
+  if [ "$NGPU" -gt 1 ]; then
+    # DDP / DistributedOptimizer across the GPUs; measured E(NGPU) + the predictor's error on it
+    "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" benchmarks/throughput.py --device cuda --quick
+    "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" benchmarks/scaling.py --backend nccl --quick
+  else
+    "$PY" benchmarks/scaling.py --device cuda --world-sizes 1 --quick   # timeline + predicted curves
+  fi
 else
   "$PY" benchmarks/optim_step.py --device cpu
   "$PY" benchmarks/comm_allreduce.py      # 2 gloo ranks
   "$PY" benchmarks/comm_train_step.py     # 2 gloo ranks, vs DDP + fp16_compress_hook
   "$PY" benchmarks/throughput.py --device cpu
+  # 2 and 4 gloo ranks on this machine (the same threads per rank for every N: cores // 4, at least 1;
+  # on fewer than 4 cores the 4 ranks oversubscribe them) + the predictor's error + NVLink/IB curves
+  "$PY" benchmarks/scaling.py --quick --world-sizes 2 4
 fi
-"$PY" benchmarks/scaling.py --quick       # gloo ranks on this machine + predicted NVLink/IB curves
 "$PY" benchmarks/mf_experiment.py --quick # constant global batch over K simulated ranks

@@ -2,6 +2,9 @@
 
     python -m fusedmf.bench throughput --quick            # single-process training throughput + timeline
     python -m fusedmf.bench scaling --quick               # 2 gloo ranks vs 1, predictor error, curves
+    python -m fusedmf.bench scaling --quick --world-sizes 2 4
+    torchrun --nproc-per-node 8 -m fusedmf.bench scaling  # NCCL (gloo on CPUs): rank 0 measures N=1, all N=8
+    torchrun --nproc-per-node 8 -m fusedmf.bench throughput  # + DDP / DistributedOptimizer across the ranks
     python -m fusedmf.bench predict --timeline-json benchmarks/out/throughput/throughput_cuda_*.json \
         --network nvlink-ib400 --n 8 64                   # predictions from a recorded timeline
 """
