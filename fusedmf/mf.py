@@ -269,7 +269,7 @@ class noise_adaptive(MFSchedule):
 
     def __init__(self, noise, batch_size_per_rank: Optional[int] = None, *, mf_ref: float = 0.9, power: float = 1.0,
                  mf_max: float = 0.995, min_samples: int = 20, max_change: float = 0.001):
-        if not hasattr(noise, "settled_value"):
+        if not (hasattr(noise, "settled_value") and hasattr(noise, "settled_samples")):
             raise TypeError(f"noise_adaptive needs a fusedmf.noise.GradientNoiseScale, got {type(noise).__name__}")
         self.noise = noise
         b = noise.batch_size_per_rank if batch_size_per_rank is None else batch_size_per_rank
@@ -306,7 +306,7 @@ class noise_adaptive(MFSchedule):
             raise ValueError(f"noise_adaptive is stateful and must be called with increasing update numbers: "
                              f"got {step} after {self._last_step}")
         value = self.noise.settled_value()
-        enough = self.noise._count >= self.min_samples
+        enough = self.noise.settled_samples() >= self.min_samples
         goal = self.target(value) if enough else self.mf_ref
         delta = max(-self.max_change, min(self.max_change, goal - self._mf))
         self._mf = min(max(self._mf + delta, self.mf_ref), self.mf_max)

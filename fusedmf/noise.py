@@ -170,6 +170,11 @@ class GradientNoiseScale:
         self._drain(wait=True, keep_newest=True)
         return self._value()
 
+    def settled_samples(self) -> int:
+        """:attr:`samples` without the newest recorded sample, like :meth:`settled_value`."""
+        self._drain(wait=True, keep_newest=True)
+        return self._count
+
     @property
     def gradient_sq(self) -> Optional[float]:
         """Smoothed estimate of |G|² (unscaled)."""

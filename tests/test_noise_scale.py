@@ -163,6 +163,9 @@ class _FakeNoise:
     def settled_value(self):
         return self.v
 
+    def settled_samples(self):
+        return self._count
+
 
 def test_noise_adaptive_schedule_hand_computed():
     noise = _FakeNoise()

@@ -110,11 +110,10 @@ def pack_(grads: Sequence[Tensor], out: Tensor, scale: float, sumsq: Optional[Te
         if n == 0:
             continue
         src = _memory_order(g)
-        if total is not None:
-            compute = torch.float64 if src.dtype == torch.float64 else torch.float32
-            total += (src.to(compute) * scale).double().square().sum()
         dst = out[off:off + n]          # the slot, in the memory order of the grad (NOTE [pack layout])
         compute = torch.float64 if src.dtype == torch.float64 else torch.float32
+        if total is not None:
+            total += (src.to(compute) * scale).double().square().sum()
         if out.device.type != "cpu" or (src.dtype == compute and out.dtype == compute):
             torch.mul(src if src.dtype == compute else src.to(compute), scale, out=dst)
             continue
