@@ -496,6 +496,9 @@ def run(args) -> Optional[dict]:
         dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
         try:
             meas = measure_torchrun(args, env, device)
+            # no rank tears its connections down while another is still in the gather's tail (a gloo
+            # peer closing early aborted the other rank: "terminate called without an active exception")
+            _barrier(device)
         finally:
             dist.destroy_process_group()
         if meas is None:
