@@ -87,7 +87,7 @@ class FusedCommHookState:
         grad_scale = self.grad_scale
         if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
-        self.optimizer._step_with_grads(views.get, grad_scale, found)
+        self.optimizer.step(grads=views.get, grad_scale=grad_scale, found_inf=found)
         self.backends_used["update"] = dict(self.optimizer.backends_used)
         self.last_found_inf = found
 

@@ -470,7 +470,7 @@ class DistributedOptimizer:
             if self.noise_scale is not None:
                 self._noise_scale_step(found, grad_scale)
             views = self._views if used is None else {self.params[i]: self._views[self.params[i]] for i in used}
-            self.optimizer._step_with_grads(views.get, grad_scale, found)
+            self.optimizer.step(grads=views.get, grad_scale=grad_scale, found_inf=found)
         self.backends_used["update"] = dict(self.optimizer.backends_used)
         if tel is not None:
             tel.step_end(self.buckets, lambda: self.optimizer.last_step_skipped)

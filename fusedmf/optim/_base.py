@@ -170,9 +170,17 @@ class MFOptimizerBase(Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale=None, found_inf=None):
+    def step(self, closure=None, *, grad_scale=None, found_inf=None, grads=None):
         """Apply one update. ``grad_scale`` (the loss scale) and ``found_inf`` may also be set as
-        attributes by torch.amp.GradScaler, which then hands the unscale and skip to this step."""
+        attributes by torch.amp.GradScaler, which then hands the unscale and skip to this step.
+
+        ``grads`` (optional, the public seam of fusedmf.comm): a callable ``param -> Tensor | None``
+        giving each param's gradient instead of ``param.grad`` (None: the param is left alone this
+        step). fusedmf.comm updates straight from views into the reduced communication buffer this
+        way, with no unflatten pass."""
+        if grads is not None and not callable(grads):
+            raise TypeError(f"{type(self).__name__}.step: grads must be a callable param -> Tensor | None, "
+                            f"got {type(grads).__name__}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -185,7 +193,7 @@ class MFOptimizerBase(Optimizer):
             found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
         if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
-        self._step_with_grads(None, grad_scale, found_inf)
+        self._step_with_grads(grads, grad_scale, found_inf)
         return loss
 
     @torch.no_grad()
