@@ -357,5 +357,16 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float adam_update(const AdamScalars& s, float
   return add_rn(div_rn(mul_rn(s.neg_step_size, m), denom), w);
 }
 
+// NOTE [model averaging rounding] (fusedmf/functional/average.py is the specification)
+// Local SGD averages differences from the last consensus c (fp32), not the weights themselves:
+//   pack_delta_:    out = round_to(out dtype, (w - c) * scale)   w: the fp32 master, or the param as float
+//   apply_average_: m = c + float(avg);  master = m;  param = round_to(param dtype, m);  c = m
+// Each operation rounds once (fp32, to nearest even); nothing is fused. w - c is exact whenever
+// c/2 <= w <= 2c (Sterbenz), the usual case after a few local steps, and * (1/N) is exact for N a
+// power of two, so the only rounding before the allreduce is the cast to the compression dtype,
+// which then loses digits of the small difference instead of the large weight.
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float delta_pack(float w, float c, float scale) { return mul_rn(sub_rn(w, c), scale); }
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float average_apply(float c, float avg) { return add_rn(c, avg); }
+
 }  // namespace FUSEDMF_MATH_NS
 }  // namespace fusedmf

@@ -39,12 +39,14 @@ from ._slots import (
     SGD_SLOTS,
 )
 from .adam import mf_adam_
+from .average import apply_average_, pack_delta_
 from .non_finite import non_finite_check_
 from .pack import pack_
 from .sgd import mf_sgd_
 
 __all__ = [
-    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "InputError", "table_cache_stats", "clear_table_cache",
+    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "pack_delta_", "apply_average_",
+    "InputError", "table_cache_stats", "clear_table_cache",
     "SGD_SLOTS", "ADAM_SLOTS", "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
     "SGD_LR", "SGD_MOMENTUM", "SGD_ONE_MINUS_DAMPENING", "SGD_L2_WEIGHT_DECAY", "SGD_DECAY_FACTOR",
     "SGD_NESTEROV", "SGD_FIRST_STEP",
