@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import io
 import os
 import socket
@@ -54,7 +55,9 @@ def _child(fn_name, rank, world_size, port, pg_timeout, kwargs, queue):
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
-        result = globals()[fn_name](rank, world_size, **kwargs)
+        module, _, name = fn_name.rpartition(":")   # workers of other files: "module:function"
+        fn = getattr(importlib.import_module(module), name) if module else globals()[name]
+        result = fn(rank, world_size, **kwargs)
         queue.put((rank, "ok", _dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -84,7 +87,8 @@ def launch(fn: Callable, world_size: int, *, timeout: float = 150.0, pg_timeout:
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn.__name__, r, world_size, port, pg_timeout, kwargs, queue), daemon=True)
+    fn_name = fn.__name__ if fn.__module__ == __name__ else f"{fn.__module__}:{fn.__name__}"
+    procs = [ctx.Process(target=_child, args=(fn_name, r, world_size, port, pg_timeout, kwargs, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -15,10 +15,11 @@ planning and state; see distributed_optimizer.py for the data flow of a step.
 from .buckets import BucketSpec, assign_buckets
 from .ddp_hook import FusedCommHookState, ddp_comm_hook, fused_comm_hook
 from .distributed_optimizer import COMPRESSION, CommError, DistributedOptimizer
+from .local_sgd import LocalSGD
 from .telemetry import BucketTiming, CommTelemetry, StepTelemetry, chrome_trace, merge_chrome_traces, write_chrome_trace
 
 __all__ = [
-    "DistributedOptimizer", "CommError", "COMPRESSION",
+    "DistributedOptimizer", "LocalSGD", "CommError", "COMPRESSION",
     "ddp_comm_hook", "fused_comm_hook", "FusedCommHookState",
     "CommTelemetry", "StepTelemetry", "BucketTiming", "chrome_trace", "merge_chrome_traces", "write_chrome_trace",
     "BucketSpec", "assign_buckets",

@@ -61,6 +61,10 @@ class StepTelemetry:
     update_end: Optional[float] = None
     skipped: Optional[bool] = None
     buckets: List[BucketTiming] = field(default_factory=list)
+    # what the step communicated: "gradient allreduce" (DistributedOptimizer, LocalSGD's warm-up), or
+    # LocalSGD's "local step" (nothing) / "model average (global)" / "model average (group of k)";
+    # for the last two, wait_end marks the end of the local update and update_end that of the average
+    kind: str = "gradient allreduce"
 
     @property
     def bytes_sent(self) -> int:
@@ -72,6 +76,13 @@ class StepTelemetry:
         """Bytes each rank sends with a ring allreduce: 2 (N - 1) / N times the payload."""
         n = self.world_size
         return 0.0 if n <= 1 else 2.0 * (n - 1) / n * self.bytes_sent
+
+    @property
+    def average_s(self) -> Optional[float]:
+        """LocalSGD: time of the model average (pack, allreduce, apply) of this step, None if it had none."""
+        if not self.kind.startswith("model average") or self.wait_end is None or self.update_end is None:
+            return None
+        return self.update_end - self.wait_end
 
     @property
     def comm_end(self) -> Optional[float]:
@@ -94,7 +105,7 @@ class StepTelemetry:
 
     def as_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d.update(bytes_sent=self.bytes_sent, wire_bytes=self.wire_bytes, comm_end=self.comm_end,
+        d.update(bytes_sent=self.bytes_sent, wire_bytes=self.wire_bytes, comm_end=self.comm_end, average_s=self.average_s,
                  exposed_comm_s=self.exposed_comm_s, overlapped=self.overlapped)
         return d
 
@@ -192,8 +203,12 @@ class CommTelemetry:
 
         work.get_future().add_done_callback(done)
 
-    def step_start(self, buckets) -> None:
-        self._cur(buckets).step_start = self.clock.mark()
+    def step_start(self, buckets, kind: Optional[str] = None, mark=None) -> None:
+        """``kind``: see StepTelemetry.kind; ``mark``: a clock mark taken earlier (default: now)."""
+        rec = self._cur(buckets)
+        rec.step_start = self.clock.mark() if mark is None else mark
+        if kind is not None:
+            rec.kind = kind
 
     def wait_end(self, buckets) -> None:
         self._cur(buckets).wait_end = self.clock.mark()
@@ -252,6 +267,8 @@ class CommTelemetry:
                                         else s.backward_end - s.backward_start for s in steps),
             "median_wait_s": median(None if s.wait_end is None else s.wait_end - s.step_start for s in steps),
             "median_update_s": median(None if s.update_end is None else s.update_end - s.wait_end for s in steps),
+            "mean_bytes_per_step": sum(s.bytes_sent for s in steps) / len(steps),
+            "median_average_s": median(s.average_s for s in steps),
             "overlapped_steps": sum(s.overlapped for s in steps),
         }
 
@@ -300,10 +317,17 @@ def chrome_trace(steps: Iterable[StepTelemetry]) -> dict:
         lane(pid, _LANES["step"], "step")
         lane(pid, _LANES["pack"], "pack")
         span(pid, _LANES["backward"], f"backward (step {s.step})", s.backward_start, s.backward_end)
-        span(pid, _LANES["step"], "wait for allreduce", s.step_start, s.wait_end,
-             {"step": s.step, "exposed_comm_ms": None if s.exposed_comm_s is None else s.exposed_comm_s * 1e3})
-        span(pid, _LANES["step"], "fused update" + (" (skipped)" if s.skipped else ""), s.wait_end, s.update_end,
-             {"step": s.step, "skipped": s.skipped})
+        if s.kind == "gradient allreduce":
+            span(pid, _LANES["step"], "wait for allreduce", s.step_start, s.wait_end,
+                 {"step": s.step, "exposed_comm_ms": None if s.exposed_comm_s is None else s.exposed_comm_s * 1e3})
+            span(pid, _LANES["step"], "fused update" + (" (skipped)" if s.skipped else ""), s.wait_end, s.update_end,
+                 {"step": s.step, "skipped": s.skipped})
+        else:   # LocalSGD: the local update, then (every period-th step) the model average
+            span(pid, _LANES["step"], "local update" + (" (skipped)" if s.skipped else ""), s.step_start, s.wait_end,
+                 {"step": s.step, "skipped": s.skipped})
+            if s.kind != "local step":
+                span(pid, _LANES["step"], s.kind, s.wait_end, s.update_end,
+                     {"step": s.step, "bytes": s.bytes_sent})
         for b in s.buckets:
             tid = _ALLREDUCE_LANE0 + b.bucket
             lane(pid, tid, f"allreduce bucket {b.bucket}")
