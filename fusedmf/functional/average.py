@@ -99,12 +99,25 @@ def _check(op: str, lists: dict, fp32_lists: tuple, head: str) -> torch.device:
                                  f"{list(ref[i].shape)}")
             if t.layout != torch.strided or not _is_dense(t):
                 raise ValueError(f"fusedmf.{op}: {name}[{i}] is not a dense strided tensor")
+            if t.numel() > 1 and any(a != b for a, b, n in zip(t.stride(), ref[i].stride(), t.shape) if n > 1):
+                raise ValueError(f"fusedmf.{op}: {name}[{i}] has strides {list(t.stride())} but {head}[{i}] has "
+                                 f"{list(ref[i].stride())} (every tensor must have the memory layout of its param)")
             if t.dtype != ts[0].dtype:
                 raise TypeError(f"fusedmf.{op}: {name}[{i}] has dtype {t.dtype} but {name}[0] has {ts[0].dtype}")
             allowed = (torch.float32, torch.float64) if name in fp32_lists else _COMPILED_DTYPES + (torch.float64,)
             if t.dtype not in allowed:
                 raise TypeError(f"fusedmf.{op}: {name}[{i}] has dtype {t.dtype}; allowed: "
                                 + ", ".join(str(d).replace("torch.", "") for d in allowed))
+    names = [k for k, ts in lists.items() if ts]
+    for i in range(n):
+        seen = {}
+        for name in names:
+            t = lists[name][i]
+            if t.numel() == 0:
+                continue
+            other = seen.setdefault(t.data_ptr(), name)
+            if other != name:
+                raise ValueError(f"fusedmf.{op}: {name}[{i}] and {other}[{i}] are the same memory")
     return device
 
 
