@@ -24,6 +24,7 @@ else
   "$PY" benchmarks/optim_step.py --device cpu
   "$PY" benchmarks/comm_allreduce.py      # 2 gloo ranks
   "$PY" benchmarks/comm_train_step.py     # 2 gloo ranks, vs DDP + fp16_compress_hook
+  "$PY" benchmarks/local_sgd.py           # 2 gloo ranks: LocalSGD H=1,4,16 vs DistributedOptimizer vs torch PostLocalSGD
   "$PY" benchmarks/throughput.py --device cpu
   # 2 and 4 gloo ranks on this machine (the same threads per rank for every N: cores // 4, at least 1;
   # on fewer than 4 cores the 4 ranks oversubscribe them) + the predictor's error + NVLink/IB curves
