@@ -417,3 +417,21 @@ def test_hierarchy_subgroup_and_global_averages(four_ranks):
                 assert (err <= allowed).all(), f"step {t}, rank {r}: max error {err.max():.3g} vs the group mean"
         if len(groups) > 1:
             assert not torch.equal(p[groups[0][0]], p[groups[1][0]]), f"step {t}: groups should differ"
+
+
+def test_one_average_per_step_whatever_the_param_groups():
+    """torch PR #74737: averaging once per param group made the period drift. Here the k-th applied
+    step averages once when period divides k, with any number of groups."""
+    model = W.Net(0)
+    groups = [{"params": [model.conv.weight, model.conv.bias]}, {"params": list(model.fc1.parameters()), "lr": 0.01},
+              {"params": list(model.fc2.parameters())}]
+    lopt = LocalSGD(MFSGD(groups, lr=0.1, momentum=0.9), period=2, compression="none")
+    actions = []
+    for t in range(6):
+        x, y = W.batch(t)
+        lopt.zero_grad()
+        W.loss_fn(model, x, y).backward()
+        lopt.step()
+        actions.append(lopt.last_action)
+    assert actions == ["local", "average (global)"] * 3
+    assert lopt.local_steps == 6
