@@ -1,16 +1,19 @@
 // Torch ops fusedmf::pack_delta_ and fusedmf::apply_average_: the fused model averaging of
 // fusedmf.comm.LocalSGD (csrc/average.h). Registered here with TORCH_LIBRARY_FRAGMENT so that they
-// do not depend on csrc/bindings.cpp; CPU loops in this file, CUDA kernels in csrc/cuda/average.cu,
+// do not depend on csrc/bindings.cpp; CPU loops in csrc/average_cpu_impl.h (one build per CPU
+// capability), CUDA kernels in csrc/cuda/average.cu,
 // the math in csrc/update_math.h (NOTE [model averaging rounding]), the specification in
 // fusedmf/functional/average.py. Every tensor is validated before anything is written.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "average.h"
-#include "update_math.h"
+#include "average_cpu_impl.h"
+#include "cpu/cpu_ops.h"
 
 #ifdef FUSEDMF_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -23,10 +26,6 @@ namespace average {
 namespace {
 
 using TensorList = std::vector<at::Tensor>;
-using ::fusedmf::FUSEDMF_MATH_NS::average_apply;
-using ::fusedmf::FUSEDMF_MATH_NS::delta_pack;
-using ::fusedmf::FUSEDMF_MATH_NS::from_float;
-using ::fusedmf::FUSEDMF_MATH_NS::to_float;
 
 // elements per task of at::parallel_for: below this a tensor runs on the calling thread
 constexpr int64_t kGrain = int64_t{1} << 15;
@@ -151,28 +150,15 @@ DType dtype_of(const TensorList& ts) {
   return d;
 }
 
-// ---- CPU loops ------------------------------------------------------------------------------
+// ---- CPU: the loops of the current capability (csrc/average_cpu_impl.h), one piece per task ----------
 
-template <class S, class O>
-void delta_loop(const void* source, const void* consensus, void* out, int64_t begin, int64_t end, float scale) {
-  const S* __restrict w = static_cast<const S*>(source);
-  const float* __restrict c = static_cast<const float*>(consensus);
-  O* __restrict o = static_cast<O*>(out);
-  for (int64_t i = begin; i < end; ++i) o[i] = from_float<O>(delta_pack(to_float(w[i]), c[i], scale));
-}
-
-template <class A, class P, bool kMaster, bool kUpdate>
-void apply_loop(const void* avg, void* consensus, void* master, void* param, int64_t begin, int64_t end) {
-  const A* __restrict a = static_cast<const A*>(avg);
-  float* __restrict c = static_cast<float*>(consensus);
-  float* __restrict m = static_cast<float*>(master);
-  P* __restrict p = static_cast<P*>(param);
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = average_apply(c[i], to_float(a[i]));
-    if constexpr (kUpdate) c[i] = x;
-    if constexpr (kMaster) m[i] = x;
-    p[i] = from_float<P>(x);
+// The loops compiled for the capability the other CPU kernels use (NOTE [cpu capability]), so that
+// fusedmf._C._set_cpu_capability switches these too.
+const CpuLoops& cpu_loops() {
+  if (std::strcmp(cpu::capability(), "avx2") == 0) {
+    if (const CpuLoops* loops = avx2_math::cpu_loops()) return *loops;
   }
+  return *base_math::cpu_loops();
 }
 
 template <class F>
@@ -185,36 +171,18 @@ void for_each_tensor(const TensorLists& lists, F&& body) {
 }
 
 void cpu_pack_delta(const TensorLists& lists, DType source, DType out, float scale) {
-  visit_dtype(source, [&](auto s) {
-    visit_dtype(out, [&](auto o) {
-      for_each_tensor(lists, [&](int64_t t, int64_t b, int64_t e) {
-        delta_loop<decltype(s), decltype(o)>(lists.ptrs[kDeltaSource][t], lists.ptrs[kDeltaConsensus][t],
-                                             lists.ptrs[kDeltaOut][t], b, e, scale);
-      });
-      return 0;
-    });
-    return 0;
+  const DeltaLoop loop = cpu_loops().delta(source, out);
+  for_each_tensor(lists, [&](int64_t t, int64_t b, int64_t e) {
+    loop(lists.ptrs[kDeltaSource][t], lists.ptrs[kDeltaConsensus][t], lists.ptrs[kDeltaOut][t], b, e, scale);
   });
 }
 
 void cpu_apply_average(const TensorLists& lists, DType avg, DType param, bool update) {
   const bool master = lists.has(kAvgMaster);
-  visit_dtype(avg, [&](auto a) {
-    visit_dtype(param, [&](auto p) {
-      visit_bool(master, [&](auto m) {
-        visit_bool(update, [&](auto u) {
-          for_each_tensor(lists, [&](int64_t t, int64_t b, int64_t e) {
-            apply_loop<decltype(a), decltype(p), decltype(m)::value, decltype(u)::value>(
-                lists.ptrs[kAvgIn][t], lists.ptrs[kAvgConsensus][t],
-                decltype(m)::value ? lists.ptrs[kAvgMaster][t] : nullptr, lists.ptrs[kAvgParam][t], b, e);
-          });
-          return 0;
-        });
-        return 0;
-      });
-      return 0;
-    });
-    return 0;
+  const ApplyLoop loop = cpu_loops().apply(avg, param, master, update);
+  for_each_tensor(lists, [&](int64_t t, int64_t b, int64_t e) {
+    loop(lists.ptrs[kAvgIn][t], lists.ptrs[kAvgConsensus][t], master ? lists.ptrs[kAvgMaster][t] : nullptr,
+         lists.ptrs[kAvgParam][t], b, e);
   });
 }
 

@@ -30,6 +30,8 @@ CPU_SOURCES = (
     "csrc/cpu/kernels_base.cpp",
     "csrc/cpu/kernels_avx2.cpp",
     "csrc/average.cpp",
+    "csrc/average_cpu_base.cpp",
+    "csrc/average_cpu_avx2.cpp",
 )
 CUDA_SOURCES = (
     "csrc/cuda/mf_sgd.cu",

@@ -57,8 +57,25 @@ def identical(tensors) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ kernels
-BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.skipif(
+BACKENDS = ["cpu", "cpu/base", "triton", pytest.param("cuda", marks=pytest.mark.skipif(
     not _backends.available_backends()["cuda"].available, reason="needs a GPU and a CUDA build of fusedmf._C"))]
+
+
+@pytest.fixture
+def backend(request):
+    """The backend to run; "cpu/base" is the CPU backend with its portable loops (NOTE [cpu capability])
+    instead of the AVX2 ones this machine picks."""
+    name = request.param
+    if name != "cpu/base":
+        yield name
+        return
+    C = _backends.compiled_extension()[0]
+    before = C._cpu_capability()
+    assert C._set_cpu_capability("base")
+    try:
+        yield "cpu"
+    finally:
+        C._set_cpu_capability(before)
 SHAPES = [(1,), (4097,), (123, 457), (0,), (2, 3, 4, 4), (7,)]
 LOW = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -82,7 +99,7 @@ def _device(backend):
     return "cuda" if backend == "cuda" else "cpu"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("src_dtype", LOW, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("out_dtype", LOW, ids=lambda d: str(d)[6:])
 def test_pack_delta_matches_the_reference_bit_for_bit(backend, src_dtype, out_dtype):
@@ -99,7 +116,7 @@ def test_pack_delta_matches_the_reference_bit_for_bit(backend, src_dtype, out_dt
         assert_bit_identical(g.cpu(), w, f"out[{i}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("avg_dtype", LOW, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("param_dtype", LOW, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("master", [True, False], ids=["master", "no_master"])
