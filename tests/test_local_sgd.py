@@ -452,3 +452,21 @@ def test_one_average_per_step_whatever_the_param_groups():
         actions.append(lopt.last_action)
     assert actions == ["local", "average (global)"] * 3
     assert lopt.local_steps == 6
+
+
+def test_any_torch_optimizer_without_warmup():
+    """The generic path: a torch optimizer steps locally, the averaging kernels do the rest; a loss
+    scale is refused (torch optimizers do not unscale) before anything changes."""
+    model, ref = W.Net(0), W.Net(0)
+    lopt = LocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), period=2, compression="none")
+    plain = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    _run_single(lopt, model, 4)
+    _run_single(plain, ref, 4)
+    for i, (a, b) in enumerate(zip(model.parameters(), ref.parameters())):
+        assert_close_ulps(a, b, ulps=4, name=f"param {i}")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="loss scale needs a fusedmf optimizer"):
+        lopt.step(grad_scale=torch.tensor(2.0))
+    assert lopt.local_steps == 4
+    for a, b in zip(model.parameters(), before):
+        assert_bit_identical(a.detach(), b)

@@ -420,6 +420,9 @@ class LocalSGD(torch.optim.Optimizer):
             self.last_action = "warm-up"
             return loss
 
+        if grad_scale is not None and not self._fused:
+            raise TypeError(f"LocalSGD: a loss scale needs a fusedmf optimizer (it unscales inside its update); "
+                            f"{type(self.optimizer).__name__} does not take one")
         t0 = tel.clock.mark() if tel is not None else None
         if self.consensus is None:
             self._start_local_phase()
@@ -448,9 +451,6 @@ class LocalSGD(torch.optim.Optimizer):
             self.optimizer.step(grad_scale=grad_scale, found_inf=found)
             self.backends_used = {"update": dict(getattr(self.optimizer, "backends_used", {}))}
             return
-        if grad_scale is not None:
-            raise TypeError(f"LocalSGD: a loss scale needs a fusedmf optimizer (it unscales inside its update); "
-                            f"{type(self.optimizer).__name__} does not take one")
         if found is None or not bool(found.item() != 0):
             self.optimizer.step()
 
