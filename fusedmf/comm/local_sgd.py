@@ -44,7 +44,8 @@ each a reported problem there: a skipped step is not a local step on any rank (p
 average happens once per step() whatever the number of param groups (PR #74737); one warmup_steps
 governs both the gradient averaging and the start of local steps, and the schedule is checked at
 construction (PR #73285); masters and fp16/bf16 params are written from one fp32 consensus in one
-launch per bucket, with no torch.cat copy of the model; state_dict() carries the local step count
+launch per bucket, with no torch.cat copy of the model, in place (no rebinding of p.data, which left
+optimizers holding stale tensors: pytorch #74157 / PR #74894); state_dict() carries the local step count
 and the consensus, so a resumed run neither repeats the warm-up nor misses or shifts an average.
 
 State dicts differ between ranks in the middle of a period (each rank's momentum and weights are its
