@@ -396,7 +396,7 @@ def test_state_dict_mid_period_resumes_bit_identically(two_ranks):
     for rank, r in enumerate(two_ranks):
         res = r["resume"]
         assert res["saved_calls"] == 5 and res["saved_local_steps"] == 3
-        assert res["hooks_after_load"] == 0, "the warm-up's gradient hooks survived a resume past the warm-up"
+        assert res["warmup_after_load"] is False, "a resume past the warm-up went back to gradient averaging"
         for t, (a, b) in enumerate(zip(res["resumed"], res["straight"]), start=1):
             assert_bit_identical(a, b, f"rank {rank}, params after step {t}")
 
