@@ -4,6 +4,7 @@ after a crash (stale labs). Skipped, with the reason, where the machine cannot h
 iproute2, no tbf). No timing is asserted: rates are read back from the kernel, not measured."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,3 +145,36 @@ def test_teardown_on_signal_error_and_crash(how):
     else:
         assert p.returncode == 128 + getattr(signal, how), err
     _gone(tag)
+
+
+@needs_lab
+def test_scaling_netns_quick_smoke(tmp_path):
+    """The driver end to end (tiny model, 2 steps, two rates, three configurations): it runs, writes the JSON,
+    the log and the plot, every point has a finite measured and predicted E, and the lab is gone."""
+    cmd = [sys.executable, "-m", "fusedmf.bench", "scaling", "--netns", "--quick", "--bandwidths", "0.5", "2",
+           "--impls", "distopt-fp16-rec", "ddp-fp16hook", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    res = json.loads(path.read_text())
+    assert res["bench"] == "scaling_netns" and res["config"]["ranks"] == 2
+    assert res["provenance"]["git_commit"] and res["provenance"]["command"].startswith(
+        "python -m fusedmf.bench scaling --netns --quick")
+    pts = res["points"]
+    assert {(p["bandwidth_gbps"], p["impl"]) for p in pts} == {
+        (b, i) for b in (0.5, 2.0) for i in ("distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook")}
+    for p in pts:
+        assert p["world_size"] == 2 and math.isfinite(p["E_measured"]) and p["E_measured"] > 0
+        assert math.isfinite(p["E_predicted"]) and p["E_predicted"] > 0
+        assert p["error"] == p["E_predicted"] - p["E_measured"]
+        assert p["buckets_rank0_last_step"] and all(b["end_s"] >= b["start_s"] for b in p["buckets_rank0_last_step"])
+    for bw in ("0.5", "2"):
+        nets = res["fitted"][bw]["networks"]
+        assert set(nets) == {"float16", "bfloat16", "float32"} and all(d["bw_Bps"] > 0 for d in nets.values())
+        assert res["fitted"][bw]["recommended_cap"]["best_cap_mb"] in [p["bucket_cap_mb"] for p in pts
+                                                                    if p["impl"] == "distopt-fp16-rec"]
+    assert set(res["predicted_curves"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook"}
+    assert (tmp_path / path.name.replace(".json", "_E.png")).stat().st_size > 0
+    assert "predictor |E_pred - E_meas|" in (tmp_path / path.name.replace(".json", ".log")).read_text()
+    # the driver has exited: a namespace of its lab would be one whose owner is gone
+    assert not [ns for ns in netlab.lab_namespaces() if not netlab._alive(netlab._owner(ns))]

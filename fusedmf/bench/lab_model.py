@@ -30,12 +30,13 @@ gloo's thread pool running two buckets at once, and DDP's finalisation copy afte
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 from .predictor import Bucket, Network, ParamGrad, Prediction, Timeline, simulate
 
-__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap"]
+__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit"]
 
 
 @dataclass
@@ -166,3 +167,22 @@ def recommend_cap(tl: Timeline, n: int, fit: LabFit, *, t1_s: float, share: floa
         rows.append({"cap_mb": cap, "step_s": p["step_s"], "E": p["E"], "num_buckets": p["num_buckets"]})
     best = min(rows, key=lambda r: (round(r["step_s"], 9), -r["cap_mb"]))
     return {"best_cap_mb": best["cap_mb"], "best": best, "sweep": rows}
+
+
+def interpolate_fit(fits: Dict[float, LabFit], rate_gbps: float) -> LabFit:
+    """The ring fit at a rate between measured ones: log B, α and CPU time per byte linear in log(rate)
+    between the two nearest measured rates (the nearest one outside their range)."""
+    rates = sorted(fits)
+    if rate_gbps <= rates[0] or len(rates) == 1:
+        return fits[rates[0]]
+    if rate_gbps >= rates[-1]:
+        return fits[rates[-1]]
+    hi = next(r for r in rates if r >= rate_gbps)
+    lo = rates[rates.index(hi) - 1]
+    w = math.log(rate_gbps / lo) / math.log(hi / lo)
+    a, b = fits[lo], fits[hi]
+    bw = math.exp((1 - w) * math.log(a.bw_Bps) + w * math.log(b.bw_Bps))
+    return replace(a, alpha_s=(1 - w) * a.alpha_s + w * b.alpha_s, bw_Bps=bw,
+                   cpu_s_per_byte=(1 - w) * a.cpu_s_per_byte + w * b.cpu_s_per_byte,
+                   intercept_s=2 * (a.n - 1) * ((1 - w) * a.alpha_s + w * b.alpha_s),
+                   slope_s_per_B=2 * (a.n - 1) / a.n / bw, points={}, cpu_points={}, max_rel_residual=math.nan)

@@ -318,26 +318,37 @@ def _slowest(per_rank: List[dict]) -> List[float]:
     return [max(r["rows"][i]["step_s"] for r in per_rank) for i in range(n)]
 
 
-def analyse(state: dict) -> List[dict]:
+def _wire(cfg: dict) -> tuple:
+    """(payload bytes per element, the fitted dtype) of a configuration."""
+    if cfg["kind"] == "ddp":
+        return (2, "float16") if cfg.get("hook") == "fp16" else (4, "float32")
+    return WIRE[cfg["compression"]], FIT_DTYPE[cfg["compression"]]
+
+
+def _predict(state: dict, name: str, cfg: dict, fit) -> dict:
+    """lab_model's prediction of configuration ``name`` (``cfg``: its cap) on a link with ring fit ``fit``."""
     from .lab_model import buckets_for, predict_lab, with_pack_time
 
+    tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
+    tl = _timeline_from(tl_d)
+    wire, _ = _wire(cfg)
+    b = with_pack_time(buckets_for(tl, cfg["kind"], cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"])
+    return predict_lab(tl, b, state["world_size"], fit, t1_s=state["t1_alone_s"][PLAIN[cfg["kind"]]],
+                       share=state["cpu_share"])
+
+
+def analyse(state: dict) -> List[dict]:
+    """Every measured point with its prediction (the measured run's own cap: the recommendation it used)."""
     points = []
     n = state["world_size"]
     for bw_key, res in state["bandwidths"].items():
-        fits = res["fits"]
         for name, per_rank in res["runs"].items():
             cfg = per_rank[0]["config"]
-            kind = cfg["kind"]
-            t1 = state["t1_alone_s"][PLAIN[kind]]
+            t1 = state["t1_alone_s"][PLAIN[cfg["kind"]]]
             steps = _slowest(per_rank)
             tn = _median(steps)
-            base = "distopt-fp16" if name == "distopt-fp16-rec" else name
-            tl_d = state["timelines"][base]
-            wire = 2 if (kind == "ddp" and cfg.get("hook") == "fp16") else WIRE.get(cfg.get("compression", "none"), 4)
-            dtype = "float32" if wire == 4 else FIT_DTYPE.get(cfg.get("compression"), "float16")
-            tl = _timeline_from(tl_d)
-            b = with_pack_time(buckets_for(tl, kind, cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"])
-            pred = predict_lab(tl, b, n, fits[dtype], t1_s=t1, share=state["cpu_share"])
+            dtype = _wire(cfg)[1]
+            pred = _predict(state, name, cfg, res["fits"][dtype])
             r0 = per_rank[0]["rows"]
             points.append({
                 "bandwidth_gbps": float(bw_key), "impl": name, "world_size": n,
@@ -356,7 +367,57 @@ def analyse(state: dict) -> List[dict]:
     return points
 
 
+def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> dict:
+    """E predicted on a log grid between the measured rates, the ring fit interpolated between the two nearest
+    measured rates (lab_model.interpolate_fit); the recommended cap re-chosen at every grid rate."""
+    from .lab_model import interpolate_fit, recommend_cap
+
+    bws = sorted(float(b) for b in state["bandwidths"])
+    if len(bws) < 2:
+        return {}
+    steps = max(2, int(round(per_decade * math.log10(bws[-1] / bws[0]))) + 1)
+    grid = sorted(set([bws[0] * (bws[-1] / bws[0]) ** (k / (steps - 1)) for k in range(steps)] + bws))
+    out = {}
+    for name in impls:
+        cfg = dict(IMPLS[name])
+        dtype = _wire(cfg)[1]
+        fits = {float(b): d["fits"][dtype] for b, d in state["bandwidths"].items()}
+        rows = []
+        for bw in grid:
+            fit = interpolate_fit(fits, bw)
+            c = dict(cfg)
+            if c["cap_mb"] == "recommended":
+                tl_d = state["timelines"]["distopt-fp16"]
+                c["cap_mb"] = recommend_cap(_timeline_from(tl_d), state["world_size"], fit, t1_s=tl_d["t1_s"],
+                                            share=state["cpu_share"], pack_s_per_byte=tl_d["pack_s_per_byte"])["best_cap_mb"]
+            p = _predict(state, name, c, fit)
+            rows.append({"bandwidth_gbps": bw, "E_predicted": p["E"], "cap_mb": c["cap_mb"]})
+        out[name] = rows
+    return out
+
+
 # ============================================================================ driver
+def estimate_duration(state: dict, args, numel: int) -> float:
+    """Seconds the per-bandwidth phases should take: timed steps predicted by the lab model on the nominal rate
+    (B = the link rate, α = 0.2 ms), the fit's allreduces, and a start-up of the ranks per rate."""
+    from .lab_model import LabFit
+
+    total = 0.0
+    n = state["world_size"]
+    for bw in args.bandwidths:
+        B = bw * 1e9 / 8
+        fit = LabFit("nominal", n, 2e-4, B, 4 * (n - 1) * 1e-4, 2 * (n - 1) / n / B, 0.0, {}, {}, 0.0)
+        for sizes in _fit_sizes(numel, args.quick).values():
+            total += (3 if args.quick else 5) * sum(2 * (n - 1) / n * s / B + 2 * (n - 1) * 2e-4 for s in sizes)
+        for name in args.impls:
+            cfg = dict(IMPLS[name])
+            if cfg["cap_mb"] == "recommended":
+                cfg["cap_mb"] = 25.0
+            total += (args.warmup + args.steps) * _predict(state, name, cfg, fit)["step_s"]
+        total += 15.0
+    return total
+
+
 def _rank_threads(n: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // n)
@@ -551,6 +612,9 @@ def run(args) -> dict:
                     f"{state['timelines'][key]['backward_s'] * 1e3:.1f} ms, opt "
                     f"{state['timelines'][key]['optimizer_s'] * 1e3:.1f} ms, pack "
                     f"{state['timelines'][key]['pack_s_per_byte'] * 1e9:.2f} ns/B")
+        est = estimate_duration(state, args, numel)
+        log(f"expected duration of the per-bandwidth phases: ~{est / 60:.1f} min (the lab model at the nominal "
+            f"rates, alpha 0.2 ms, + ~15 s of start-up per rate)")
         # 4. per bandwidth
         for i, bw in enumerate(sorted(args.bandwidths)):
             lab.set_rate(bw)
@@ -568,6 +632,7 @@ def run(args) -> dict:
                 "fits": fits, "recommended": res[0].get("recommended"),
                 "runs": {name: [rr["configs"][name] for rr in res] for name in res[0]["configs"]}}
     points = analyse(state)
+    curves = predicted_curves(state, [i for i in args.impls if i in {p["impl"] for p in points}])
     for p in points:
         log(f"  {p['bandwidth_gbps']:>6g} Gb/s {p['impl']:<18} E measured {p['E_measured']:.3f} predicted "
             f"{p['E_predicted']:.3f} ({p['error']:+.3f}); T(N) {p['TN_s'] * 1e3:.1f} ms, exposed comm "
@@ -585,7 +650,7 @@ def run(args) -> dict:
         "timelines_world_size_1_loaded": state["timelines"],
         "fitted": {bw: {"networks": {dt: f.as_dict() for dt, f in d["fits"].items()}, "recommended_cap": d["recommended"]}
                    for bw, d in state["bandwidths"].items()},
-        "points": points,
+        "points": points, "predicted_curves": curves,
         "predictor_error": {"max_abs": max(errs) if errs else None, "median_abs": _median(errs) if errs else None},
         "per_rank_rows": {bw: {name: [pr["rows"] for pr in runs] for name, runs in d["runs"].items()}
                           for bw, d in state["bandwidths"].items()},
@@ -627,6 +692,9 @@ def _plot(result: dict, path: str) -> Optional[str]:
         ax.plot(bws, [p["E_measured"] for p in pts], "o", color=color, label=f"{impl} measured")
         top = max([top] + [p["E_measured"] for p in pts] + [p["E_predicted"] for p in pts])
     ax.set_xscale("log")
+    rates = sorted({p["bandwidth_gbps"] for p in result["points"]})
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
     ax.set_xlabel("link rate per rank and direction (Gb/s, tc tbf)")
     ax.set_ylabel("E(N) = T(1) / T(N)")
     c, m = result["config"], result["model_choice"]
