@@ -86,3 +86,11 @@ def test_recommend_cap_is_the_sweeps_fastest():
     rec = recommend_cap(tl, 2, _fit(alpha=1e-3, bw=50e6), t1_s=tl.single_gpu_s, share=0.0)
     assert rec["best"]["step_s"] == min(r["step_s"] for r in rec["sweep"])
     assert rec["best_cap_mb"] < 25          # small buckets overlap the long backward; one 40 MB bucket cannot
+
+
+def test_forward_broadcast_adds_to_forward_only_with_peers():
+    tl = Timeline(forward_s=0.1, backward_s=1.0, optimizer_s=0.05)
+    fit = _fit(alpha=1e-3, bw=1e6)
+    p = predict_lab(tl, [], 2, fit, t1_s=1.15, share=0.0, forward_comm_bytes=50_000)
+    assert p["forward_broadcast_s"] == pytest.approx(2e-3 + 0.05) and p["step_s"] == pytest.approx(1.15 + 0.052)
+    assert predict_lab(tl, [], 1, fit, t1_s=1.15, share=0.0, forward_comm_bytes=50_000)["forward_broadcast_s"] == 0.0

@@ -24,6 +24,11 @@ on ranks that talk over rate-limited links and share one host's CPUs, each model
    communication that overlapped it, times ``cpu_share`` (1 when the ranks' compute threads fill every
    core, less when spare cores absorb it), until the schedule settles.
 
+5. DDP's buffer broadcast: with ``broadcast_buffers=True`` (its default) DDP broadcasts the module's buffers
+   (BatchNorm statistics) from rank 0 at the start of every forward; at world size 1 that costs nothing, at
+   N it is a broadcast over the links (:func:`broadcast_time`, with the fp32 fit). DistributedOptimizer
+   without ``module=`` broadcasts nothing.
+
 Not modelled (reported as the residual): TCP slow start and tbf's burst at the start of each bucket,
 gloo's thread pool running two buckets at once, and DDP's finalisation copy after the last allreduce.
 """
@@ -36,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .predictor import Bucket, Network, ParamGrad, Prediction, Timeline, simulate
 
-__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit"]
+__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit", "broadcast_time"]
 
 
 @dataclass
@@ -110,12 +115,21 @@ def _stretched(tl: Timeline, buckets: Sequence[Bucket], extra_s: float) -> tuple
             [replace(b, ready_s=b.ready_s * f) for b in buckets])
 
 
+def broadcast_time(nbytes: float, fit: LabFit) -> float:
+    """A broadcast from rank 0 (pipelined along a chain: every link carries the payload once): ``2α + S/B``."""
+    return 0.0 if nbytes <= 0 or fit.n <= 1 else 2 * fit.alpha_s + nbytes / fit.bw_Bps
+
+
 def predict_lab(tl: Timeline, buckets: Sequence[Bucket], n: int, fit: LabFit, *, t1_s: float,
-                share: float, iterations: int = 8) -> dict:
+                share: float, forward_comm_bytes: int = 0, forward_fit: Optional[LabFit] = None,
+                iterations: int = 8) -> dict:
     """Predicted step at ``n`` ranks from the (loaded) world-size-1 timeline ``tl`` and its buckets in index
-    order; ``t1_s``: the plain single-rank step E(N) is measured against. Returns the prediction, the
+    order; ``t1_s``: the plain single-rank step E(N) is measured against. ``forward_comm_bytes``: a broadcast
+    in forward (5.: DDP's buffers), timed with ``forward_fit`` (default ``fit``). Returns the prediction, the
     schedule and the CPU-time stretch of backward (4b)."""
     net = fit.network(f"lab {fit.dtype}")
+    fwd_comm = broadcast_time(forward_comm_bytes, forward_fit or fit) if n > 1 else 0.0
+    tl = replace(tl, forward_s=tl.forward_s + fwd_comm)
     ordered = launch_order(buckets)
     extra = 0.0
     pred: Optional[Prediction] = None
@@ -139,7 +153,7 @@ def predict_lab(tl: Timeline, buckets: Sequence[Bucket], n: int, fit: LabFit, *,
     return {"step_s": pred.step_s, "E": t1_s / pred.step_s, "exposed_comm_s": pred.exposed_comm_s,
             "comm_total_s": pred.comm_total_s, "backward_cpu_stretch_s": extra, "num_buckets": pred.num_buckets,
             "bytes_per_step": pred.bytes_per_step, "schedule": pred.schedule, "network": net.as_dict(),
-            "timeline_single_gpu_s": tl.single_gpu_s}
+            "timeline_single_gpu_s": tl.single_gpu_s - fwd_comm, "forward_broadcast_s": fwd_comm}
 
 
 def buckets_for(tl: Timeline, impl_kind: str, *, cap_mb: float, wire_bytes: int) -> List[Bucket]:

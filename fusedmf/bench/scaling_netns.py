@@ -178,7 +178,9 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
     if dopt is not None:
         dopt.remove_hooks()
     out = {"config": cfg, "plain": plain, "info": info, "rows": rows, "numel": [p.numel() for p in params],
-           "layout": dopt.bucket_layout() if dopt is not None else None}
+           "layout": dopt.bucket_layout() if dopt is not None else None,
+           # DDP (broadcast_buffers=True, its default) broadcasts these from rank 0 in every forward
+           "buffer_bytes": sum(b.numel() * b.element_size() for b in module.buffers())}
     del module, params, dopt
     return out
 
@@ -303,7 +305,8 @@ def ws1_timeline(run: dict, t1_s: float) -> dict:
                 packs.append((b["packed_s"] - b["ready_s"]) / b["bytes"])
     return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt,
             "params": [{"numel": n, "ready_s": r} for n, r in zip(run["numel"], ready)],
-            "t1_s": t1_s, "pack_s_per_byte": max(_median(packs), 0.0) if packs else 0.0}
+            "t1_s": t1_s, "pack_s_per_byte": max(_median(packs), 0.0) if packs else 0.0,
+            "buffer_broadcast_bytes": run["buffer_bytes"] if run["config"]["kind"] == "ddp" else 0}
 
 
 def _timeline_from(d: dict):
@@ -325,16 +328,18 @@ def _wire(cfg: dict) -> tuple:
     return WIRE[cfg["compression"]], FIT_DTYPE[cfg["compression"]]
 
 
-def _predict(state: dict, name: str, cfg: dict, fit) -> dict:
-    """lab_model's prediction of configuration ``name`` (``cfg``: its cap) on a link with ring fit ``fit``."""
+def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
+    """lab_model's prediction of configuration ``name`` (``cfg``: its cap) on links with ring fits ``fits``
+    (payload dtype -> LabFit)."""
     from .lab_model import buckets_for, predict_lab, with_pack_time
 
     tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
     tl = _timeline_from(tl_d)
     wire, _ = _wire(cfg)
     b = with_pack_time(buckets_for(tl, cfg["kind"], cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"])
-    return predict_lab(tl, b, state["world_size"], fit, t1_s=state["t1_alone_s"][PLAIN[cfg["kind"]]],
-                       share=state["cpu_share"])
+    return predict_lab(tl, b, state["world_size"], fits[_wire(cfg)[1]], t1_s=state["t1_alone_s"][PLAIN[cfg["kind"]]],
+                       share=state["cpu_share"], forward_comm_bytes=tl_d.get("buffer_broadcast_bytes", 0),
+                       forward_fit=fits["float32"])
 
 
 def analyse(state: dict) -> List[dict]:
@@ -348,7 +353,7 @@ def analyse(state: dict) -> List[dict]:
             steps = _slowest(per_rank)
             tn = _median(steps)
             dtype = _wire(cfg)[1]
-            pred = _predict(state, name, cfg, res["fits"][dtype])
+            pred = _predict(state, name, cfg, res["fits"])
             r0 = per_rank[0]["rows"]
             points.append({
                 "bandwidth_gbps": float(bw_key), "impl": name, "world_size": n,
@@ -380,17 +385,17 @@ def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> 
     out = {}
     for name in impls:
         cfg = dict(IMPLS[name])
-        dtype = _wire(cfg)[1]
-        fits = {float(b): d["fits"][dtype] for b, d in state["bandwidths"].items()}
         rows = []
         for bw in grid:
-            fit = interpolate_fit(fits, bw)
+            fits = {dt: interpolate_fit({float(b): d["fits"][dt] for b, d in state["bandwidths"].items()}, bw)
+                    for dt in FIT_DTYPE.values()}
             c = dict(cfg)
             if c["cap_mb"] == "recommended":
                 tl_d = state["timelines"]["distopt-fp16"]
-                c["cap_mb"] = recommend_cap(_timeline_from(tl_d), state["world_size"], fit, t1_s=tl_d["t1_s"],
-                                            share=state["cpu_share"], pack_s_per_byte=tl_d["pack_s_per_byte"])["best_cap_mb"]
-            p = _predict(state, name, c, fit)
+                c["cap_mb"] = recommend_cap(_timeline_from(tl_d), state["world_size"], fits["float16"],
+                                            t1_s=tl_d["t1_s"], share=state["cpu_share"],
+                                            pack_s_per_byte=tl_d["pack_s_per_byte"])["best_cap_mb"]
+            p = _predict(state, name, c, fits)
             rows.append({"bandwidth_gbps": bw, "E_predicted": p["E"], "cap_mb": c["cap_mb"]})
         out[name] = rows
     return out
@@ -413,7 +418,7 @@ def estimate_duration(state: dict, args, numel: int) -> float:
             cfg = dict(IMPLS[name])
             if cfg["cap_mb"] == "recommended":
                 cfg["cap_mb"] = 25.0
-            total += (args.warmup + args.steps) * _predict(state, name, cfg, fit)["step_s"]
+            total += (args.warmup + args.steps) * _predict(state, name, cfg, {d: fit for d in FIT_DTYPE.values()})["step_s"]
         total += 15.0
     return total
 
