@@ -401,6 +401,35 @@ def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> 
     return out
 
 
+def checks(points: List[dict]) -> dict:
+    """What issue 13 checks, computed from the points (no judgement here: the figures side by side)."""
+    errs = [abs(p["error"]) for p in points]
+    by_bw: Dict[float, Dict[str, dict]] = {}
+    for p in points:
+        by_bw.setdefault(p["bandwidth_gbps"], {})[p["impl"]] = p
+    per_bw = {}
+    for bw, d in sorted(by_bw.items()):
+        fm = {k: v for k, v in d.items() if k.startswith("distopt")}
+        row = {}
+        if fm:
+            best = max(fm.values(), key=lambda p: p["E_measured"])
+            row.update(best_fusedmf=best["impl"], best_fusedmf_E=best["E_measured"], best_fusedmf_TN_s=best["TN_s"])
+        if "ddp" in d:
+            row.update(ddp_E=d["ddp"]["E_measured"], ddp_TN_s=d["ddp"]["TN_s"])
+            if fm:
+                row["best_fusedmf_E_minus_ddp_E"] = row["best_fusedmf_E"] - row["ddp_E"]
+        if "distopt-fp16-rec" in d and "distopt-fp16" in d:
+            row.update(recommended_cap_mb=d["distopt-fp16-rec"]["bucket_cap_mb"],
+                       recommended_E=d["distopt-fp16-rec"]["E_measured"], cap25_E=d["distopt-fp16"]["E_measured"],
+                       recommended_minus_25mb_E=d["distopt-fp16-rec"]["E_measured"] - d["distopt-fp16"]["E_measured"])
+        per_bw[f"{bw:g}"] = row
+    return {"points": len(points), "bandwidths": len(by_bw),
+            "max_abs_error": max(errs) if errs else None, "median_abs_error": _median(errs) if errs else None,
+            "targets": "issue 13: >= 8 points over >= 3 rates; |error| <= 0.10 everywhere, <= 0.05 median; best "
+                       "fusedmf E >= DDP default E at every rate <= 1 Gb/s; recommended cap no worse than 25 MB",
+            "per_bandwidth": per_bw}
+
+
 # ============================================================================ driver
 def estimate_duration(state: dict, args, numel: int) -> float:
     """Seconds the per-bandwidth phases should take: timed steps predicted by the lab model on the nominal rate
@@ -596,6 +625,8 @@ def run(args) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with netlab.NetLab(n, rate_gbps=max(args.bandwidths)) as lab:
         log(f"lab: {json.dumps(lab.describe())}")
+        if lab.oversubscribed:
+            log(f"oversubscribed: {n} ranks on {lab.cores} cores; E(N) then also measures the ranks' CPU contention")
         if lab.stale_removed:
             log(f"removed stale lab namespaces: {lab.stale_removed}")
         # 3. loaded world-size-1 timelines
@@ -642,7 +673,6 @@ def run(args) -> dict:
         log(f"  {p['bandwidth_gbps']:>6g} Gb/s {p['impl']:<18} E measured {p['E_measured']:.3f} predicted "
             f"{p['E_predicted']:.3f} ({p['error']:+.3f}); T(N) {p['TN_s'] * 1e3:.1f} ms, exposed comm "
             f"{p['exposed_comm_s'] * 1e3:.1f} ms (predicted {p['exposed_comm_predicted_s'] * 1e3:.1f})")
-    errs = [abs(p["error"]) for p in points]
     result = {
         "schema": 1, "bench": "scaling_netns", "machine": machine, "commands": commands,
         "provenance": {"git_commit": machine["git"]["commit"], "command": command, "cwd_relative": True},
@@ -655,8 +685,7 @@ def run(args) -> dict:
         "timelines_world_size_1_loaded": state["timelines"],
         "fitted": {bw: {"networks": {dt: f.as_dict() for dt, f in d["fits"].items()}, "recommended_cap": d["recommended"]}
                    for bw, d in state["bandwidths"].items()},
-        "points": points, "predicted_curves": curves,
-        "predictor_error": {"max_abs": max(errs) if errs else None, "median_abs": _median(errs) if errs else None},
+        "points": points, "predicted_curves": curves, "checks": checks(points),
         "per_rank_rows": {bw: {name: [pr["rows"] for pr in runs] for name, runs in d["runs"].items()}
                           for bw, d in state["bandwidths"].items()},
         "elapsed_s": time.perf_counter() - start}
@@ -664,8 +693,11 @@ def run(args) -> dict:
         json.dump(result, f, indent=1, default=str)
         f.write("\n")
     result["paths"] = {"json": stem + ".json", "log": stem + ".log", "plot": _plot(result, stem + "_E.png")}
-    log(f"predictor |E_pred - E_meas|: max {result['predictor_error']['max_abs']:.3f}, median "
-        f"{result['predictor_error']['median_abs']:.3f} over {len(points)} points")
+    ck = result["checks"]
+    log(f"predictor |E_pred - E_meas|: max {ck['max_abs_error']:.3f}, median {ck['median_abs_error']:.3f} over "
+        f"{ck['points']} points at {ck['bandwidths']} rates")
+    for bw, row in ck["per_bandwidth"].items():
+        log(f"  {bw} Gb/s: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     log(f"wrote {stem}.json, {stem}.log" + (f", {result['paths']['plot']}" if result["paths"]["plot"] else ""))
     log_f.close()
     for fn in os.listdir(workdir):
