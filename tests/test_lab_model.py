@@ -66,6 +66,16 @@ def test_cpu_time_of_overlapped_communication_stretches_backward():
 def test_pack_time_delays_the_launch():
     b = with_pack_time([Bucket(0.2, 1000), Bucket(0.5, 4000)], 1e-6)
     assert [x.ready_s for x in b] == pytest.approx([0.201, 0.504])
+    b = with_pack_time([Bucket(0.2, 1000), Bucket(0.5, 4000)], 1e-6, pack_fixed_s=0.01)
+    assert [x.ready_s for x in b] == pytest.approx([0.211, 0.514])
+
+
+def test_launch_time_of_the_fit_delays_every_bucket():
+    tl = Timeline(forward_s=0.1, backward_s=1.0, optimizer_s=0.05)
+    fit = _fit(alpha=0.0, bw=1e6)
+    fit.launch_s = 0.03
+    p = predict_lab(tl, [Bucket(0.95, 100_000)], 2, fit, t1_s=1.15, share=0.0)
+    assert p["schedule"][0]["start_s"] == pytest.approx(0.98) and p["step_s"] == pytest.approx(0.1 + 1.08 + 0.05)
 
 
 def test_cpu_share():

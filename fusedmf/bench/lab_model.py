@@ -13,7 +13,11 @@ on ranks that talk over rate-limited links and share one host's CPUs, each model
 3. The bucket copy. The world-size-1 timeline the prediction starts from is measured with each
    configuration's own machinery at world size 1 (DistributedOptimizer's pack of each bucket, DDP's copy
    of gradients into its buckets and back) on the ranks' own process groups of one, so those copies are in
-   its backward; T(1) for E(N) is the plain step (no wrapper), as a single GPU would run it.
+   its backward; T(1) for E(N) is the plain step (no wrapper), as a single GPU would run it. The pack (or
+   DDP's fp16 compression in its hook) also sits between a bucket's last gradient and its launch:
+   :func:`with_pack_time` delays each launch by ``fixed + per_byte · S`` fitted over the world-size-1
+   buckets, and the asynchronous allreduce call's own time (``LabFit.launch_s``, measured in the fit) by
+   that much more.
 4. Ranks sharing the host. (a) Memory bandwidth and caches: that world-size-1 timeline is measured on all
    N ranks at once (each alone in its group, no communication), i.e. at the machine load of the N-rank
    run; ``contention = T1(loaded) / T1(alone)`` is reported. (b) CPU time of communication: gloo's
@@ -41,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .predictor import Bucket, Network, ParamGrad, Prediction, Timeline, simulate
 
-__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit", "broadcast_time"]
+__all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit", "broadcast_time", "fit_line"]
 
 
 @dataclass
@@ -58,6 +62,7 @@ class LabFit:
     points: Dict[str, float]         # payload bytes -> median seconds
     cpu_points: Dict[str, float]     # payload bytes -> median process CPU seconds
     max_rel_residual: float
+    launch_s: float = 0.0            # the asynchronous allreduce call's own time (enqueue, wake the comm thread)
 
     def network(self, label: str) -> Network:
         return Network(label, gpus_per_node=self.n, intra_bw=self.bw_Bps, intra_alpha=self.alpha_s,
@@ -67,26 +72,30 @@ class LabFit:
         return asdict(self)
 
 
-def _line(xs: Sequence[float], ys: Sequence[float]):
+def fit_line(xs: Sequence[float], ys: Sequence[float]):
+    """Least squares ``y = a + b·x``: (a, b)."""
     k = len(xs)
     mx, my = sum(xs) / k, sum(ys) / k
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-30)
     return my - b * mx, b
 
 
-def fit_ring(times: Dict[int, float], cpu: Dict[int, float], n: int, dtype: str) -> LabFit:
-    """Least squares ``t = a + b·S`` over the timed payload sizes; ``cpu_s_per_byte`` the slope of CPU time."""
+def fit_ring(times: Dict[int, float], cpu: Dict[int, float], n: int, dtype: str, launch_s: float = 0.0) -> LabFit:
+    """Least squares ``t = a + b·S`` over the timed payload sizes; ``cpu_s_per_byte`` the slope of CPU time;
+    ``launch_s``: the measured time of the asynchronous call itself (added to each bucket's launch)."""
     if n < 2 or len(times) < 2:
         raise ValueError(f"a ring fit needs n >= 2 ranks and >= 2 sizes, got n={n}, sizes={sorted(times)}")
+    from .scaling import fit_ring as ring_fit          # the one t = a + b·S -> (α, B) fit
+
     xs = [float(s) for s in sorted(times)]
     ys = [times[int(s)] for s in xs]
-    a, b = _line(xs, ys)
-    a, b = max(a, 0.0), max(b, 1e-15)
+    f = ring_fit({int(s): times[int(s)] for s in xs}, n)
+    a, b = f["fit_intercept_s"], f["fit_slope_s_per_B"]
     resid = max(abs(a + b * x - y) / y for x, y in zip(xs, ys) if y > 0)
-    ca, cb = _line(xs, [cpu[int(s)] for s in xs])
-    return LabFit(dtype=dtype, n=n, alpha_s=a / (2 * (n - 1)), bw_Bps=2 * (n - 1) / n / b, intercept_s=a,
-                  slope_s_per_B=b, cpu_s_per_byte=max(cb, 0.0), points={str(int(s)): times[int(s)] for s in xs},
-                  cpu_points={str(int(s)): cpu[int(s)] for s in xs}, max_rel_residual=resid)
+    _, cb = fit_line(xs, [cpu[int(s)] for s in xs])
+    return LabFit(dtype=dtype, n=n, alpha_s=f["alpha_s"], bw_Bps=f["bw_Bps"], intercept_s=a, slope_s_per_B=b,
+                  cpu_s_per_byte=max(cb, 0.0), points={str(int(s)): times[int(s)] for s in xs},
+                  cpu_points={str(int(s)): cpu[int(s)] for s in xs}, max_rel_residual=resid, launch_s=launch_s)
 
 
 def launch_order(buckets: Sequence[Bucket]) -> List[Bucket]:
@@ -128,6 +137,7 @@ def predict_lab(tl: Timeline, buckets: Sequence[Bucket], n: int, fit: LabFit, *,
     in forward (5.: DDP's buffers), timed with ``forward_fit`` (default ``fit``). Returns the prediction, the
     schedule and the CPU-time stretch of backward (4b)."""
     net = fit.network(f"lab {fit.dtype}")
+    buckets = [replace(b, ready_s=b.ready_s + fit.launch_s) for b in buckets]
     fwd_comm = broadcast_time(forward_comm_bytes, forward_fit or fit) if n > 1 else 0.0
     tl = replace(tl, forward_s=tl.forward_s + fwd_comm)
     ordered = launch_order(buckets)
@@ -166,17 +176,18 @@ def buckets_for(tl: Timeline, impl_kind: str, *, cap_mb: float, wire_bytes: int)
     return fusedmf_buckets(tl.params, cap_mb=cap_mb, wire_bytes=wire_bytes)
 
 
-def with_pack_time(buckets: Sequence[Bucket], pack_s_per_byte: float) -> List[Bucket]:
-    """A bucket is launched after its pack (cast + scale into the flat buffer, 3.): ready + that time."""
-    return [replace(b, ready_s=b.ready_s + pack_s_per_byte * b.nbytes) for b in buckets]
+def with_pack_time(buckets: Sequence[Bucket], pack_s_per_byte: float, pack_fixed_s: float = 0.0) -> List[Bucket]:
+    """A bucket is launched after its pack (cast + scale into the flat buffer, 3.), ``fixed + per_byte · S``."""
+    return [replace(b, ready_s=b.ready_s + pack_fixed_s + pack_s_per_byte * b.nbytes) for b in buckets]
 
 
 def recommend_cap(tl: Timeline, n: int, fit: LabFit, *, t1_s: float, share: float, pack_s_per_byte: float = 0.0,
+                  pack_fixed_s: float = 0.0,
                   caps_mb: Sequence[float] = (0.5, 1, 2, 4, 8, 16, 25, 32, 64)) -> dict:
     """The fusedmf fp16 bucket cap with the shortest step predicted by :func:`predict_lab` (ties: the larger)."""
     rows = []
     for cap in caps_mb:
-        b = with_pack_time(buckets_for(tl, "distopt", cap_mb=cap, wire_bytes=2), pack_s_per_byte)
+        b = with_pack_time(buckets_for(tl, "distopt", cap_mb=cap, wire_bytes=2), pack_s_per_byte, pack_fixed_s)
         p = predict_lab(tl, b, n, fit, t1_s=t1_s, share=share)
         rows.append({"cap_mb": cap, "step_s": p["step_s"], "E": p["E"], "num_buckets": p["num_buckets"]})
     best = min(rows, key=lambda r: (round(r["step_s"], 9), -r["cap_mb"]))
@@ -198,5 +209,6 @@ def interpolate_fit(fits: Dict[float, LabFit], rate_gbps: float) -> LabFit:
     bw = math.exp((1 - w) * math.log(a.bw_Bps) + w * math.log(b.bw_Bps))
     return replace(a, alpha_s=(1 - w) * a.alpha_s + w * b.alpha_s, bw_Bps=bw,
                    cpu_s_per_byte=(1 - w) * a.cpu_s_per_byte + w * b.cpu_s_per_byte,
+                   launch_s=(1 - w) * a.launch_s + w * b.launch_s,
                    intercept_s=2 * (a.n - 1) * ((1 - w) * a.alpha_s + w * b.alpha_s),
                    slope_s_per_B=2 * (a.n - 1) / a.n / bw, points={}, cpu_points={}, max_rel_residual=math.nan)

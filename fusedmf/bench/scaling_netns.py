@@ -197,15 +197,19 @@ def _fit_allreduces(spec: dict, rank: int) -> dict:
         for nbytes in sizes:
             buf = torch.randn(nbytes // torch.empty((), dtype=dt).element_size()).to(dt)
             ts, cs = [], []
+            ls = []
             for k in range(1 + spec["fit_repeats"]):
                 dist.barrier()
                 c0, t0 = time.process_time(), time.perf_counter()
-                dist.all_reduce(buf)
+                work = dist.all_reduce(buf, async_op=True)        # as the buckets are launched
+                tl = time.perf_counter()
+                work.wait()
                 t1, c1 = time.perf_counter(), time.process_time()
                 if k:
                     ts.append(t1 - t0)
                     cs.append(c1 - c0)
-            res[nbytes] = {"times_s": ts, "cpu_s": cs}
+                    ls.append(tl - t0)
+            res[nbytes] = {"times_s": ts, "cpu_s": cs, "launch_s": ls}
         out[dtype] = res
     return out
 
@@ -268,16 +272,16 @@ def _recommend(spec: dict, fit_raw: dict, n: int) -> dict:
     fits = fit_networks({0: fit_raw}, n)
     tl = _timeline_from(spec["recommend_from"])
     return recommend_cap(tl, n, fits["float16"], t1_s=spec["recommend_from"]["t1_s"], share=spec["cpu_share"],
-                         pack_s_per_byte=spec["recommend_from"]["pack_s_per_byte"])
+                         pack_s_per_byte=spec["recommend_from"]["pack_s_per_byte"],
+                         pack_fixed_s=spec["recommend_from"]["pack_fixed_s"])
 
 
 # ============================================================================ analysis (driver side)
 def _median(xs: Sequence[float]) -> float:
-    s = sorted(x for x in xs if x is not None)
-    if not s:
-        return math.nan
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+    """The median of the values that are not None (NaN if none)."""
+    from ._common import quantile
+
+    return quantile([x for x in xs if x is not None], 0.5)
 
 
 def fit_networks(fit_by_rank: Dict[int, dict], n: int) -> dict:
@@ -288,24 +292,33 @@ def fit_networks(fit_by_rank: Dict[int, dict], n: int) -> dict:
     for dtype, sizes in fit_by_rank[0].items():
         times = {int(s): _median(v["times_s"]) for s, v in sizes.items()}
         cpu = {int(s): _median(v["cpu_s"]) for s, v in sizes.items()}
-        out[dtype] = fit_ring(times, cpu, n, dtype)
+        launch = _median([x for v in sizes.values() for x in v.get("launch_s", [])])
+        out[dtype] = fit_ring(times, cpu, n, dtype, launch_s=0.0 if math.isnan(launch) else launch)
     return out
 
 
 def ws1_timeline(run: dict, t1_s: float) -> dict:
     """A world-size-1 timeline (as a dict) from one rank's timed steps: median phases, each param's ready time
     (median over the steps, scaled onto the median backward), pack / compress seconds per payload byte."""
+    from .lab_model import fit_line
+
     rows = run["rows"]
     fwd, bwd, opt = (_median([r[k] for r in rows]) for k in ("forward_s", "backward_s", "optimizer_s"))
     ready = [min(max(_median([r["ready_s"][i] for r in rows]), 0.0), bwd) for i in range(len(run["numel"]))]
-    packs = []
+    packs = []                      # (payload bytes, pack seconds) of every bucket of every step
     for r in rows:
         for b in r.get("buckets") or []:
             if b.get("packed_s") is not None and b.get("ready_s") is not None and b["bytes"]:
-                packs.append((b["packed_s"] - b["ready_s"]) / b["bytes"])
+                packs.append((b["bytes"], b["packed_s"] - b["ready_s"]))
+    pack_fixed, pack_per_byte = 0.0, 0.0
+    if packs and len({nb for nb, _ in packs}) > 1:
+        pack_fixed, pack_per_byte = fit_line([nb for nb, _ in packs], [t for _, t in packs])
+    if packs and (len({nb for nb, _ in packs}) == 1 or pack_fixed < 0 or pack_per_byte < 0):
+        # one size, or a noisy line: the time per byte over all buckets
+        pack_fixed, pack_per_byte = 0.0, max(sum(t for _, t in packs) / sum(nb for nb, _ in packs), 0.0)
     return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt,
             "params": [{"numel": n, "ready_s": r} for n, r in zip(run["numel"], ready)],
-            "t1_s": t1_s, "pack_s_per_byte": max(_median(packs), 0.0) if packs else 0.0,
+            "t1_s": t1_s, "pack_s_per_byte": pack_per_byte, "pack_fixed_s": pack_fixed,
             "buffer_broadcast_bytes": run["buffer_bytes"] if run["config"]["kind"] == "ddp" else 0}
 
 
@@ -336,7 +349,8 @@ def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
     tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
     tl = _timeline_from(tl_d)
     wire, _ = _wire(cfg)
-    b = with_pack_time(buckets_for(tl, cfg["kind"], cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"])
+    b = with_pack_time(buckets_for(tl, cfg["kind"], cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"],
+                       tl_d["pack_fixed_s"])
     return predict_lab(tl, b, state["world_size"], fits[_wire(cfg)[1]], t1_s=state["t1_alone_s"][PLAIN[cfg["kind"]]],
                        share=state["cpu_share"], forward_comm_bytes=tl_d.get("buffer_broadcast_bytes", 0),
                        forward_fit=fits["float32"])
@@ -394,7 +408,8 @@ def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> 
                 tl_d = state["timelines"]["distopt-fp16"]
                 c["cap_mb"] = recommend_cap(_timeline_from(tl_d), state["world_size"], fits["float16"],
                                             t1_s=tl_d["t1_s"], share=state["cpu_share"],
-                                            pack_s_per_byte=tl_d["pack_s_per_byte"])["best_cap_mb"]
+                                            pack_s_per_byte=tl_d["pack_s_per_byte"],
+                                            pack_fixed_s=tl_d["pack_fixed_s"])["best_cap_mb"]
             p = _predict(state, name, c, fits)
             rows.append({"bandwidth_gbps": bw, "E_predicted": p["E"], "cap_mb": c["cap_mb"]})
         out[name] = rows
@@ -647,6 +662,7 @@ def run(args) -> dict:
                 log(f"ws1 timeline {key}: fwd {state['timelines'][key]['forward_s'] * 1e3:.1f} ms, bwd "
                     f"{state['timelines'][key]['backward_s'] * 1e3:.1f} ms, opt "
                     f"{state['timelines'][key]['optimizer_s'] * 1e3:.1f} ms, pack "
+                    f"{state['timelines'][key]['pack_fixed_s'] * 1e6:.0f} us + "
                     f"{state['timelines'][key]['pack_s_per_byte'] * 1e9:.2f} ns/B")
         est = estimate_duration(state, args, numel)
         log(f"expected duration of the per-bandwidth phases: ~{est / 60:.1f} min (the lab model at the nominal "
@@ -663,7 +679,7 @@ def run(args) -> dict:
             for dt, fit in fits.items():
                 log(f"  fit {dt}: alpha {fit.alpha_s * 1e6:.0f} us, B {fit.bw_Bps * 8 / 1e9:.3f} Gb/s "
                     f"({fit.bw_Bps / 1e6:.1f} MB/s), CPU {fit.cpu_s_per_byte * 1e9:.2f} ns/B, "
-                    f"max residual {fit.max_rel_residual:.1%}")
+                    f"launch {fit.launch_s * 1e6:.0f} us, max residual {fit.max_rel_residual:.1%}")
             state["bandwidths"][f"{bw:g}"] = {
                 "fits": fits, "recommended": res[0].get("recommended"),
                 "runs": {name: [rr["configs"][name] for rr in res] for name in res[0]["configs"]}}
