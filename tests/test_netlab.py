@@ -36,10 +36,12 @@ def _gone(tag: str) -> None:
 
 
 @needs_lab
-def test_allreduce_across_namespaces_and_teardown(tmp_path):
+@pytest.mark.parametrize("n", [2, 4])
+def test_allreduce_across_namespaces_and_teardown(tmp_path, n):
     veth0, bridges0 = _host_links("veth"), _host_links("bridge")
-    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    with NetLab(2, rate_gbps=1.0) as lab:
+    outs = [tmp_path / f"rank{r}.json" for r in range(n)]
+    with NetLab(n, rate_gbps=1.0) as lab:
+        assert lab.describe()["oversubscribed"] == (n > lab.cores)
         tag, namespaces = lab.tag, list(lab.namespaces)
         assert set(namespaces + [lab.switch]) <= set(netlab.lab_namespaces())
         # inside the lab: no default route, only the lab subnet (NOTE [lab isolation])
@@ -48,17 +50,17 @@ def test_allreduce_across_namespaces_and_teardown(tmp_path):
         procs = [lab.spawn(r, [sys.executable, os.path.join(HERE, "_netlab_worker.py"), str(outs[r])],
                            env=lab.rank_env(r, port=29611, threads=1), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(2)]
+                 for r in range(n)]
         logs = [p.communicate(timeout=120)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], logs
+        assert [p.returncode for p in procs] == [0] * n, logs
     res = [json.loads(o.read_text()) for o in outs]
     host_netns = os.readlink("/proc/self/ns/net")
     for r, d in enumerate(res):
-        assert d["rank"] == r and d["world_size"] == 2 and d["max_abs_err"] == 0.0
+        assert d["rank"] == r and d["world_size"] == n and d["max_abs_err"] == 0.0
         assert d["ifname"] == "eth0"
         assert sorted(d["addresses"]) == sorted(["127.0.0.1/8", f"{netlab.rank_address(r)}/24"])
         assert d["netns"] != host_netns
-    assert res[0]["netns"] != res[1]["netns"]
+    assert len({d["netns"] for d in res}) == n
     _gone(tag)
     assert _host_links("veth") == veth0 and _host_links("bridge") == bridges0
     assert all(p.poll() is not None for p in procs)
