@@ -273,7 +273,7 @@ def skip_scenario(rank, world_size):
                 x, y = shard(x, rank, world_size), shard(y, rank, world_size)
                 if t == when:
                     before_params = params_of(model)
-                    before_state = state_digest(dopt.state_dict())
+                    before_state = state_digest(dopt.optimizer.state_dict())
                     if rank == 1:
                         x = x.clone()
                         x[0, 0, 0, 0] = float("inf") if opt_name == "sgd" else float("nan")
@@ -284,7 +284,7 @@ def skip_scenario(rank, world_size):
                     res[f"{opt_name}/{when}"] = {
                         "skipped": dopt.last_step_skipped,
                         "params_unchanged": all(torch.equal(a, b) for a, b in zip(before_params, params_of(model))),
-                        "state_unchanged": state_digest(dopt.state_dict()) == before_state,
+                        "state_unchanged": state_digest(dopt.optimizer.state_dict()) == before_state,
                         "state_zero": all(not torch.is_tensor(v) or not v.any()
                                           for st in dopt.state_dict()["state"].values() for v in st.values()),
                         "steps": sorted({s.get("step") for s in dopt.state_dict()["state"].values()}),
