@@ -225,6 +225,57 @@ def test_fp16_params_with_loss_scaler_match_the_plain_optimizer():
         assert_bit_identical(p, q, f"param {i}")
 
 
+def test_fp16_unscale_and_clip_equal_the_fp32_recipe():
+    """fp16 params (fp32 masters) with DynamicLossScaler.unscale_ + clip_grad_norm_ against fp32 params
+    with torch.amp.GradScaler.unscale_ + clip_grad_norm_, from the same gradients (fp16 values, scaled by
+    S = 2^10, exact in both). Differences: the fp16 norm (each per-tensor norm and the total rounded
+    once: <= 3·u16 relative) and the fp16 multiply by the clip coefficient (one more rounding), so each
+    clipped gradient is within 4·u16·|g_clipped| of fp32's; propagated through SGD with momentum as in
+    reference_with_bound, plus half an fp16 ulp for the model copy."""
+    torch.manual_seed(3)
+    shapes, lr, mu, S, max_norm = ((37,), (5, 7)), 0.1, 0.9, 2.0 ** 10, 0.5
+    init = [torch.randn(s).half() for s in shapes]
+    p16 = [x.clone().requires_grad_() for x in init]
+    p32 = [x.float().requires_grad_() for x in init]
+    o16, o32 = MFSGD(p16, lr=lr, momentum=mu), MFSGD(p32, lr=lr, momentum=mu)
+    s16 = DynamicLossScaler(init_scale=S)
+    s32 = torch.amp.GradScaler("cpu", init_scale=S)
+    s16.scale(torch.ones(())), s32.scale(torch.ones(()))
+    u16 = 2.0 ** -11
+    acc = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    bound = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for t in range(3):
+        grads = [(torch.randn(s) * 0.5).half() for s in shapes]
+        for p, g in zip(p16, grads):
+            p.grad = g * S                       # exact: a power of 2, no overflow
+        for p, g in zip(p32, grads):
+            p.grad = g.float() * S
+        s16.unscale_(o16)
+        assert all(torch.equal(p.grad, g) for p, g in zip(p16, grads)), "unscale_ by 2^10 is exact"
+        n16 = torch.nn.utils.clip_grad_norm_(p16, max_norm)
+        s32.unscale_(o32)
+        n32 = torch.nn.utils.clip_grad_norm_(p32, max_norm)
+        assert n32 > max_norm, "the test should clip"
+        assert abs(float(n16) - float(n32)) <= 3 * u16 * float(n32), (float(n16), float(n32))
+        for a, b in zip(p16, p32):
+            assert ((a.grad.double() - b.grad.double()).abs() <= 4 * u16 * b.grad.double().abs()).all()
+        for i, b in enumerate(p32):
+            acc[i].mul_(mu if t else 0.0).add_(4 * u16 * b.grad.double().abs())
+            bound[i].add_(lr * acc[i])
+        s16.step(o16), s32.step(o32)
+        s16.update(), s32.update()
+    for i, (a, b) in enumerate(zip(p16, p32)):
+        master = o16.state[a]["master_param"]
+        err = (master.double() - b.detach().double()).abs()
+        assert (err <= 2 * bound[i] + 4 * 2.0 ** -24 * b.detach().double().abs()).all(), f"master {i}: {err.max()}"
+        assert torch.equal(a.detach(), master.half()), "the fp16 model copy is the rounded master"
+    with pytest.raises(RuntimeError, match="already called"):
+        for p in p16:
+            p.grad = torch.ones_like(p)
+        s16.unscale_(o16)
+        s16.unscale_(o16)
+
+
 def test_constructor_and_step_errors():
     model = W.Net(0)
     with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer"):
@@ -474,3 +525,128 @@ def test_process_group_of_one_rank():
     # not bit-identical to this process: the child runs 1 thread, so conv/matmul sum in another order
     ref, bound = reference_with_bound("adam", "none", 1, 5)
     assert_within_bound(r["params"], ref, bound, 5, "process group of one rank")
+
+
+# ------------------------------------------------------------------------------------------ a torch Optimizer (issue 14)
+@pytest.fixture(scope="module")
+def surface():
+    return W.ok_results(W.launch(W.surface_suite, 2, pg_timeout=PG_TIMEOUT))
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_replicas_start_from_rank_0_and_stay_bit_identical(surface, kind):
+    """Different seeds per rank, BatchNorm, module=: after construction every parameter and buffer is
+    rank 0's; after 5 steps parameters and running statistics are bit-identical on both ranks."""
+    r0, r1 = (r[f"surface/{kind}"] for r in surface)
+    init0 = W.BNNet(10).state_dict()
+    assert any(not torch.equal(a, b) for a, b in zip(init0.values(), W.BNNet(11).state_dict().values()))
+    for r in (r0, r1):
+        for name, v in r["after_construction"].items():
+            assert_bit_identical(v, init0[name], f"{name} after construction")
+    for name in r0["final"]:
+        assert_bit_identical(r1["final"][name], r0["final"][name], f"{name} after training, rank 1 vs rank 0")
+    assert not torch.equal(r0["final"]["bn.running_mean"], init0["bn.running_mean"]), "BN statistics never moved"
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_wrapper_is_an_optimizer_for_schedulers_and_hooks(surface, kind):
+    for r in (s[f"surface/{kind}"] for s in surface):
+        assert r["is_optimizer"] and r["same_groups"]
+        assert r["fired"] == {"pre": 5, "post": 5, "inner_post": 5}, r["fired"]
+        assert r["lrs"] == [0.1, 0.1, 0.05, 0.05, 0.025], r["lrs"]
+        assert not any("lr_scheduler.step()" in w for w in r["warnings"]), r["warnings"]
+        assert r["layout_names"][0] == ["fc.bias"], "bucket reports use named_parameters"
+        assert sorted(n for b in r["layout_names"] for n in b) == sorted(n for n, _ in W.BNNet(0).named_parameters())
+        assert r["backends"]["pack"] == "cpu" and r["backends"]["non_finite_check"] == "cpu"
+        want = {"cpu": 6} if kind == "mfsgd" else {"torch.optim.sgd.SGD": 6}
+        assert r["backends"]["update"] == want, r["backends"]
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_step_lr_on_the_wrapper_sets_the_lr_the_update_uses(surface, kind):
+    """w_{t+1} = w_t - lr_t · mean_r x_r with lr_t = 2^-t: every number is exact in binary."""
+    w = torch.zeros(8)
+    for t, got in enumerate(surface[0][f"lr/{kind}"]):
+        mean = sum(torch.arange(8, dtype=torch.float32) * (r + 1) + t for r in range(2)) / 2
+        w = w - 0.5 ** t * mean
+        assert_bit_identical(got, w, f"w after step {t}")
+    assert_bit_identical(surface[1][f"lr/{kind}"][-1], w, "rank 1")
+
+
+def test_broadcast_parameters_and_optimizer_state(surface):
+    b0, b1 = surface[0]["broadcast"], surface[1]["broadcast"]
+    for name, v in W.BNNet(20).state_dict().items():
+        assert_bit_identical(b1["params"][name], v, name)
+    assert b0["state"] == b1["state"], "optimizer state (momentum, lr) differs after broadcast_optimizer_state"
+
+
+def test_clipping_sees_the_reduced_gradients(surface):
+    """fp16 params, DynamicLossScaler.unscale_(dopt): p.grad is the reduced gradient (the mean of the
+    ranks' local gradients within the fp16 compression bound), identical on both ranks, and
+    clip_grad_norm_ clips it identically."""
+    c0, c1 = surface[0]["clip"], surface[1]["clip"]
+    assert c0["norm"] == c1["norm"] and c0["skipped"] is False
+    for i, (a, b) in enumerate(zip(c0["seen"], c1["seen"])):
+        assert_bit_identical(b, a, f"reduced grad {i}, rank 1 vs rank 0")
+    local = c0["local_all"]
+    for i, g in enumerate(c0["seen"]):
+        mean = (local[0][i].double() + local[1][i].double()) / 2
+        mean_abs = (local[0][i].double().abs() + local[1][i].double().abs()) / 2
+        # fp16 grads (one rounding u16·|g_r| each), fp16 compression (2·u16·mean|g|), the fp16 unscale (exact, 2^8)
+        tol = 4 * 2.0 ** -11 * mean_abs + 2 * 2.0 ** -24 * 2 ** 8
+        assert ((g.double() - mean).abs() <= tol).all(), f"grad {i}"
+    total = torch.stack([g.double().norm() for g in c0["seen"]]).norm().item()
+    assert c0["norm"] == pytest.approx(total, rel=2 * 2.0 ** -11)
+    assert total > 0.05, "the test should clip"
+    for a, b in zip(c0["clipped"], c0["seen"]):
+        assert torch.allclose(a.double(), b.double() * 0.05 / total, rtol=4 * 2.0 ** -11, atol=2.0 ** -24)
+    assert_same_on_every_rank([c0["params"], c1["params"]], "after the clipped step")
+
+
+def test_ranks_that_disagree_raise_on_every_rank_naming_them():
+    results = W.ok_results(W.launch(W.disagree_suite, 2, pg_timeout=PG_TIMEOUT, timeout=120))
+    expect = {
+        "skipped_step": ([3, 3], ["ranks disagree on the step", "rank 0: step 3", "rank 1: step 2"]),
+        "forward_error": ([2, 3], ["training forward passes", "rank 0: training forward passes 3",
+                                   "rank 1: training forward passes 4"]),
+        "passes": ([1, 1], ["backward passes", "rank 0: backward passes 1", "rank 1: backward passes 2"]),
+        "replica": ([3, 3], ["diverged by step 4", "parameter 'fc1.weight'", "on rank 1"]),
+    }
+    for case, (steps, texts) in expect.items():
+        for rank, r in enumerate(results):
+            got = r[case]
+            assert got["error"] is not None, f"rank {rank}: no error for {case}"
+            assert got["error"].startswith("RankMismatchError"), (case, got["error"])
+            assert got["step"] == steps[rank], (case, rank, got)
+            for text in texts:
+                assert text in got["error"], (case, rank, got["error"])
+            assert got["elapsed"] < 5.0, (case, got["elapsed"])
+
+
+def test_resume_with_noise_scale_and_noise_adaptive_is_bit_identical():
+    results = W.ok_results(W.launch(W.noise_resume_suite, 2, pg_timeout=PG_TIMEOUT))
+    for rank, r in enumerate(results):
+        full, resumed = r["full"], r["resumed"]
+        assert full["mfs"][15:] == resumed["mfs"], f"rank {rank}: MF schedule after resume"
+        assert len(set(full["mfs"])) > 3, "the noise-adaptive MF should move in this run"
+        for i, (a, b) in enumerate(zip(resumed["params"], full["params"])):
+            assert_bit_identical(a, b, f"rank {rank}: param {i} after resuming at step 15")
+        assert resumed["noise"] == full["noise"] and resumed["value"] == full["value"]
+
+
+def test_ported_horovod_synthetic_benchmark_runs_on_two_gloo_ranks(tmp_path):
+    """examples/pytorch_synthetic_benchmark.py (Horovod's, 11 lines changed) under torchrun, tiny sizes."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "pytorch_synthetic_benchmark.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(W.free_port()), script, "--no-cuda", "--model", "resnet18", "--image-size", "32",
+           "--batch-size", "2", "--num-warmup-batches", "1", "--num-batches-per-iter", "1", "--num-iters", "2",
+           "--fp16-allreduce"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Number of CPUs: 2" in proc.stdout and "Total img/sec on 2 CPU(s)" in proc.stdout, proc.stdout

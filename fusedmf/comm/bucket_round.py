@@ -34,11 +34,11 @@ from .group import CommGroup
 
 
 class BucketRound:
-    def __init__(self, params: List[torch.Tensor], names: List[str], group: CommGroup, *,
+    def __init__(self, params: List[torch.Tensor], names: List[str], labels: List[object], group: CommGroup, *,
                  comm_dtype: Optional[torch.dtype], bucket_cap_mb: float, first_bucket_cap_mb: float,
                  backward_passes_per_step: int, find_unused_parameters: bool, backend: str,
                  pack_scale: Callable[[int], float]):
-        self.params, self.names, self.group = params, names, group
+        self.params, self.names, self.labels, self.group = params, names, labels, group   # names: for messages
         self.backward_passes_per_step = backward_passes_per_step
         self.find_unused_parameters = find_unused_parameters
         self.backend = backend
@@ -275,7 +275,7 @@ class BucketRound:
 
     # ------------------------------------------------------------------ reports
     def layout(self) -> List[dict]:
-        return [{"bucket": b.index, "params": list(b.params), "names": [self.names[i] for i in b.params],
+        return [{"bucket": b.index, "params": list(b.params), "names": [self.labels[i] for i in b.params],
                  "numel": b.numel, "bytes": b.nbytes, "dtype": str(b.dtype).replace("torch.", ""),
                  "device": str(b.device)} for b in self.buckets]
 

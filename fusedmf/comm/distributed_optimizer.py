@@ -291,6 +291,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
         params = [p for p in all_params if p.requires_grad]
         param_names = [n for n, p in zip(names, all_params) if p.requires_grad]
+        labels = [self._names_by_id[id(p)] if self._names_by_id is not None else i
+                  for i, p in enumerate(params)]
         noise = None
         if self._noise_arg is not None:       # validated before anything is registered on the params
             noise = NoiseScaleProbe(self._noise_arg, group, {p.device for p in params})
@@ -300,7 +302,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
         if self._round is not None:
             self._round.remove_hooks()
-        rnd = BucketRound(params, param_names, group, comm_dtype=self._compressor.dtype,
+        rnd = BucketRound(params, param_names, labels, group, comm_dtype=self._compressor.dtype,
                           bucket_cap_mb=self.bucket_cap_mb, first_bucket_cap_mb=self.first_bucket_cap_mb,
                           backward_passes_per_step=self.backward_passes_per_step,
                           find_unused_parameters=self.find_unused_parameters, backend=self.backend,
@@ -657,8 +659,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return dict(self._round.views)
 
     def bucket_layout(self) -> List[dict]:
-        """Which parameters (indices in registration order among those requiring grad, and names) each
-        bucket holds."""
+        """Which parameters (indices in registration order among those requiring grad, and their names
+        from ``named_parameters``, or the same indices without it) each bucket holds."""
         return self._round.layout()
 
     def remove_hooks(self) -> None:
