@@ -31,6 +31,13 @@ BUCKETS = dict(bucket_cap_mb=4e-3, first_bucket_cap_mb=5e-4)
 
 
 # ------------------------------------------------------------------------------------------ launcher
+def fallback_warnings_are_errors() -> None:
+    """A run of the reference backend in place of a compiled one raises (NOTE [compiled backends ran])."""
+    warnings.filterwarnings("error", message="fusedmf: running the slow reference backend", category=RuntimeWarning)
+    warnings.filterwarnings("error", message="fusedmf.pack: backend .* the reference pack runs", category=RuntimeWarning)
+    warnings.filterwarnings("error", message=".*are not dense; the reference backend", category=RuntimeWarning)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +57,7 @@ def _loads(data: bytes):
 def _child(fn_name, rank, world_size, port, pg_timeout, kwargs, queue):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore", RuntimeWarning)  # the reference-fallback notices, once per process
+    fallback_warnings_are_errors()          # NOTE [compiled backends ran] in tests/test_comm.py
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
@@ -606,14 +613,15 @@ def make_inner(kind: str, params):
     raise ValueError(kind)
 
 
-def surface_scenario(rank, world_size, *, kind):
+def surface_scenario(rank, world_size, *, kind, broadcast_buffers=True):
     """Different initial models per rank, BatchNorm, module=, named_parameters, Compression.fp16, StepLR on
     the wrapper, step hooks on the wrapper."""
     from fusedmf.comm import Compression
 
     model = BNNet(10 + rank)                 # every rank starts from its own init
     dopt = DistributedOptimizer(make_inner(kind, model.parameters()), module=model,
-                                named_parameters=model.named_parameters(), compression=Compression.fp16, **BUCKETS)
+                                named_parameters=model.named_parameters(), compression=Compression.fp16,
+                                broadcast_buffers=broadcast_buffers, **BUCKETS)
     after_construction = model_state(model)
     sched = torch.optim.lr_scheduler.StepLR(dopt, step_size=2, gamma=0.5)
     fired = {"pre": 0, "post": 0, "inner_post": 0}
@@ -623,6 +631,7 @@ def surface_scenario(rank, world_size, *, kind):
     lrs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        fallback_warnings_are_errors()
         for t in range(5):
             x, y = batch(t)
             loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
@@ -637,12 +646,16 @@ def surface_scenario(rank, world_size, *, kind):
             "same_groups": dopt.param_groups is dopt.optimizer.param_groups and dopt.state is dopt.optimizer.state}
 
 
-def lr_used_scenario(rank, world_size, *, kind):
+def lr_used_scenario(rank, world_size, *, kind, op="average", predivide=None):
     """w (8 values) with loss <w, x_r>: the grad on rank r is x_r. Plain SGD steps (no momentum) with a
-    halving StepLR on the wrapper: w_{t+1} = w_t - lr_t · mean_r x_r, exact in binary (powers of 2)."""
+    halving StepLR on the wrapper: w_{t+1} = w_t - lr_t · mean_r x_r (op=Sum: the sum), exact in binary
+    (powers of 2), also with a predivide factor (x/f before the sum, ·f/N after)."""
+    from fusedmf.comm import Average, Sum
+
     w = nn.Parameter(torch.zeros(8))
     inner = MFSGD([w], lr=1.0) if kind == "mfsgd" else torch.optim.SGD([w], lr=1.0)
-    dopt = DistributedOptimizer(inner, compression="none")
+    dopt = DistributedOptimizer(inner, compression="none", op=Average if op == "average" else Sum,
+                                gradient_predivide_factor=predivide)
     sched = torch.optim.lr_scheduler.StepLR(dopt, step_size=1, gamma=0.5)
     ws = []
     for t in range(4):
@@ -675,7 +688,11 @@ def broadcast_scenario(rank, world_size):
 
 def surface_suite(rank, world_size):
     out = {f"surface/{k}": surface_scenario(rank, world_size, kind=k) for k in ("mfsgd", "torch_sgd")}
-    out.update({f"lr/{k}": lr_used_scenario(rank, world_size, kind=k) for k in ("mfsgd", "torch_sgd")})
+    out["surface/own_buffers"] = surface_scenario(rank, world_size, kind="mfsgd", broadcast_buffers=False)
+    for k in ("mfsgd", "torch_sgd"):
+        out[f"lr/{k}"] = lr_used_scenario(rank, world_size, kind=k)
+        out[f"lr/{k}/sum"] = lr_used_scenario(rank, world_size, kind=k, op="sum")
+        out[f"lr/{k}/predivide"] = lr_used_scenario(rank, world_size, kind=k, predivide=4.0)
     out["broadcast"] = broadcast_scenario(rank, world_size)
     out["clip"] = clip_scenario(rank, world_size)
     return out
