@@ -749,6 +749,22 @@ def disagree_suite(rank, world_size, *, timeout=5.0):
         dopt.zero_grad()
     out["skipped_step"] = _run_until_error(skip_one, 6)
 
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", timeout=timeout,
+                                check_ranks="deferred", **BUCKETS)
+    skipped = {}
+
+    def skip_one_deferred(t):              # the same with the check read on the device: round 3 is skipped,
+        x, y = batch(t)                    # the error comes at round 4
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        if not (rank == 1 and t == 2):
+            before = params_of(model)
+            dopt.step()
+            skipped[t] = (dopt.last_step_skipped, all(torch.equal(a, b) for a, b in zip(before, params_of(model))))
+        dopt.zero_grad()
+    out["skipped_step_deferred"] = _run_until_error(skip_one_deferred, 6)
+    out["skipped_step_deferred"]["skipped"] = skipped
+
     model = BNNet(0)
     dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), module=model, compression="fp16",
                                 timeout=timeout, **BUCKETS)

@@ -694,6 +694,8 @@ def test_ranks_that_disagree_raise_on_every_rank_naming_them():
         "skipped_step": ([3, 3], ["ranks disagree on the step", "rank 0: step 3", "rank 1: step 2"]),
         "forward_error": ([2, 3], ["training forward passes", "rank 0: training forward passes 3",
                                    "rank 1: training forward passes 4"]),
+        "skipped_step_deferred": ([4, 4], ["found one round late, that round was skipped", "rank 0: step 3",
+                                           "rank 1: step 2"]),
         "passes": ([1, 1], ["backward passes", "rank 0: backward passes 1", "rank 1: backward passes 2"]),
         "replica": ([3, 3], ["diverged by step 4", "parameter 'fc1.weight'", "on rank 1"]),
     }
@@ -706,6 +708,9 @@ def test_ranks_that_disagree_raise_on_every_rank_naming_them():
             for text in texts:
                 assert text in got["error"], (case, rank, got["error"])
             assert got["elapsed"] < 5.0, (case, got["elapsed"])
+    for rank, r in enumerate(results):      # deferred: the mismatched round 3 was skipped, nothing written
+        assert r["skipped_step_deferred"]["skipped"][3] == (True, True), (rank, r["skipped_step_deferred"])
+        assert r["skipped_step_deferred"]["skipped"][1] == (False, False)
 
 
 def test_resume_with_noise_scale_and_noise_adaptive_is_bit_identical():

@@ -83,6 +83,7 @@ class BucketRound:
         self._mask_work = None
         self._mask: Optional[torch.Tensor] = None
         self._locally_missing = False
+        self.check_flag: Optional[torch.Tensor] = None    # a deferred round check's mismatch, for found_inf
         if self.noise is not None:
             self.noise.reset_round()
 
@@ -230,7 +231,7 @@ class BucketRound:
         if self.noise is not None:
             self.noise.wait(host_wait=self.host_wait)
         if self.check is not None:
-            self.check.verify(why or "step")
+            self.check_flag = self.check.verify(why or "step")
 
     def used_params(self) -> Optional[set]:
         """Indices of params to update, or None for all (no rank can have missed one that this rank has).
@@ -271,6 +272,8 @@ class BucketRound:
                                                                         backend=self.backend)
             if flag is not target:
                 target += flag.to(target.device, non_blocking=True)
+        if self.check_flag is not None:           # NOTE [round check], deferred: skip a mismatched round
+            target += self.check_flag.to(target.device, non_blocking=True)
         return target
 
     # ------------------------------------------------------------------ reports

@@ -112,7 +112,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for statistics over the global batch instead.
         check_ranks: the round check (NOTE [round check] in rank_check.py): every round compares the
             ranks' step numbers, backward passes and (with ``module=``) training forwards in one small
-            all_gather and raises :class:`RankMismatchError` on every rank when they differ.
+            all_gather and raises :class:`RankMismatchError` on every rank when they differ. True: read
+            on the host before the update for CPU buckets ("immediate"), on the device for CUDA buckets
+            ("deferred": the round is skipped through found_inf, the error raised at the next round);
+            or name the mode; False: off.
         replica_check_every: None, or k: every k steps compare a checksum of every parameter across
             the ranks (one small allreduce and one host read) and raise :class:`RankMismatchError`
             naming the first diverging tensor.
@@ -154,7 +157,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         average_backward_passes: bool = True,
         find_unused_parameters: bool = True,
         broadcast_buffers: bool = True,
-        check_ranks: bool = True,
+        check_ranks=True,
         replica_check_every: Optional[int] = None,
         timeout: Timeout = None,
         telemetry: bool = False,
@@ -196,7 +199,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.average_backward_passes = bool(average_backward_passes)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.broadcast_buffers = bool(broadcast_buffers)
-        self.check_ranks = bool(check_ranks)
+        if check_ranks not in (True, False, *RoundCheck.MODES):
+            raise ValueError(f"check_ranks must be True, False, 'immediate' or 'deferred', got {check_ranks!r}")
+        self.check_ranks = check_ranks
         self.replica_check_every = replica_check_every
         self.backend = backend
         self.bucket_cap_mb, self.first_bucket_cap_mb = float(bucket_cap_mb), float(first_bucket_cap_mb)
@@ -317,7 +322,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         rnd.telemetry = self.telemetry
         rnd.noise = noise
         if self.check_ranks and group.world_size > 1:
-            rnd.check = RoundCheck(group, group.small_device)
+            mode = self.check_ranks if isinstance(self.check_ranks, str) else \
+                "immediate" if rnd.host_wait else "deferred"
+            rnd.check = RoundCheck(group, group.small_device, mode)
             rnd.round_meta = lambda: (self._steps, self._forwards if self.module is not None else -1)
         rnd.reset()
         self._round = rnd

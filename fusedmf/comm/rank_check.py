@@ -20,8 +20,14 @@ the next round on), ranks that ran different numbers of backward passes under ``
 enabled; an evaluation on rank 0 only does not count) -- a rank that caught an error in a forward
 and went on with the next batch, whose collectives would otherwise pair with the others' one
 iteration apart. The buckets of such a round have already been reduced when the check is read, but
-no rank applies them. On CUDA the table is read by the host (a synchronisation with the small
-collective only); ``check_ranks=False`` turns the check off.
+no rank applies them.
+
+"immediate" (the default for CPU buckets): ``step()`` reads the table on the host and raises before
+the update. "deferred" (the default for CUDA buckets, where a host read would stall the host until
+the GPU has caught up, NOTE [deferred skip accounting]): the comparison is made on the device and
+added to the step's found_inf, so a mismatched round is skipped on every rank with nothing written;
+the table's copy to pinned host memory is read at the next round (long finished by then) or the next
+``zero_grad()`` drain, which raise the same error one round late. ``check_ranks=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -78,25 +84,60 @@ class RoundCheck:
 
     FIELDS = ("step", "backward passes", "training forward passes")
 
-    def __init__(self, group: CommGroup, device: torch.device):
+    MODES = ("immediate", "deferred")
+
+    def __init__(self, group: CommGroup, device: torch.device, mode: str):
+        if mode not in self.MODES:
+            raise ValueError(f"check_ranks must be True, False, 'immediate' or 'deferred', got {mode!r}")
         self.group = group
         self.device = device
+        self.mode = mode
         self._mine = torch.zeros(3, dtype=torch.int64, device=device)
         self._table = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(group.world_size)]
         self._work = None
+        self._pending = None              # deferred: (host copy of the table, event or None, what)
 
     def launch(self, steps: int, passes: int, forwards: int) -> None:
         values = torch.tensor([steps, passes, forwards], dtype=torch.int64)
         self._mine.copy_(values.pin_memory() if self.device.type == "cuda" else values, non_blocking=True)
         self._work = dist.all_gather(self._table, self._mine, group=self.group.process_group, async_op=True)
 
-    def verify(self, what: str) -> None:
-        """Wait for this round's table and raise on every rank if the ranks disagree."""
+    def verify(self, what: str) -> Optional[torch.Tensor]:
+        """Wait for this round's table; raise on every rank if the ranks disagree ("immediate"), or
+        return a device flag (1-element fp32, non-zero on a mismatch) for the step's found_inf and
+        read the table at the next call ("deferred"). Either way first raises for a deferred table
+        of an earlier round."""
+        self.raise_pending()
         if self._work is None:
-            return
+            return None
         work, self._work = self._work, None
-        self.group.wait(work, f"the round check ({what})", host_wait=True)
-        rows = [t.tolist() for t in self._table]
+        deferred = self.mode == "deferred"
+        self.group.wait(work, f"the round check ({what})", host_wait=not deferred)
+        table = torch.stack(self._table)
+        if not deferred:
+            self._raise_if_mismatch(table.tolist(), what)
+            return None
+        flag = (table != table[0:1]).any().to(torch.float32).reshape(1)
+        if table.device.type == "cuda":
+            host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            host.copy_(table, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(table.device))
+        else:
+            host, event = table.clone(), None
+        self._pending = (host, event, what)
+        return flag
+
+    def raise_pending(self) -> None:
+        """Deferred mode: read an earlier round's table (its copy is done by now) and raise on a mismatch."""
+        if self._pending is None:
+            return
+        (host, event, what), self._pending = self._pending, None
+        if event is not None:
+            event.synchronize()
+        self._raise_if_mismatch(host.tolist(), f"{what}; found one round late, that round was skipped")
+
+    def _raise_if_mismatch(self, rows: List[list], what: str) -> None:
         if all(row == rows[0] for row in rows):
             return
         col = next(c for c in range(3) if len({row[c] for row in rows}) > 1)
