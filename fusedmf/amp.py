@@ -9,6 +9,18 @@ the optimizer unscales inside its update, and the scale is updated on the device
     scaler.scale(loss).backward()
     scaler.step(opt)        # check grads, then opt.step(grad_scale=..., found_inf=...)
     scaler.update()         # back off on overflow, grow after `growth_interval` clean steps
+
+Clipping (fp16 params included, which torch.amp.GradScaler.unscale_ refuses):
+
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)    # grads /= scale in place, non-finite check in the same pass
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(opt)        # the update no longer unscales; skips if the unscale found inf/NaN
+    scaler.update()
+
+With a :class:`fusedmf.comm.DistributedOptimizer`, ``unscale_`` first finishes the step's
+communication and makes every ``p.grad`` the reduced gradient, so clipping sees the gradient the
+update will apply, identically on every rank.
 """
 
 from __future__ import annotations
@@ -19,6 +31,32 @@ from typing import Optional
 import torch
 
 from . import functional as F
+
+
+def unscale_grads_(grads, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """``g /= grad_scale`` in place for every tensor of ``grads``, and ``found_inf`` (a 1-element fp32
+    tensor) set non-zero if any of them holds inf/NaN: one fused pass per (device, dtype).
+
+    NOTE [in-place unscale]
+    The kernel is torch's own ``_amp_foreach_non_finite_check_and_unscale_`` (GradScaler's; one
+    multi-tensor launch on CUDA, a vectorised loop on CPU), which accepts fp16 and bf16 gradients:
+    the refusal of fp16 in ``GradScaler.unscale_`` is a Python-level policy, not the kernel's.
+    fusedmf's pack_ kernel cannot do it: it gathers tensors into *one flat output* at padded slot
+    offsets, so writing back into each gradient would alias its inputs with its output (outside its
+    op schema, where inputs are read-only and only ``out`` is mutated), and it has no non-finite
+    check; the update kernels unscale only on the fly, without writing the gradient."""
+    groups: dict = defaultdict(list)
+    for g in grads:
+        if g is not None:
+            groups[(g.device, g.dtype)].append(g)
+    for (device, _dtype), gs in groups.items():
+        inv = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1).reciprocal()
+        if device == found_inf.device:
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf.reshape(1), inv)
+        else:
+            local = torch.zeros(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, local, inv)
+            found_inf.reshape(1).add_(local.to(found_inf.device, non_blocking=True))
 
 
 class DynamicLossScaler:
@@ -40,6 +78,7 @@ class DynamicLossScaler:
         self._scale: Optional[torch.Tensor] = None
         self._growth_tracker: Optional[torch.Tensor] = None
         self._found_inf: Optional[torch.Tensor] = None
+        self._unscaled = None             # the optimizer unscale_() ran on since the last update()
         self._loaded_tracker = 0
 
     def _lazy_init(self, device: torch.device) -> None:
@@ -72,8 +111,30 @@ class DynamicLossScaler:
             found_inf = found_inf + local.to(self._scale.device, non_blocking=True).reshape(())
         return found_inf
 
+    def unscale_(self, optimizer) -> None:
+        """Divide the optimizer's gradients by the scale in place (NOTE [in-place unscale]), e.g. before
+        ``clip_grad_norm_``; the following :meth:`step` then does not unscale again and skips the
+        update if the gradients held inf/NaN. An optimizer with its own ``unscale_(grad_scale)`` (a
+        :class:`fusedmf.comm.DistributedOptimizer`: the reduced gradients) is asked to do it."""
+        if self._scale is None:
+            raise RuntimeError("DynamicLossScaler.unscale_() called before scale(): nothing was scaled")
+        if self._unscaled is not None:
+            raise RuntimeError("DynamicLossScaler.unscale_() was already called since the last update()")
+        if hasattr(optimizer, "unscale_"):
+            found = optimizer.unscale_(self._scale)
+        else:
+            found = torch.zeros(1, dtype=torch.float32, device=self._scale.device)
+            unscale_grads_([p.grad for g in optimizer.param_groups for p in g["params"]], self._scale, found)
+        self._found_inf = found.to(self._scale.device).reshape(())
+        self._unscaled = optimizer
+
     def step(self, optimizer, *args, **kwargs):
-        """Check the grads once, then let the optimizer unscale and skip inside its fused update."""
+        """Check the grads once, then let the optimizer unscale and skip inside its fused update
+        (after :meth:`unscale_`: only skip)."""
+        if self._unscaled is optimizer:
+            return optimizer.step(*args, found_inf=self._found_inf, **kwargs)
+        if self._unscaled is not None:
+            raise RuntimeError("DynamicLossScaler.step(): unscale_() was called on another optimizer")
         self._found_inf = self.check_non_finite(optimizer)
         return optimizer.step(*args, grad_scale=self._scale, found_inf=self._found_inf, **kwargs)
 
@@ -89,6 +150,7 @@ class DynamicLossScaler:
         self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(tracker), tracker))
         self._scale.copy_(scale)
         self._found_inf = None
+        self._unscaled = None
 
     def get_scale(self) -> float:
         return self._init_scale if self._scale is None else float(self._scale.item())

@@ -314,6 +314,16 @@ class noise_adaptive(MFSchedule):
         self.last = (step, value, goal, self._mf)
         return self._mf
 
+    def state_dict(self) -> dict:
+        """The rule's own state (the MF it moved to and when): with the estimator's state (saved by
+        DistributedOptimizer.state_dict) a resumed run continues bit-identically."""
+        return {"last_step": self._last_step, "mf": self._mf, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        mf = check_mf("noise_adaptive state mf", state["mf"])
+        self._last_step, self._mf = int(state["last_step"]), mf
+        self.last = None if state["last"] is None else tuple(state["last"])
+
     def __repr__(self) -> str:
         return (f"noise_adaptive(b={self.b}, mf_ref={self.mf_ref}, power={self.power}, mf_max={self.mf_max}, "
                 f"min_samples={self.min_samples}, max_change={self.max_change})")

@@ -32,6 +32,13 @@ BUCKETS = dict(bucket_cap_mb=4e-3, first_bucket_cap_mb=5e-4)
 
 
 # ------------------------------------------------------------------------------------------ launcher
+def fallback_warnings_are_errors() -> None:
+    """A run of the reference backend in place of a compiled one raises (NOTE [compiled backends ran])."""
+    warnings.filterwarnings("error", message="fusedmf: running the slow reference backend", category=RuntimeWarning)
+    warnings.filterwarnings("error", message="fusedmf.pack: backend .* the reference pack runs", category=RuntimeWarning)
+    warnings.filterwarnings("error", message=".*are not dense; the reference backend", category=RuntimeWarning)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -51,7 +58,7 @@ def _loads(data: bytes):
 def _child(fn_name, rank, world_size, port, pg_timeout, kwargs, queue):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore", RuntimeWarning)  # the reference-fallback notices, once per process
+    fallback_warnings_are_errors()          # NOTE [compiled backends ran] in tests/test_comm.py
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
@@ -277,7 +284,7 @@ def skip_scenario(rank, world_size):
                 x, y = shard(x, rank, world_size), shard(y, rank, world_size)
                 if t == when:
                     before_params = params_of(model)
-                    before_state = state_digest(dopt.state_dict())
+                    before_state = state_digest(dopt.optimizer.state_dict())
                     if rank == 1:
                         x = x.clone()
                         x[0, 0, 0, 0] = float("inf") if opt_name == "sgd" else float("nan")
@@ -288,7 +295,7 @@ def skip_scenario(rank, world_size):
                     res[f"{opt_name}/{when}"] = {
                         "skipped": dopt.last_step_skipped,
                         "params_unchanged": all(torch.equal(a, b) for a, b in zip(before_params, params_of(model))),
-                        "state_unchanged": state_digest(dopt.state_dict()) == before_state,
+                        "state_unchanged": state_digest(dopt.optimizer.state_dict()) == before_state,
                         "state_zero": all(not torch.is_tensor(v) or not v.any()
                                           for st in dopt.state_dict()["state"].values() for v in st.values()),
                         "steps": sorted({s.get("step") for s in dopt.state_dict()["state"].values()}),
@@ -571,3 +578,282 @@ def noise_scale_suite(rank, world_size):
         out["fp16_scaled"] = noise_scale_run(rank, world_size, b=8, steps=12, compression="fp16",
                                              scales=[1024.0, 64.0, 4096.0], bad_step=5, seed=1)
     return out
+
+
+# ------------------------------------------------------------------------------------------ optimizer surface (issue 14)
+class BNNet(nn.Module):
+    """conv -> BatchNorm -> tanh -> linear: buffers that training changes (running statistics)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(IMAGE[0], 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * IMAGE[1] * IMAGE[2], OUT)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.bn.running_mean.copy_(torch.randn(4, generator=g))
+            self.bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+        self.fail_next_forward = False
+
+    def forward(self, x, use_branch: bool = False):
+        h = torch.tanh(self.bn(self.conv(x)))
+        if self.fail_next_forward:          # a forward that raises half-way (after the pre-hooks ran)
+            self.fail_next_forward = False
+            raise ValueError("simulated forward error")
+        return self.fc(h.flatten(1))
+
+
+def model_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_inner(kind: str, params):
+    if kind == "mfsgd":
+        return MFSGD(params, lr=0.1, momentum=0.9)
+    if kind == "torch_sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    raise ValueError(kind)
+
+
+def surface_scenario(rank, world_size, *, kind, broadcast_buffers=True):
+    """Different initial models per rank, BatchNorm, module=, named_parameters, Compression.fp16, StepLR on
+    the wrapper, step hooks on the wrapper."""
+    from fusedmf.comm import Compression
+
+    model = BNNet(10 + rank)                 # every rank starts from its own init
+    dopt = DistributedOptimizer(make_inner(kind, model.parameters()), module=model,
+                                named_parameters=model.named_parameters(), compression=Compression.fp16,
+                                broadcast_buffers=broadcast_buffers, **BUCKETS)
+    after_construction = model_state(model)
+    sched = torch.optim.lr_scheduler.StepLR(dopt, step_size=2, gamma=0.5)
+    fired = {"pre": 0, "post": 0, "inner_post": 0}
+    dopt.register_step_pre_hook(lambda opt, a, k: fired.__setitem__("pre", fired["pre"] + 1))
+    dopt.register_step_post_hook(lambda opt, a, k: fired.__setitem__("post", fired["post"] + 1))
+    dopt.optimizer.register_step_post_hook(lambda opt, a, k: fired.__setitem__("inner_post", fired["inner_post"] + 1))
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback_warnings_are_errors()
+        for t in range(5):
+            x, y = batch(t)
+            loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+            lrs.append(dopt.param_groups[0]["lr"])
+            dopt.step()
+            dopt.zero_grad()
+            sched.step()
+    return {"after_construction": after_construction, "final": model_state(model),
+            "is_optimizer": isinstance(dopt, torch.optim.Optimizer), "fired": fired, "lrs": lrs,
+            "warnings": [str(w.message) for w in caught if "reference" not in str(w.message)],
+            "layout_names": [b["names"] for b in dopt.bucket_layout()], "backends": dict(dopt.backends_used),
+            "same_groups": dopt.param_groups is dopt.optimizer.param_groups and dopt.state is dopt.optimizer.state}
+
+
+def lr_used_scenario(rank, world_size, *, kind, op="average", predivide=None):
+    """w (8 values) with loss <w, x_r>: the grad on rank r is x_r. Plain SGD steps (no momentum) with a
+    halving StepLR on the wrapper: w_{t+1} = w_t - lr_t · mean_r x_r (op=Sum: the sum), exact in binary
+    (powers of 2), also with a predivide factor (x/f before the sum, ·f/N after)."""
+    from fusedmf.comm import Average, Sum
+
+    w = nn.Parameter(torch.zeros(8))
+    inner = MFSGD([w], lr=1.0) if kind == "mfsgd" else torch.optim.SGD([w], lr=1.0)
+    dopt = DistributedOptimizer(inner, compression="none", op=Average if op == "average" else Sum,
+                                gradient_predivide_factor=predivide)
+    sched = torch.optim.lr_scheduler.StepLR(dopt, step_size=1, gamma=0.5)
+    ws = []
+    for t in range(4):
+        x = torch.arange(8, dtype=torch.float32) * (rank + 1) + t
+        (w * x).sum().backward()
+        dopt.step()
+        dopt.zero_grad()
+        sched.step()
+        ws.append(w.detach().clone())
+    return ws
+
+
+def broadcast_scenario(rank, world_size):
+    """broadcast_parameters(state_dict) and broadcast_optimizer_state(torch SGD with momentum state)."""
+    from fusedmf.comm import broadcast_optimizer_state, broadcast_parameters
+
+    model = BNNet(20 + rank)
+    broadcast_parameters(model.state_dict(), root_rank=0)
+    params = model_state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if rank == 0:                        # only rank 0 has momentum state
+        x, y = batch(0)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.param_groups[0]["lr"] = 0.1 * (rank + 1)
+    broadcast_optimizer_state(opt, root_rank=0)
+    return {"params": params, "state": state_digest(opt.state_dict())}
+
+
+def surface_suite(rank, world_size):
+    out = {f"surface/{k}": surface_scenario(rank, world_size, kind=k) for k in ("mfsgd", "torch_sgd")}
+    out["surface/own_buffers"] = surface_scenario(rank, world_size, kind="mfsgd", broadcast_buffers=False)
+    for k in ("mfsgd", "torch_sgd"):
+        out[f"lr/{k}"] = lr_used_scenario(rank, world_size, kind=k)
+        out[f"lr/{k}/sum"] = lr_used_scenario(rank, world_size, kind=k, op="sum")
+        out[f"lr/{k}/predivide"] = lr_used_scenario(rank, world_size, kind=k, predivide=4.0)
+    out["broadcast"] = broadcast_scenario(rank, world_size)
+    out["clip"] = clip_scenario(rank, world_size)
+    return out
+
+
+def clip_scenario(rank, world_size):
+    """fp16 params + DynamicLossScaler: unscale_(dopt) then clip_grad_norm_: clipping sees the reduced
+    gradients (the same on every rank)."""
+    from fusedmf import DynamicLossScaler
+
+    model = Net(0).half()
+    dopt = DistributedOptimizer(MFSGD(model.parameters(), lr=0.05, momentum=0.9), compression="fp16", **BUCKETS)
+    scaler = DynamicLossScaler(init_scale=2.0 ** 8)
+    x, y = batch(0)
+    x, y = shard(x, rank, world_size).half(), shard(y, rank, world_size).half()
+    scaler.scale(loss_fn(model, x, y)).backward()
+    local = [p.grad.detach().float() / 2.0 ** 8 for p in model.parameters()]
+    scaler.unscale_(dopt)
+    seen = [p.grad.detach().clone() for p in model.parameters()]
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    clipped = [p.grad.detach().clone() for p in model.parameters()]
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, local)
+    scaler.step(dopt)
+    scaler.update()
+    return {"seen": seen, "norm": float(norm), "clipped": clipped, "local_all": everyone,
+            "params": params_of(model), "skipped": dopt.last_step_skipped}
+
+
+# ------------------------------------------------------------------------------------------ ranks that disagree
+def _run_until_error(step_fn, steps):
+    for t in range(steps):
+        start = time.monotonic()
+        try:
+            step_fn(t)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "step": t, "elapsed": time.monotonic() - start}
+    return {"error": None}
+
+
+def disagree_suite(rank, world_size, *, timeout=5.0):
+    """Each case on fresh objects; each raises on every rank at the same collective, so the group stays usable."""
+    out = {}
+
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", timeout=timeout,
+                                **BUCKETS)
+
+    def skip_one(t):                       # rank 1 skips step() at t = 2 (zero_grad only)
+        x, y = batch(t)
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        if not (rank == 1 and t == 2):
+            dopt.step()
+        dopt.zero_grad()
+    out["skipped_step"] = _run_until_error(skip_one, 6)
+
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", timeout=timeout,
+                                check_ranks="deferred", **BUCKETS)
+    skipped = {}
+
+    def skip_one_deferred(t):              # the same with the check read on the device: round 3 is skipped,
+        x, y = batch(t)                    # the error comes at round 4
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        if not (rank == 1 and t == 2):
+            before = params_of(model)
+            dopt.step()
+            skipped[t] = (dopt.last_step_skipped, all(torch.equal(a, b) for a, b in zip(before, params_of(model))))
+        dopt.zero_grad()
+    out["skipped_step_deferred"] = _run_until_error(skip_one_deferred, 6)
+    out["skipped_step_deferred"]["skipped"] = skipped
+
+    model = BNNet(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), module=model, compression="fp16",
+                                timeout=timeout, **BUCKETS)
+
+    def behind(t):                         # rank 1's forward raises at t = 2; it catches it and goes on
+        x, y = batch(t)
+        if rank == 1 and t == 2:
+            model.fail_next_forward = True
+            try:
+                loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size))
+            except ValueError:
+                dopt.zero_grad()
+                return
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        dopt.step()
+        dopt.zero_grad()
+    out["forward_error"] = _run_until_error(behind, 6)
+
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="none", timeout=timeout,
+                                **BUCKETS)
+
+    def passes(t):                         # rank 1 accumulates one more micro-batch at t = 1
+        x, y = batch(t)
+        xs, ys = shard(x, rank, world_size), shard(y, rank, world_size)
+        if rank == 1 and t == 1:
+            with dopt.no_sync():
+                loss_fn(model, xs, ys).backward()
+        loss_fn(model, xs, ys).backward()
+        dopt.step()
+        dopt.zero_grad()
+    out["passes"] = _run_until_error(passes, 4)
+
+    model = Net(0)
+    dopt = DistributedOptimizer(make_optimizer("sgd", model.parameters()), compression="fp16", timeout=timeout,
+                                named_parameters=model.named_parameters(), replica_check_every=2, **BUCKETS)
+
+    def diverge(t):                        # rank 1 nudges one weight after step 3
+        x, y = batch(t)
+        loss_fn(model, shard(x, rank, world_size), shard(y, rank, world_size)).backward()
+        dopt.step()
+        dopt.zero_grad()
+        if rank == 1 and t == 2:
+            with torch.no_grad():
+                model.fc1.weight[3, 5] += 1e-3
+    out["replica"] = _run_until_error(diverge, 6)
+    dist.barrier()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ noise-scale resume
+def noise_resume_run(rank, world_size, *, steps, save_at=None, resume_from=None):
+    """noise_scale + mf.noise_adaptive on the synthetic problem; optionally save at ``save_at`` or start
+    from a checkpoint (bytes) taken at its step."""
+    from fusedmf import mf
+    from fusedmf.noise import GradientNoiseScale
+
+    G, sigma2 = noise_problem(0)
+    model = NoiseModel()
+    noise = GradientNoiseScale(16, beta=0.9)
+    sched = mf.noise_adaptive(noise, mf_ref=0.9, mf_max=0.995, min_samples=5, max_change=0.01)
+    opt = MFSGD(model.parameters(), lr=1e-3, momentum=0.9, mf_schedule=sched)
+    dopt = DistributedOptimizer(opt, compression="fp16", noise_scale=noise, bucket_cap_mb=4e-3,
+                                first_bucket_cap_mb=2e-3)
+    first = 0
+    if resume_from is not None:
+        ckpt = _loads(resume_from)
+        model.load_state_dict(ckpt["model"])
+        dopt.load_state_dict(ckpt["opt"])
+        first = ckpt["step"]
+    saved, mfs = None, []
+    for t in range(first, steps):
+        g = torch.Generator().manual_seed(1009 * t + rank)
+        samples = G + torch.randn(16, G.numel(), generator=g, dtype=torch.float64) * sigma2.sqrt()
+        model.loss(samples.mean(0).float()).backward()
+        dopt.step()
+        dopt.zero_grad()
+        mfs.append(sched.last[3])
+        if save_at is not None and t + 1 == save_at:
+            saved = _dumps({"model": model.state_dict(), "opt": dopt.state_dict(), "step": t + 1})
+    return {"params": params_of(model), "noise": noise.state_dict(), "mfs": mfs, "saved": saved,
+            "value": noise.value}
+
+
+def noise_resume_suite(rank, world_size):
+    full = noise_resume_run(rank, world_size, steps=30, save_at=15)
+    resumed = noise_resume_run(rank, world_size, steps=30, resume_from=full["saved"])
+    return {"full": full, "resumed": resumed}

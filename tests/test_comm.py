@@ -38,10 +38,22 @@ U = {"none": None, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 PG_TIMEOUT = 10.0
 
 
+#: what every step of these tests must have run: the compiled CPU kernels (NOTE [compiled backends ran])
+COMPILED = {"pack": "cpu", "non_finite_check": "cpu"}
+
+
 @pytest.fixture(autouse=True)
-def _quiet_fallback_notices():
+def _compiled_backends_only():
+    """NOTE [compiled backends ran]: the comm suite is about the compiled pack / non-finite-check /
+    update kernels, so a silent fallback to the reference backend must fail it, not pass it: the
+    fallback notices are errors here (and in every rank, W.fallback_warnings_are_errors), and the tests
+    assert the backends_used values. Without the CPU extension the suite skips with the reason (fails
+    where FUSEDMF_REQUIRE_BACKENDS lists cpu, as in CI)."""
+    from conftest import require_backend
+
+    require_backend("cpu")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*reference.*", category=RuntimeWarning)
+        W.fallback_warnings_are_errors()
         yield
 
 
@@ -197,8 +209,10 @@ def test_world_size_one_without_process_group_matches_the_optimizer(opt_name):
         opt.zero_grad()
     for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
         assert_bit_identical(p, q, f"param {i}")
-    assert W.state_digest(dopt.state_dict()) == W.state_digest(opt.state_dict())
-    assert set(dopt.backends_used) == {"pack", "non_finite_check", "update"}
+    sd = dopt.state_dict()
+    assert sd.pop("distributed") == {"steps": 5}
+    assert W.state_digest(sd) == W.state_digest(opt.state_dict())
+    assert dopt.backends_used == {**COMPILED, "update": {"cpu": 6}}, dopt.backends_used
 
 
 def test_fp16_params_with_loss_scaler_match_the_plain_optimizer():
@@ -223,18 +237,122 @@ def test_fp16_params_with_loss_scaler_match_the_plain_optimizer():
         assert_bit_identical(p, q, f"param {i}")
 
 
+def test_fp16_unscale_and_clip_equal_the_fp32_recipe():
+    """fp16 params (fp32 masters) with DynamicLossScaler.unscale_ + clip_grad_norm_ against fp32 params
+    with torch.amp.GradScaler.unscale_ + clip_grad_norm_, from the same gradients (fp16 values, scaled by
+    S = 2^10, exact in both). Differences: the fp16 norm (each per-tensor norm and the total rounded
+    once: <= 3·u16 relative) and the fp16 multiply by the clip coefficient (one more rounding), so each
+    clipped gradient is within 4·u16·|g_clipped| of fp32's; propagated through SGD with momentum as in
+    reference_with_bound, plus half an fp16 ulp for the model copy."""
+    torch.manual_seed(3)
+    shapes, lr, mu, S, max_norm = ((37,), (5, 7)), 0.1, 0.9, 2.0 ** 10, 0.5
+    init = [torch.randn(s).half() for s in shapes]
+    p16 = [x.clone().requires_grad_() for x in init]
+    p32 = [x.float().requires_grad_() for x in init]
+    o16, o32 = MFSGD(p16, lr=lr, momentum=mu), MFSGD(p32, lr=lr, momentum=mu)
+    s16 = DynamicLossScaler(init_scale=S)
+    s32 = torch.amp.GradScaler("cpu", init_scale=S)
+    s16.scale(torch.ones(())), s32.scale(torch.ones(()))
+    u16 = 2.0 ** -11
+    acc = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    bound = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for t in range(3):
+        grads = [(torch.randn(s) * 0.5).half() for s in shapes]
+        for p, g in zip(p16, grads):
+            p.grad = g * S                       # exact: a power of 2, no overflow
+        for p, g in zip(p32, grads):
+            p.grad = g.float() * S
+        s16.unscale_(o16)
+        assert all(torch.equal(p.grad, g) for p, g in zip(p16, grads)), "unscale_ by 2^10 is exact"
+        n16 = torch.nn.utils.clip_grad_norm_(p16, max_norm)
+        s32.unscale_(o32)
+        n32 = torch.nn.utils.clip_grad_norm_(p32, max_norm)
+        assert n32 > max_norm, "the test should clip"
+        assert abs(float(n16) - float(n32)) <= 3 * u16 * float(n32), (float(n16), float(n32))
+        for a, b in zip(p16, p32):
+            assert ((a.grad.double() - b.grad.double()).abs() <= 4 * u16 * b.grad.double().abs()).all()
+        for i, b in enumerate(p32):
+            acc[i].mul_(mu if t else 0.0).add_(4 * u16 * b.grad.double().abs())
+            bound[i].add_(lr * acc[i])
+        s16.step(o16), s32.step(o32)
+        s16.update(), s32.update()
+    for i, (a, b) in enumerate(zip(p16, p32)):
+        master = o16.state[a]["master_param"]
+        err = (master.double() - b.detach().double()).abs()
+        assert (err <= 2 * bound[i] + 4 * 2.0 ** -24 * b.detach().double().abs()).all(), f"master {i}: {err.max()}"
+        assert torch.equal(a.detach(), master.half()), "the fp16 model copy is the rounded master"
+    with pytest.raises(RuntimeError, match="already called"):
+        for p in p16:
+            p.grad = torch.ones_like(p)
+        s16.unscale_(o16)
+        s16.unscale_(o16)
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_add_param_group_and_zero_grad_after_synchronize(kind):
+    """add_param_group on the wrapper rebuilds the buckets (the new param is updated from them);
+    after synchronize() p.grad is a view of a bucket, and zero_grad never leaves one behind."""
+    a = W.Net(0)
+    extra = torch.nn.Parameter(torch.ones(5))
+    dopt = DistributedOptimizer(W.make_inner(kind, a.parameters()), compression="none", **W.BUCKETS)
+    dopt.add_param_group({"params": [extra], "lr": 0.5})
+    assert dopt.param_groups is dopt.optimizer.param_groups and len(dopt.param_groups) == 2
+    assert sum(len(b.params) for b in dopt.buckets) == 7
+    x, y = W.batch(0)
+    (W.loss_fn(a, x, y) + extra.sum()).backward()
+    dopt.synchronize()
+    views = dopt.reduced_grads()
+    assert extra.grad.data_ptr() == views[extra].data_ptr(), "p.grad is the bucket view (same dtype)"
+    dopt.step()
+    assert torch.equal(extra.detach(), torch.full((5,), 0.5)), "the added group's lr was used"
+    dopt.zero_grad(set_to_none=False)
+    assert all(p.grad is None or p.grad.data_ptr() != views[p].data_ptr() for p in views)
+    assert all(not p.grad.any() for p in views if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_torch_grad_scaler_recipe_and_overflow_skip_through_the_wrapper(kind):
+    """World size 1, compression "none" (the reduced gradient is the gradient times 1/1, exactly):
+    torch.amp.GradScaler with synchronize + unscale_ + clip_grad_norm_ through the wrapper equals the same
+    recipe on the plain optimizer bit for bit, and an overflowing step is skipped by both, state untouched."""
+    a, b = W.Net(0), W.Net(0)
+    dopt = DistributedOptimizer(W.make_inner(kind, a.parameters()), compression="none", **W.BUCKETS)
+    opt = W.make_inner(kind, b.parameters())
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6), torch.amp.GradScaler("cpu", init_scale=2.0 ** 6)
+    for t in range(4):
+        x, y = W.batch(t)
+        for model, scaler, o in ((a, sa, dopt), (b, sb, opt)):
+            xx = x.clone()
+            if t == 2:
+                xx[0, 0, 0, 0] = float("inf")
+            scaler.scale(W.loss_fn(model, xx, y)).backward()
+            if o is dopt:
+                o.synchronize()
+            scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+        if t == 2:
+            assert dopt.last_step_skipped is True
+    assert sa.get_scale() == sb.get_scale() == 2.0 ** 5
+    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
+        assert_bit_identical(p, q, f"param {i}")
+    sd = dopt.state_dict()
+    sd.pop("distributed")
+    assert W.state_digest(sd) == W.state_digest(opt.state_dict())
+
+
 def test_constructor_and_step_errors():
     model = W.Net(0)
-    with pytest.raises(TypeError, match="MFSGD or MFAdam"):
-        DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer"):
+        DistributedOptimizer(object())
     with pytest.raises(ValueError, match="compression"):
         DistributedOptimizer(MFSGD(model.parameters(), lr=0.1), compression="int8")
     with pytest.raises(ValueError, match="backward_passes_per_step"):
         DistributedOptimizer(MFSGD(model.parameters(), lr=0.1), backward_passes_per_step=0)
     model = W.Net(0, extra=True)          # branch and spare get no gradient
     dopt = DistributedOptimizer(MFSGD(model.parameters(), lr=0.1), find_unused_parameters=False)
-    with pytest.raises(NotImplementedError):
-        dopt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
     x, y = W.batch(0)
     with pytest.raises(RuntimeError, match=r"4 parameter\(s\) got no gradient .*find_unused_parameters=True"):
         W.loss_fn(model, x, y).backward()   # raised when backward ends
@@ -286,6 +404,8 @@ def test_unused_parameters_world_size_one():
 def test_two_ranks_match_single_process_training(two_ranks, opt_name, compression):
     key = f"train/{opt_name}/{compression}"
     per_rank = [r[key]["params"] for r in two_ranks]
+    for r in two_ranks:
+        assert r[key]["backends"] == {**COMPILED, "update": {"cpu": 6}}, r[key]["backends"]
     assert_same_on_every_rank(per_rank, key)
     assert len({r[key]["state"] for r in two_ranks}) == 1, "state_dict differs between ranks"
     assert len(two_ranks[0][key]["layout"]) == 3, "the test model should spread over several buckets"
@@ -300,6 +420,8 @@ def test_two_ranks_match_single_process_training(two_ranks, opt_name, compressio
 def test_four_ranks_match_single_process_training(four_ranks, key):
     _, opt_name, compression = key.split("/")
     per_rank = [r[key]["params"] for r in four_ranks]
+    for r in four_ranks:
+        assert r[key]["backends"] == {**COMPILED, "update": {"cpu": 6}}, r[key]["backends"]
     assert_same_on_every_rank(per_rank, key)
     assert len({r[key]["state"] for r in four_ranks}) == 1
     ref, bound = reference_with_bound(opt_name, compression, 4, 20)
@@ -422,7 +544,7 @@ def test_ddp_hook_compresses_and_fuses_the_update(two_ranks):
     for i, (a, b) in enumerate(zip(d0["fused_update"], d0["distopt"])):
         assert_bit_identical(a, b, f"param {i}: DDP hook with fused update vs DistributedOptimizer")
     assert_same_on_every_rank([r["ddp"]["fused_update"] for r in two_ranks], "ddp fused update")
-    assert set(d0["fused_update_backends"]) == {"pack", "non_finite_check", "update"}
+    assert d0["fused_update_backends"] == {**COMPILED, "update": {"cpu": 6}}, d0["fused_update_backends"]
 
 
 def test_second_backward_without_no_sync_is_a_clear_error(two_ranks):
@@ -474,3 +596,147 @@ def test_process_group_of_one_rank():
     # not bit-identical to this process: the child runs 1 thread, so conv/matmul sum in another order
     ref, bound = reference_with_bound("adam", "none", 1, 5)
     assert_within_bound(r["params"], ref, bound, 5, "process group of one rank")
+
+
+# ------------------------------------------------------------------------------------------ a torch Optimizer (issue 14)
+@pytest.fixture(scope="module")
+def surface():
+    return W.ok_results(W.launch(W.surface_suite, 2, pg_timeout=PG_TIMEOUT))
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_replicas_start_from_rank_0_and_stay_bit_identical(surface, kind):
+    """Different seeds per rank, BatchNorm, module=: after construction every parameter and buffer is
+    rank 0's; after 5 steps parameters and running statistics are bit-identical on both ranks."""
+    r0, r1 = (r[f"surface/{kind}"] for r in surface)
+    init0 = W.BNNet(10).state_dict()
+    assert any(not torch.equal(a, b) for a, b in zip(init0.values(), W.BNNet(11).state_dict().values()))
+    for r in (r0, r1):
+        for name, v in r["after_construction"].items():
+            assert_bit_identical(v, init0[name], f"{name} after construction")
+    for name in r0["final"]:
+        assert_bit_identical(r1["final"][name], r0["final"][name], f"{name} after training, rank 1 vs rank 0")
+    assert not torch.equal(r0["final"]["bn.running_mean"], init0["bn.running_mean"]), "BN statistics never moved"
+
+
+def test_broadcast_buffers_false_keeps_each_ranks_statistics(surface):
+    """broadcast_buffers=False: buffers are broadcast at construction only; afterwards each rank's BatchNorm
+    statistics follow its own batches, while the parameters stay identical."""
+    r0, r1 = (r["surface/own_buffers"] for r in surface)
+    init0 = W.BNNet(10).state_dict()
+    for name, v in r1["after_construction"].items():
+        assert_bit_identical(v, init0[name], f"{name} after construction")
+    assert not torch.equal(r0["final"]["bn.running_mean"], r1["final"]["bn.running_mean"])
+    for name, _ in W.BNNet(0).named_parameters():
+        assert_bit_identical(r1["final"][name], r0["final"][name], name)
+
+
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_wrapper_is_an_optimizer_for_schedulers_and_hooks(surface, kind):
+    for r in (s[f"surface/{kind}"] for s in surface):
+        assert r["is_optimizer"] and r["same_groups"]
+        assert r["fired"] == {"pre": 5, "post": 5, "inner_post": 5}, r["fired"]
+        assert r["lrs"] == [0.1, 0.1, 0.05, 0.05, 0.025], r["lrs"]
+        assert not any("lr_scheduler.step()" in w for w in r["warnings"]), r["warnings"]
+        assert r["layout_names"][0] == ["fc.bias"], "bucket reports use named_parameters"
+        assert sorted(n for b in r["layout_names"] for n in b) == sorted(n for n, _ in W.BNNet(0).named_parameters())
+        want = {"cpu": 6} if kind == "mfsgd" else {"torch.optim.sgd.SGD": 6}
+        assert r["backends"] == {**COMPILED, "update": want}, r["backends"]
+
+
+@pytest.mark.parametrize("variant", ["", "/sum", "/predivide"])
+@pytest.mark.parametrize("kind", ["mfsgd", "torch_sgd"])
+def test_step_lr_on_the_wrapper_sets_the_lr_the_update_uses(surface, kind, variant):
+    """w_{t+1} = w_t - lr_t · G_t with lr_t = 2^-t and G_t the mean of the ranks' gradients (op=Sum:
+    their sum; gradient_predivide_factor=4: /4 before the sum, ·2 after, the mean again): every number
+    is exact in binary, so the check is bitwise."""
+    w = torch.zeros(8)
+    for t, got in enumerate(surface[0][f"lr/{kind}{variant}"]):
+        total = sum(torch.arange(8, dtype=torch.float32) * (r + 1) + t for r in range(2))
+        w = w - 0.5 ** t * (total if variant == "/sum" else total / 2)
+        assert_bit_identical(got, w, f"w after step {t}")
+    assert_bit_identical(surface[1][f"lr/{kind}{variant}"][-1], w, "rank 1")
+
+
+def test_broadcast_parameters_and_optimizer_state(surface):
+    b0, b1 = surface[0]["broadcast"], surface[1]["broadcast"]
+    for name, v in W.BNNet(20).state_dict().items():
+        assert_bit_identical(b1["params"][name], v, name)
+    assert b0["state"] == b1["state"], "optimizer state (momentum, lr) differs after broadcast_optimizer_state"
+
+
+def test_clipping_sees_the_reduced_gradients(surface):
+    """fp16 params, DynamicLossScaler.unscale_(dopt): p.grad is the reduced gradient (the mean of the
+    ranks' local gradients within the fp16 compression bound), identical on both ranks, and
+    clip_grad_norm_ clips it identically."""
+    c0, c1 = surface[0]["clip"], surface[1]["clip"]
+    assert c0["norm"] == c1["norm"] and c0["skipped"] is False
+    for i, (a, b) in enumerate(zip(c0["seen"], c1["seen"])):
+        assert_bit_identical(b, a, f"reduced grad {i}, rank 1 vs rank 0")
+    local = c0["local_all"]
+    for i, g in enumerate(c0["seen"]):
+        mean = (local[0][i].double() + local[1][i].double()) / 2
+        mean_abs = (local[0][i].double().abs() + local[1][i].double().abs()) / 2
+        # fp16 grads (one rounding u16·|g_r| each), fp16 compression (2·u16·mean|g|), the fp16 unscale (exact, 2^8)
+        tol = 4 * 2.0 ** -11 * mean_abs + 2 * 2.0 ** -24 * 2 ** 8
+        assert ((g.double() - mean).abs() <= tol).all(), f"grad {i}"
+    total = torch.stack([g.double().norm() for g in c0["seen"]]).norm().item()
+    assert c0["norm"] == pytest.approx(total, rel=2 * 2.0 ** -11)
+    assert total > 0.05, "the test should clip"
+    for a, b in zip(c0["clipped"], c0["seen"]):
+        assert torch.allclose(a.double(), b.double() * 0.05 / total, rtol=4 * 2.0 ** -11, atol=2.0 ** -24)
+    assert_same_on_every_rank([c0["params"], c1["params"]], "after the clipped step")
+
+
+def test_ranks_that_disagree_raise_on_every_rank_naming_them():
+    results = W.ok_results(W.launch(W.disagree_suite, 2, pg_timeout=PG_TIMEOUT, timeout=120))
+    expect = {
+        "skipped_step": ([3, 3], ["ranks disagree on the step", "rank 0: step 3", "rank 1: step 2"]),
+        "forward_error": ([2, 3], ["training forward passes", "rank 0: training forward passes 3",
+                                   "rank 1: training forward passes 4"]),
+        "skipped_step_deferred": ([4, 4], ["found one round late, that round was skipped", "rank 0: step 3",
+                                           "rank 1: step 2"]),
+        "passes": ([1, 1], ["backward passes", "rank 0: backward passes 1", "rank 1: backward passes 2"]),
+        "replica": ([3, 3], ["diverged by step 4", "parameter 'fc1.weight'", "on rank 1"]),
+    }
+    for case, (steps, texts) in expect.items():
+        for rank, r in enumerate(results):
+            got = r[case]
+            assert got["error"] is not None, f"rank {rank}: no error for {case}"
+            assert got["error"].startswith("RankMismatchError"), (case, got["error"])
+            assert got["step"] == steps[rank], (case, rank, got)
+            for text in texts:
+                assert text in got["error"], (case, rank, got["error"])
+            assert got["elapsed"] < 5.0, (case, got["elapsed"])
+    for rank, r in enumerate(results):      # deferred: the mismatched round 3 was skipped, nothing written
+        assert r["skipped_step_deferred"]["skipped"][3] == (True, True), (rank, r["skipped_step_deferred"])
+        assert r["skipped_step_deferred"]["skipped"][1] == (False, False)
+
+
+def test_resume_with_noise_scale_and_noise_adaptive_is_bit_identical():
+    results = W.ok_results(W.launch(W.noise_resume_suite, 2, pg_timeout=PG_TIMEOUT))
+    for rank, r in enumerate(results):
+        full, resumed = r["full"], r["resumed"]
+        assert full["mfs"][15:] == resumed["mfs"], f"rank {rank}: MF schedule after resume"
+        assert len(set(full["mfs"])) > 3, "the noise-adaptive MF should move in this run"
+        for i, (a, b) in enumerate(zip(resumed["params"], full["params"])):
+            assert_bit_identical(a, b, f"rank {rank}: param {i} after resuming at step 15")
+        assert resumed["noise"] == full["noise"] and resumed["value"] == full["value"]
+
+
+def test_ported_horovod_synthetic_benchmark_runs_on_two_gloo_ranks(tmp_path):
+    """examples/pytorch_synthetic_benchmark.py (Horovod's, 11 lines changed) under torchrun, tiny sizes."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "pytorch_synthetic_benchmark.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(W.free_port()), script, "--no-cuda", "--model", "resnet18", "--image-size", "32",
+           "--batch-size", "2", "--num-warmup-batches", "1", "--num-batches-per-iter", "1", "--num-iters", "2",
+           "--fp16-allreduce"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Number of CPUs: 2" in proc.stdout and "Total img/sec on 2 CPU(s)" in proc.stdout, proc.stdout

@@ -124,3 +124,44 @@ def test_params_without_grad_are_skipped():
     opt.step()
     assert torch.equal(b.detach(), b0) and b not in opt.state
     assert opt.state[a]["step"] == 1
+
+
+def test_float64_on_a_compiled_backend_is_refused_before_any_launch():
+    """The reliability probe: with backend "cpu" a float64 param (or grad) used to pass the plan and be
+    refused at its launch, after the launches before it had updated their params."""
+    if not fusedmf.available_backends()["cpu"].available:
+        pytest.skip("backend 'cpu' is not built")
+    a, b = torch.randn(6, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = MFSGD([a, b], lr=0.1, momentum=0.9, backend="cpu")
+    before = snap(opt, [a, b])
+    a.grad, b.grad = torch.ones(6), torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="param 1 of param group 0 has a float64 param; backend 'cpu'"):
+        opt.step()
+    assert_nothing_changed(opt, [a, b], before)
+    assert opt.state[a] == {}, "state was created before the error"
+    c = torch.randn(4, requires_grad=True)
+    c.grad_dtype = None                          # allow a float64 grad on an fp32 param
+    opt = MFAdam([a, c], lr=0.1, backend="cpu")
+    before = snap(opt, [a, c])
+    a.grad, c.grad = torch.ones(6), torch.ones(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="param 1 of param group 0 has a float64 grad"):
+        opt.step()
+    assert_nothing_changed(opt, [a, c], before)
+
+
+@pytest.mark.parametrize("cls,key", [(MFSGD, "momentum_buffer"), (MFAdam, "exp_avg"), (MFAdam, "exp_avg_sq")])
+def test_load_state_dict_refuses_state_that_does_not_fit_the_params(cls, key):
+    a, b = torch.randn(6, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    kw = dict(momentum=0.9) if cls is MFSGD else {}
+    opt = cls([a, b], lr=0.1, **kw)
+    a.grad, b.grad = torch.randn(6), torch.randn(3, 2)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][1][key] = torch.zeros(2, 3)            # transposed: same numel, wrong shape
+    a.grad, b.grad = torch.randn(6), torch.randn(3, 2)
+    before = snap(opt, [a, b])
+    with pytest.raises(ValueError, match=rf"state '{key}' of param 1 of param group 0 has shape \[2, 3\], "
+                                         r"the param has \[3, 2\]"):
+        opt.load_state_dict(saved)
+    assert_nothing_changed(opt, [a, b], before)
+    opt.step()                                              # still usable, with its own state

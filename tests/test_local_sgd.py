@@ -267,12 +267,12 @@ def test_hierarchy_levels_in_order():
     assert check_hierarchy(None, 4, 1) == []
 
 
-def test_torch_optimizer_needs_no_warmup():
+def test_wraps_optimizers_only():
     model = W.Net(0)
-    with pytest.raises(TypeError, match="warmup_steps > 0"):
-        LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), period=2, warmup_steps=1)
     with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer"):
         LocalSGD(model, period=2)
+    with pytest.raises(TypeError, match="not another fusedmf.comm wrapper"):
+        LocalSGD(LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), period=2), period=2)
 
 
 def test_load_state_dict_needs_the_local_sgd_entry():
@@ -454,11 +454,13 @@ def test_one_average_per_step_whatever_the_param_groups():
     assert lopt.local_steps == 6
 
 
-def test_any_torch_optimizer_without_warmup():
-    """The generic path: a torch optimizer steps locally, the averaging kernels do the rest; a loss
+def test_any_torch_optimizer():
+    """The generic path: a torch optimizer (warm-up through DistributedOptimizer's generic path, then
+    local steps), the averaging kernels do the rest; a loss
     scale is refused (torch optimizers do not unscale) before anything changes."""
     model, ref = W.Net(0), W.Net(0)
-    lopt = LocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), period=2, compression="none")
+    lopt = LocalSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), period=2, warmup_steps=1,
+                    compression="none")
     plain = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     _run_single(lopt, model, 4)
     _run_single(plain, ref, 4)
@@ -467,6 +469,6 @@ def test_any_torch_optimizer_without_warmup():
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="loss scale needs a fusedmf optimizer"):
         lopt.step(grad_scale=torch.tensor(2.0))
-    assert lopt.local_steps == 4
+    assert lopt.local_steps == 3     # 4 steps, the first a warm-up one
     for a, b in zip(model.parameters(), before):
         assert_bit_identical(a.detach(), b)

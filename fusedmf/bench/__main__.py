@@ -3,6 +3,7 @@
     python -m fusedmf.bench throughput --quick            # single-process training throughput + timeline
     python -m fusedmf.bench scaling --quick               # 2 gloo ranks vs 1, predictor error, curves
     python -m fusedmf.bench scaling --quick --world-sizes 2 4
+    python -m fusedmf.bench scaling --netns --bandwidths 0.1 0.3 1 3 10   # root: ranks in rate-limited netns
     torchrun --nproc-per-node 8 -m fusedmf.bench scaling  # NCCL (gloo on CPUs): rank 0 measures N=1, all N=8
     torchrun --nproc-per-node 8 -m fusedmf.bench throughput  # + DDP / DistributedOptimizer across the ranks
     python -m fusedmf.bench predict --timeline-json benchmarks/out/throughput/throughput_cuda_*.json \
@@ -67,6 +68,10 @@ def main(argv=None):
     cmd, rest = argv[0], argv[1:]
     if cmd == "throughput":
         throughput.main(rest, default_out=_out("throughput"))
+    elif cmd == "scaling" and "--netns" in rest:         # ranks in the network lab (scaling_netns.py)
+        from . import scaling_netns
+
+        scaling_netns.main([a for a in rest if a != "--netns"], default_out=_out("scaling_netns"))
     elif cmd == "scaling":
         scaling.main(rest, default_out=_out("scaling"))
     else:

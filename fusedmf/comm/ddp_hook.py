@@ -29,22 +29,21 @@ from torch.autograd import Variable
 
 from .. import functional as F
 from ..optim._base import MFOptimizerBase
-from .distributed_optimizer import COMPRESSION
+from .compression import as_compressor
 
 
 class FusedCommHookState:
     """State of :func:`fused_comm_hook`: process group, compression, reusable buffers, optional optimizer."""
 
-    def __init__(self, *, process_group=None, compression: str = "fp16",
+    def __init__(self, *, process_group=None, compression="fp16",
                  optimizer: Optional[MFOptimizerBase] = None, backend: str = "auto"):
-        if compression not in COMPRESSION:
-            raise ValueError(f"compression must be one of {tuple(COMPRESSION)}, got {compression!r}")
+        compressor = as_compressor(compression)
         if optimizer is not None and not isinstance(optimizer, MFOptimizerBase):
             raise TypeError(f"optimizer must be a fusedmf MFSGD or MFAdam, got {type(optimizer).__name__}")
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
-        self.compression = compression
-        self.comm_dtype = COMPRESSION[compression]
+        self.compression = compressor.name
+        self.comm_dtype = compressor.dtype
         self.optimizer = optimizer
         self.backend = backend
         self.grad_scale: Optional[torch.Tensor] = None
@@ -123,7 +122,7 @@ def fused_comm_hook(state: FusedCommHookState, bucket: dist.GradBucket) -> torch
     return fut.then(keep_local)
 
 
-def ddp_comm_hook(*, process_group=None, compression: str = "fp16", optimizer: Optional[MFOptimizerBase] = None,
+def ddp_comm_hook(*, process_group=None, compression="fp16", optimizer: Optional[MFOptimizerBase] = None,
                   backend: str = "auto"):
     """``(state, hook)`` for ``ddp_model.register_comm_hook(state, hook)``; see the module docstring."""
     return FusedCommHookState(process_group=process_group, compression=compression, optimizer=optimizer,

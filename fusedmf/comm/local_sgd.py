@@ -66,7 +66,8 @@ from ..functional import average as A
 from ..functional.pack import slot_strides, slot_view
 from ..optim._base import MFOptimizerBase
 from .buckets import BucketSpec, assign_buckets
-from .distributed_optimizer import COMPRESSION, DistributedOptimizer
+from .compression import COMPRESSION
+from .distributed_optimizer import DistributedOptimizer
 from .telemetry import CommTelemetry
 
 #: optimizer state entries averaged with average_momentum=True (MFSGD/SGD, MFAdam/Adam/AdamW)
@@ -160,7 +161,7 @@ class _FlatMean:
 
 class LocalSGD(torch.optim.Optimizer):
     r"""Post-local SGD over a :class:`~fusedmf.optim.MFSGD` / :class:`~fusedmf.optim.MFAdam` (or any torch
-    optimizer, without warm-up and loss scaling) with fused, compressed, bucketed model averaging.
+    optimizer, without loss scaling in the local phase) with fused, compressed, bucketed model averaging.
 
     Args:
         optimizer: the optimizer over this rank's replica of the model.
@@ -207,9 +208,6 @@ class LocalSGD(torch.optim.Optimizer):
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"LocalSGD: module must be a torch.nn.Module, got {type(module).__name__}")
         self._fused = isinstance(optimizer, MFOptimizerBase)
-        if self.warmup_steps and not self._fused:
-            raise TypeError(f"LocalSGD: warmup_steps > 0 averages gradients with DistributedOptimizer, which wraps "
-                            f"fusedmf optimizers; got {type(optimizer).__name__} (use warmup_steps=0)")
         if dist.is_available() and dist.is_initialized():
             self.process_group = process_group
             self.world_size = dist.get_world_size(process_group)

@@ -341,6 +341,11 @@ class MFOptimizerBase(Optimizer):
                                   "the reference backend updates them", RuntimeWarning, stacklevel=4)
                 # resolving here raises for a missing backend before any state is created
                 backend = _backends.resolve(self.backend if dense else "reference", device, dtype)
+                if backend != "reference" and torch.float64 in (dtype, gdtype):
+                    raise TypeError(
+                        f"{type(self).__name__}: param {indices[0]} of param group {gi} has a float64 "
+                        f"{'param' if dtype == torch.float64 else 'grad'}; backend {backend!r} runs float32, "
+                        "float16 and bfloat16 only (float64 runs on the 'reference' backend)")
                 launches.append(_Launch(group, gi, first, indices, params, device, gdtype, backend))
                 first = False
         return launches
@@ -376,13 +381,14 @@ class MFOptimizerBase(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         id_to_param = {}
-        self._layout_cache = None
         for g, ng in zip(self.param_groups, saved_groups):
             if len(g["params"]) != len(ng["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
                 )
             id_to_param.update(zip(ng["params"], g["params"]))
+        self._check_loaded_shapes(state_dict["state"], id_to_param)   # before anything is replaced
+        self._layout_cache = None
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a torch checkpoint lacks fusedmf's own group keys
             for k in self._group_keys:
@@ -397,6 +403,21 @@ class MFOptimizerBase(Optimizer):
                 if isinstance(value, torch.Tensor):
                     state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p), copy=True)
             self._normalize_loaded_state(p, state)
+
+    def _check_loaded_shapes(self, saved_state: dict, id_to_param: dict) -> None:
+        """Every per-element state tensor (any tensor with a dimension; scalars such as torch's 0-dim
+        ``step`` are exempt) must have its param's shape; the first one that does not is named."""
+        for pid, saved in saved_state.items():
+            p = id_to_param.get(pid)
+            if p is None or not isinstance(saved, dict):
+                continue
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    gi, pi = next((gi, pi) for gi, g in enumerate(self.param_groups)
+                                  for pi, q in enumerate(g["params"]) if q is p)
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: state {key!r} of param {pi} of param group {gi} "
+                        f"has shape {list(value.shape)}, the param has {list(p.shape)}")
 
     def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
