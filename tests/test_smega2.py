@@ -374,3 +374,220 @@ def test_state_dict_round_trip(backend):
         assert_bit_identical(p.detach(), q.detach(), f"params[{i}] after the round trip")
         for key in STATE_KEYS:
             assert_bit_identical(opt.state[p][key], opt2.state[q][key], f"{key}[{i}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, raised before anything is modified
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_workers=0), "num_workers"), (dict(num_workers=2.0), "num_workers"),
+    (dict(num_workers=True), "num_workers"), (dict(num_workers=None), "num_workers"),
+    (dict(num_workers=2, estimate="fast"), "estimate"), (dict(num_workers=2, lr=-0.1), "lr"),
+    (dict(num_workers=2, momentum=1.0), "momentum"), (dict(num_workers=2, weight_decay=-1.0), "weight_decay"),
+    (dict(num_workers=2, dampening=float("nan")), "dampening"), (dict(num_workers=2, backend="gpu"), "backend"),
+], ids=lambda x: str(x) if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_bad_arguments_are_rejected_at_construction(kwargs, match):
+    kwargs = dict(dict(lr=0.1), **kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        SMEGA2(make_params([(3,)]), **kwargs)
+
+
+def test_num_workers_is_required():
+    with pytest.raises(TypeError, match="num_workers"):
+        SMEGA2(make_params([(3,)]), lr=0.1)
+
+
+def test_bad_grad_raises_before_any_state_exists(backend):
+    name, device = backend
+    params = make_params([(4,), (3, 5)], device=device)
+    before = [p.detach().clone() for p in params]
+    opt = SMEGA2(params, lr=0.1, num_workers=2, backend=name)
+    params[0].grad = torch.ones(4, device=device)
+    params[1].grad = None
+    opt.step()  # param 1 without a grad is left alone, as torch does
+    mid = _snapshot(opt, params)
+    grads = {id(params[0]): torch.ones(4, device=device), id(params[1]): torch.ones(3, 4, device=device)}
+    with pytest.raises(RuntimeError, match=r"grad of param 1 of param group 0 has shape \[3, 4\]"):
+        opt.step(grads=lambda p: grads[id(p)])
+    _assert_same_snapshot(_snapshot(opt, params), mid)
+    assert opt.state[params[0]]["cycle"] == 1 and not opt.state.get(params[1])
+    assert torch.equal(params[1].detach(), before[1])
+
+
+@pytest.mark.parametrize("case", ["count", "shape", "dtype", "strides", "device", "is_param", "not_a_list"])
+def test_bad_estimate_out_raises_before_anything_is_written(backend, case):
+    name, device = backend
+    params = make_params([(4,), (3, 5)], device=device)
+    opt = SMEGA2(params, lr=0.1, num_workers=2, backend=name)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    out = [torch.full_like(p, 7.0) for p in params]
+    match = {"count": "out has 1 tensors", "shape": r"out\[1\] has shape", "dtype": r"out\[1\] has dtype",
+             "strides": r"out\[1\] has strides", "device": r"out\[1\] is on", "is_param": r"out\[1\] is one of",
+             "not_a_list": "must be a list"}[case]
+    bad = list(out)
+    if case == "count":
+        bad = out[:1]
+    elif case == "shape":
+        bad[1] = torch.full((15,), 7.0, device=device)
+    elif case == "dtype":
+        bad[1] = torch.full((3, 5), 7, dtype=torch.int32, device=device)
+    elif case == "strides":
+        bad[1] = torch.full((5, 3), 7.0, device=device).t()
+    elif case == "device":
+        bad[1] = torch.full((3, 5), 7.0, device="meta")
+    elif case == "is_param":
+        bad[1] = params[1]
+    elif case == "not_a_list":
+        bad = out[0]
+    snapshot = _snapshot(opt, params)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.estimate(out=bad)
+    _assert_same_snapshot(_snapshot(opt, params), snapshot)
+    for o in out:
+        assert bool((o == 7.0).all()), "out was written before the error"
+
+
+def _op_args(device, n=2, pdt=torch.float16):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5,), (4, 3)][:n]
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=pdt) for s in shapes]
+    return dict(params=params, grads=[torch.randn(s, generator=gen).to(device=device, dtype=pdt) for s in shapes],
+                momentum_buffers=[torch.randn(s, generator=gen).to(device) for s in shapes],
+                grad_accumulators=[torch.randn(s, generator=gen).to(device) for s in shapes],
+                master_params=[p.float() for p in params])
+
+
+def _op(name):
+    if name == "triton":
+        return fusedmf._backends.triton_module()[0]
+    return torch.ops.fusedmf
+
+
+OP_CASES = {
+    "accumulator_dtype": (lambda a: a["grad_accumulators"].__setitem__(1, a["grad_accumulators"][1].half()),
+                          r"grad_accumulators\[1\] has dtype"),
+    "momentum_count": (lambda a: a["momentum_buffers"].pop(), "momentum_buffers has 1 tensors"),
+    "master_shape": (lambda a: a["master_params"].__setitem__(1, torch.zeros(12, device=a["params"][0].device)),
+                     r"master_params\[1\] has shape"),
+    "grad_dtype_mixed": (lambda a: a["grads"].__setitem__(1, a["grads"][1].float()), r"grads\[1\] has dtype"),
+    "accumulator_is_momentum": (lambda a: a["grad_accumulators"].__setitem__(0, a["momentum_buffers"][0]),
+                                r"\[0\] and .*\[0\] are the same memory"),
+    "scalars_length": (None, "scalars"),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_kernel_validation_names_the_tensor_and_writes_nothing(fused_backend, case):
+    from fusedmf.functional.scalars import SMEGA2_NUM_SCALARS, smega2_step_scalars
+
+    name, device = fused_backend
+    args = _op_args(device)
+    mutate, match = OP_CASES[case]
+    scalars = torch.tensor(smega2_step_scalars(lr=0.1, momentum=0.9, num_workers=1, cycle=0).as_list(),
+                           device=device)
+    if mutate is None:
+        scalars = torch.zeros(SMEGA2_NUM_SCALARS + 1, device=device)
+    else:
+        mutate(args)
+    snapshot = {k: [t.clone() for t in v] for k, v in args.items()}
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        _op(name).smega2_(args["params"], args["grads"], args["momentum_buffers"], args["grad_accumulators"],
+                          args["master_params"], scalars, None, None)
+    for key, tensors in args.items():
+        for i, (t, s) in enumerate(zip(tensors, snapshot[key])):
+            assert_bit_identical(t, s, f"{key}[{i}]")
+
+
+@pytest.mark.parametrize("case", ["out_is_master", "out_dtype", "scalars_length"])
+def test_estimate_kernel_validation(fused_backend, case):
+    from fusedmf.functional.scalars import SMEGA2_ESTIMATE_NUM_SCALARS
+
+    name, device = fused_backend
+    a = _op_args(device)
+    out = [torch.full_like(p, 7.0) for p in a["params"]]
+    scalars = torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS, device=device)
+    match = {"out_is_master": r"out\[1\] and master_params\[1\] are the same memory",
+             "out_dtype": r"out\[0\] has dtype", "scalars_length": "scalars"}[case]
+    if case == "out_is_master":  # an fp32 estimate written over the master would corrupt the state
+        out = [torch.full_like(m, 7.0) for m in a["master_params"][:1]] + a["master_params"][1:]
+    elif case == "out_dtype":
+        out = [o.to(torch.int32) for o in out]
+    else:
+        scalars = torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS + 1, device=device)
+    keep = [o.clone() for o in out]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        _op(name).smega2_estimate_(a["params"], a["momentum_buffers"], a["grad_accumulators"], a["master_params"],
+                                   out, scalars)
+    for i, (o, k) in enumerate(zip(out, keep)):
+        assert_bit_identical(o, k, f"out[{i}]")
+
+
+def test_functional_checks_cycle_and_estimate_mode():
+    a = _op_args("cpu", pdt=torch.float32)
+    with pytest.raises(ValueError, match="cycle"):
+        F.smega2(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"], lr=0.1, momentum=0.9,
+                 num_workers=2, cycle=2, backend="reference")
+    with pytest.raises(ValueError, match="estimate"):
+        F.smega2_estimate(a["params"], a["momentum_buffers"], a["grad_accumulators"], a["params"], lr=0.1,
+                          momentum=0.9, num_workers=2, cycle=0, estimate="fast", backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# ops: schemas, fake kernels, slot layouts
+
+
+def test_ops_are_registered_with_mutation_annotations():
+    require_backend("cpu")
+    schema = str(torch.ops.fusedmf.smega2_.default._schema)
+    for arg in ("Tensor(a!)[] params", "Tensor[] grads", "Tensor(b!)[] momentum_buffers",
+                "Tensor(c!)[] grad_accumulators", "Tensor(d!)[] master_params"):
+        assert arg in schema, schema
+    assert "Tensor(a!)[] out" in str(torch.ops.fusedmf.smega2_estimate_.default._schema)
+
+
+def test_fake_kernels_validate_and_write_nothing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    require_backend("cpu")
+    from fusedmf.functional.scalars import SMEGA2_ESTIMATE_NUM_SCALARS, SMEGA2_NUM_SCALARS
+
+    with FakeTensorMode():
+        a = _op_args("cpu")
+        torch.ops.fusedmf.smega2_(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                                  a["master_params"], torch.zeros(SMEGA2_NUM_SCALARS), None, torch.zeros(1))
+        torch.ops.fusedmf.smega2_estimate_(a["params"], a["momentum_buffers"], a["grad_accumulators"],
+                                           a["master_params"], [torch.empty_like(p) for p in a["params"]],
+                                           torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS))
+        a["grad_accumulators"][1] = torch.zeros(7)
+        with pytest.raises(ValueError, match=r"grad_accumulators\[1\] has shape"):
+            torch.ops.fusedmf.smega2_(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                                      a["master_params"], torch.zeros(SMEGA2_NUM_SCALARS), None, None)
+
+
+def test_opcheck_schema_and_fake_tensor():
+    require_backend("cpu")
+    from fusedmf.functional.scalars import SMEGA2_NUM_SCALARS, smega2_step_scalars
+
+    a = _op_args("cpu")
+    scalars = torch.tensor(smega2_step_scalars(lr=0.1, momentum=0.9, num_workers=2, cycle=0).as_list())
+    assert scalars.numel() == SMEGA2_NUM_SCALARS
+    torch.library.opcheck(torch.ops.fusedmf.smega2_.default,
+                          (a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                           a["master_params"], scalars, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_slots_match_fusedmf_scalars():
+    pytest.importorskip("triton")
+    from fusedmf.functional import scalars as S
+
+    tk = fusedmf._backends.triton_module()[0]
+    if tk is None:
+        pytest.skip("triton_kernels unavailable")
+    from importlib import import_module
+
+    slots = import_module(tk.__name__ + "._slots")
+    assert slots.SMEGA2_SLOTS == S.SMEGA2_SLOTS and slots.SMEGA2_ESTIMATE_SLOTS == S.SMEGA2_ESTIMATE_SLOTS
