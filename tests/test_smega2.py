@@ -152,7 +152,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (param dtype, grad dtype, master_weights)
 COMBOS = [("fp32", "fp32", None), ("fp32", "fp16", None), ("bf16", "bf16", None), ("fp16", "fp16", None),
           ("bf16", "fp32", None), ("fp16", "fp16", False)]
-MATCH_SHAPES = SHAPES + [(33,)] * 5 + [(5, 0)]
+# 70001 elements: more than one piece of the CPU work split (NOTE [cpu work split]) and several
+# Triton blocks; many small tensors with an empty last one
+MATCH_SHAPES = SHAPES + [(70001,)] + [(33,)] * 5 + [(5, 0)]
 GRAD_SCALE = 1024.0  # a power of two: unscaling inside the kernel is exact
 
 
@@ -625,3 +627,30 @@ def test_estimate_into_buffers_of_another_layout_or_float64(backend):
             assert_bit_identical(w, e.double(), f"float64 estimate {i}")
         else:
             assert_close_ulps(w.float(), e, ulps=8, name=f"float64 estimate {i}")
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu"])
+def test_param_groups_have_their_own_hyperparameters(name):
+    if name != "reference":
+        require_backend(name)
+    shapes_a, shapes_b = [(5,), (4, 3)], [(7,)]
+    a, b = make_params(shapes_a, seed=1), make_params(shapes_b, seed=2)
+    opt = SMEGA2([dict(params=a), dict(params=b, lr=0.2, weight_decay=0.1, num_workers=2, estimate="naive")],
+                 lr=0.05, num_workers=3, backend=name)
+    specs = [Equations(a, lr=0.05, num_workers=3, gamma=lambda t: 0.9, dampening=0.0, weight_decay=0.0,
+                       estimate="advanced"),
+             Equations(b, lr=0.2, num_workers=2, gamma=lambda t: 0.9, dampening=0.0, weight_decay=0.1,
+                       estimate="naive")]
+    for step in range(7):
+        ga, gb = worker_grads(shapes_a, step), worker_grads(shapes_b, 50 + step)
+        set_grads(a, ga)
+        set_grads(b, gb)
+        opt.step()
+        specs[0].step(ga)
+        specs[1].step(gb)
+        want = specs[0].estimate() + specs[1].estimate()
+        for i, (e, q) in enumerate(zip(opt.estimate(), want)):
+            torch.testing.assert_close(e.double(), q, rtol=1e-5, atol=1e-5, msg=lambda m: f"estimate {i}: {m}")
+    for p, q in zip(a + b, specs[0].theta + specs[1].theta):
+        torch.testing.assert_close(p.detach().double(), q, rtol=1e-5, atol=1e-5)
+    assert [opt.state[p]["cycle"] for p in a + b] == [7 % 3, 7 % 3, 7 % 2]
