@@ -32,6 +32,7 @@ CPU_SOURCES = (
     "csrc/average.cpp",
     "csrc/average_cpu_base.cpp",
     "csrc/average_cpu_avx2.cpp",
+    "csrc/smega2_ops.cpp",
 )
 CUDA_SOURCES = (
     "csrc/cuda/mf_sgd.cu",
@@ -39,6 +40,7 @@ CUDA_SOURCES = (
     "csrc/cuda/non_finite_check.cu",
     "csrc/cuda/pack.cu",
     "csrc/cuda/average.cu",
+    "csrc/cuda/smega2.cu",
 )
 
 DEFAULT_CUDA_ARCH_LIST = "9.0"
