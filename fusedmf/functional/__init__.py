@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 __all__ = [
     "mf_sgd", "mf_adam", "non_finite_check", "pack", "pack_offsets", "PACK_ALIGN_BYTES",
     "sgd_step_scalars", "adam_step_scalars", "SGDStepScalars", "AdamStepScalars",
-    "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
+    "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS", "smega2", "smega2_estimate",
 ]
 
 
@@ -284,3 +284,6 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[
     else:
         kernel(grads, out, scale, sumsq)
     return name
+
+
+from .smega2 import smega2, smega2_estimate  # noqa: E402  (it uses the helpers above)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .scalars import AdamStepScalars, SGDStepScalars
+from .scalars import AdamStepScalars, SGDStepScalars, SMEGA2EstimateScalars, SMEGA2StepScalars
 
 Tensor = torch.Tensor
 
@@ -130,3 +130,64 @@ def mf_adam_(
         weights.copy_(w)
         if master_params:
             param.copy_(w)
+
+
+@torch.no_grad()
+def smega2_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    grad_accumulators: Sequence[Tensor],
+    master_params: Sequence[Tensor],
+    scalars: SMEGA2StepScalars,
+    inv_grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """One SMEGA2 master step (algorithms.md): the gradient of one worker.
+
+    The momentum buffer v is written only when the step closes a cycle (``cycle_end``); the
+    accumulator G is always written (G + g, or 0 at the end of a cycle)."""
+    if _skipped(found_inf):
+        return
+    s = scalars
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        dtype = _compute_dtype(weights)
+        w = weights.to(dtype)
+        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        if s.l2_weight_decay != 0.0:
+            g = g.add(w, alpha=s.l2_weight_decay)
+        v = momentum_buffers[i].to(dtype)
+        acc = grad_accumulators[i].to(dtype).add(g)
+        d = g.add(v, alpha=s.momentum)  # the old buffer: refreshed below, after d is formed
+        if s.cycle_end:
+            momentum_buffers[i].copy_(v.mul(s.momentum).add(acc, alpha=s.momentum_scale))
+            grad_accumulators[i].zero_()
+        else:
+            grad_accumulators[i].copy_(acc)
+        w = w.add(d, alpha=-s.lr)
+        weights.copy_(w)
+        if master_params:
+            param.copy_(w)
+
+
+@torch.no_grad()
+def smega2_estimate_(
+    params: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    grad_accumulators: Sequence[Tensor],
+    master_params: Sequence[Tensor],
+    out: Sequence[Tensor],
+    scalars: SMEGA2EstimateScalars,
+) -> None:
+    """SMEGA2's look-ahead weights into ``out``: θ + accumulator_coef·G + momentum_coef·v, from the
+    master when there is one; G is not read when accumulator_coef is 0 (the naive estimate)."""
+    s = scalars
+    for i, param in enumerate(params):
+        weights = master_params[i] if master_params else param
+        dtype = _compute_dtype(weights)
+        e = weights.to(dtype)
+        if s.accumulator_coef != 0.0:
+            e = e.add(grad_accumulators[i].to(dtype), alpha=s.accumulator_coef)
+        e = e.add(momentum_buffers[i].to(dtype), alpha=s.momentum_coef)
+        out[i].copy_(e)

@@ -177,3 +177,97 @@ def adam_step_scalars(
         neg_step_size=-(lr / bias_correction1),
         bias_correction2_sqrt=bias_correction2**0.5,  # as torch.optim.Adam writes it
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# SMEGA2 (algorithms.md, "SMEGA2"). Keep in sync with csrc/update_math.h (kSmega2* constants) and
+# triton_kernels/_slots.py (SMEGA2_* constants).
+SMEGA2_SLOTS = (
+    "lr",               # η
+    "momentum",         # γ, the MF of this master step
+    "momentum_scale",   # (1 − τ)/N: the weight of the accumulated gradients in the refreshed buffer
+    "l2_weight_decay",  # λ (added to the gradient)
+    "cycle_end",        # 1.0 when this step closes a cycle of N gradients (s becomes 0): v is refreshed
+)
+
+# The look-ahead estimate θ̂ = θ + accumulator_coef·G + momentum_coef·v, one fused pass.
+SMEGA2_ESTIMATE_SLOTS = (
+    "accumulator_coef",  # −η·γ·s/N (advanced), 0 (naive: G is then not read)
+    "momentum_coef",     # −η·γ·(N + s·(γ − 1)) (advanced), −η·γ·N (naive)
+)
+
+SMEGA2_NUM_SCALARS = len(SMEGA2_SLOTS)
+SMEGA2_ESTIMATE_NUM_SCALARS = len(SMEGA2_ESTIMATE_SLOTS)
+SMEGA2_ESTIMATES = ("advanced", "naive")
+
+
+@dataclass(frozen=True)
+class SMEGA2StepScalars:
+    lr: float
+    momentum: float
+    momentum_scale: float
+    l2_weight_decay: float
+    cycle_end: float
+    #: the cycle position s after this step (host bookkeeping, not sent to the kernels)
+    next_cycle: int
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, name)) for name in SMEGA2_SLOTS]
+
+
+@dataclass(frozen=True)
+class SMEGA2EstimateScalars:
+    accumulator_coef: float
+    momentum_coef: float
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, name)) for name in SMEGA2_ESTIMATE_SLOTS]
+
+
+def check_num_workers(num_workers) -> int:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    return num_workers
+
+
+def _check_cycle(cycle, num_workers: int) -> int:
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or not 0 <= cycle < num_workers:
+        raise ValueError(f"cycle (the SMEGA2 cycle position s) must be an int in [0, num_workers={num_workers}), "
+                         f"got {cycle!r}")
+    return cycle
+
+
+def smega2_step_scalars(*, lr: float, momentum: float, dampening: float = 0.0, weight_decay: float = 0.0,
+                        num_workers: int, cycle: int) -> SMEGA2StepScalars:
+    """The scalar vector of one SMEGA2 master step; ``cycle`` is s *before* the step."""
+    lr = check_lr(lr)
+    momentum = check_mf("momentum", momentum)
+    dampening = _check_finite("dampening", dampening)
+    weight_decay = _check_finite("weight_decay", weight_decay)
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    n = check_num_workers(num_workers)
+    next_cycle = (_check_cycle(cycle, n) + 1) % n
+    return SMEGA2StepScalars(
+        lr=lr,
+        momentum=momentum,
+        momentum_scale=(1.0 - dampening) / n,
+        l2_weight_decay=weight_decay,
+        cycle_end=1.0 if next_cycle == 0 else 0.0,
+        next_cycle=next_cycle,
+    )
+
+
+def smega2_estimate_scalars(*, lr: float, momentum: float, num_workers: int, cycle: int,
+                            estimate: str = "advanced") -> SMEGA2EstimateScalars:
+    """The coefficients of the look-ahead estimate at cycle position ``cycle`` (s now)."""
+    lr = check_lr(lr)
+    momentum = check_mf("momentum", momentum)
+    n = check_num_workers(num_workers)
+    s = _check_cycle(cycle, n)
+    if estimate == "advanced":
+        return SMEGA2EstimateScalars(accumulator_coef=-(lr * momentum * (s / n)),
+                                     momentum_coef=-(lr * momentum * (n + s * (momentum - 1.0))))
+    if estimate == "naive":
+        return SMEGA2EstimateScalars(accumulator_coef=0.0, momentum_coef=-(lr * momentum * n))
+    raise ValueError(f"estimate must be one of {SMEGA2_ESTIMATES}, got {estimate!r}")

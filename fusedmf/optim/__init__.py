@@ -1,6 +1,7 @@
-"""Fused MF-momentum optimizers: torch.optim.Optimizer subclasses over fusedmf.functional."""
+"""Fused MF-momentum optimizers and the SMEGA2 master: torch.optim.Optimizer subclasses over fusedmf.functional."""
 
 from .adam import MFAdam
 from .sgd import MFSGD
+from .smega2 import SMEGA2
 
-__all__ = ["MFSGD", "MFAdam"]
+__all__ = ["MFSGD", "MFAdam", "SMEGA2"]

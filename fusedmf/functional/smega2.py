@@ -1,0 +1,134 @@
+"""SMEGA2's two fused calls: the master step and the look-ahead estimate (algorithms.md, "SMEGA2").
+
+Same contract as the other rules (fusedmf/functional/__init__.py): one device per call, params
+fp32/fp16/bf16 (float64 on the reference backend), grads fp32/fp16/bf16, momentum buffers,
+gradient accumulators and masters fp32 (float64 with float64 params), optional inv_grad_scale and
+found_inf (NOTE [skip on overflow]: a set found_inf writes nothing). Compiled kernels are the torch
+ops ``torch.ops.fusedmf.smega2_`` / ``smega2_estimate_`` (csrc/smega2_ops.cpp); Triton's live in
+triton_kernels/smega2.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import _backends
+from . import reference
+from .scalars import SMEGA2EstimateScalars, SMEGA2StepScalars, smega2_estimate_scalars, smega2_step_scalars
+
+Tensor = torch.Tensor
+
+__all__ = ["smega2", "smega2_estimate"]
+
+_ESTIMATE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+#: backends whose kernels lack an SMEGA2 op in this build, so the reference ran in their place
+fallbacks: set = set()
+
+
+def _kernel(name: str, op: str):
+    """The compiled or Triton kernel `op` of backend `name`, or None (then the reference runs)."""
+    if name == "triton":
+        kernel = getattr(_backends.triton_module()[0], op, None)
+    else:
+        _backends.compiled_extension()  # loading fusedmf._C registers its torch ops
+        kernel = getattr(torch.ops.fusedmf, op, None) if hasattr(torch.ops.fusedmf, op) else None
+    if kernel is None and name not in fallbacks:
+        fallbacks.add(name)
+        warnings.warn(f"fusedmf.{op}: backend {name!r} has no SMEGA2 kernel yet; the reference runs in its place",
+                      RuntimeWarning, stacklevel=3)
+    return kernel
+
+
+def smega2(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    grad_accumulators: Sequence[Tensor],
+    *,
+    master_params: Optional[Sequence[Tensor]] = None,
+    lr: float,
+    momentum: float,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    num_workers: int,
+    cycle: int,
+    inv_grad_scale: Union[None, float, Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> str:
+    """One SMEGA2 master step over lists of tensors; ``cycle`` is the position s before the step
+    (the caller advances it to ``(cycle + 1) % num_workers`` once the step is known applied)."""
+    scalars = smega2_step_scalars(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                  num_workers=num_workers, cycle=cycle)
+    return _run_smega2(list(params), list(grads), list(momentum_buffers), list(grad_accumulators),
+                       [] if master_params is None else list(master_params), scalars, inv_grad_scale, found_inf,
+                       backend)
+
+
+def _run_smega2(params, grads, momentum_buffers, grad_accumulators, master_params, scalars: SMEGA2StepScalars,
+                inv_grad_scale, found_inf, backend) -> str:
+    from . import _check_same_device, _device_of, _scalar_vector, _scale_tensor
+
+    device = _device_of(params)
+    _check_same_device({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
+                        "grad_accumulators": grad_accumulators, "master_params": master_params}, device, "smega2")
+    name = _backends.resolve(backend, device, params[0].dtype if params else None)
+    inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
+    found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
+    kernel = None if name == "reference" else _kernel(name, "smega2_")
+    if kernel is None:
+        name = "reference"
+        reference.smega2_(params, grads, momentum_buffers, grad_accumulators, master_params, scalars, inv, found)
+    else:
+        kernel(params, grads, momentum_buffers, grad_accumulators, master_params,
+                       _scalar_vector(scalars.as_list(), device), inv, found)
+    return name
+
+
+def smega2_estimate(
+    params: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    grad_accumulators: Sequence[Tensor],
+    out: Sequence[Tensor],
+    *,
+    master_params: Optional[Sequence[Tensor]] = None,
+    lr: float,
+    momentum: float,
+    num_workers: int,
+    cycle: int,
+    estimate: str = "advanced",
+    backend: str = "auto",
+) -> str:
+    """Write SMEGA2's look-ahead weights (at cycle position ``cycle``) into ``out``, one fused pass.
+
+    ``out[i]`` has the shape and layout of ``params[i]``; its dtype is float32, float16 or bfloat16
+    (float64 on the reference backend), uniform over the list, independently of the params."""
+    scalars = smega2_estimate_scalars(lr=lr, momentum=momentum, num_workers=num_workers, cycle=cycle,
+                                      estimate=estimate)
+    return _run_smega2_estimate(list(params), list(momentum_buffers), list(grad_accumulators),
+                                [] if master_params is None else list(master_params), list(out), scalars, backend)
+
+
+def _run_smega2_estimate(params, momentum_buffers, grad_accumulators, master_params, out,
+                         scalars: SMEGA2EstimateScalars, backend) -> str:
+    from . import _check_same_device, _device_of, _scalar_vector
+
+    device = _device_of(params)
+    _check_same_device({"params": params, "momentum_buffers": momentum_buffers,
+                        "grad_accumulators": grad_accumulators, "master_params": master_params, "out": out},
+                       device, "smega2_estimate")
+    wide = any(t.dtype == torch.float64 for t in out[:1] + params[:1])
+    name = _backends.resolve(backend, device, torch.float64 if wide else (params[0].dtype if params else None))
+    kernel = None if name == "reference" else _kernel(name, "smega2_estimate_")
+    if kernel is None:
+        name = "reference"
+        reference.smega2_estimate_(params, momentum_buffers, grad_accumulators, master_params, out, scalars)
+    else:
+        kernel(params, momentum_buffers, grad_accumulators, master_params, out,
+               _scalar_vector(scalars.as_list(), device))
+    return name

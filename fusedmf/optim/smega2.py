@@ -1,0 +1,200 @@
+"""SMEGA2: asynchronous SGD with a single momentum buffer and a look-ahead estimate.
+
+Cohen, Hakimi, Schuster, "SMEGA2: Distributed Asynchronous Deep Neural Network Training With a
+Single Momentum Buffer", ICPP 2022; the rule is that of their reference code
+(github.com/rafi-cohen/SMEGA2, smega2.py), see algorithms.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backends
+from ..functional.scalars import (
+    SMEGA2_ESTIMATES,
+    check_lr,
+    check_mf,
+    check_num_workers,
+    smega2_estimate_scalars,
+    smega2_step_scalars,
+)
+from ..functional.smega2 import _run_smega2, _run_smega2_estimate
+from ._base import MFOptimizerBase, _is_dense
+
+_ESTIMATE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class SMEGA2(MFOptimizerBase):
+    r"""The SMEGA2 master: one step per gradient received from any of ``num_workers`` workers.
+
+    Per param: momentum buffer v, gradient accumulator G and cycle position s (N = num_workers,
+    γ = momentum, the MF; η = lr; τ = dampening; λ = weight_decay)::
+
+        g ← g + λθ ;  s ← (s + 1) mod N ;  G ← G + g ;  d = g + γ·v
+        if s == 0:  v ← γ·v + (1 − τ)/N · G ;  G ← 0
+        θ ← θ − η·d
+
+    :meth:`estimate` returns where the weights will be about N steps later, which a worker uses to
+    compute its next gradient (``"advanced"``: θ − ηγ(s/N)G − ηγ(N + s(γ − 1))v, ``"naive"``:
+    θ − ηγNv). Both are one fused pass over (param or master, grad, v, G) on every backend.
+
+    Args:
+        params: iterable of params or param groups.
+        lr, momentum, dampening, weight_decay: η, γ, τ, λ above (``momentum`` may also come from
+            ``mf_schedule``).
+        num_workers: N, the number of gradients per momentum refresh (keyword-only).
+        estimate: ``"advanced"`` (default) or ``"naive"``.
+        mf_schedule: None, or a callable ``step -> γ`` called with the 1-based number of the master
+            step about to be applied (a skipped step does not count); it overrides ``momentum``.
+            :meth:`estimate` uses the γ of the next step.
+        master_weights: None (default) keeps fp32 master weights for fp16/bf16 params; False
+            updates low-precision params in place (fp32 arithmetic, fp32 state).
+        backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+
+    State per param: ``step`` (applied master steps), ``cycle`` (s), ``momentum_buffer`` and
+    ``grad_accumulator`` (fp32, zeros at the start as in the reference code) and
+    ``master_param`` (fp32) for low-precision params with masters.
+    """
+
+    _FP32_STATE_KEYS = ("momentum_buffer", "grad_accumulator", "master_param")
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
+                 *, num_workers: int, estimate: str = "advanced", mf_schedule=None, master_weights=None,
+                 backend: str = "auto"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        num_workers=num_workers, estimate=estimate)
+        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
+
+    # ------------------------------------------------------------------ checks and state
+    def _validate_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("SMEGA2: lr must be a float (per-step values reach the kernels as data already)")
+        check_lr(lr)
+        check_mf("momentum", group["momentum"])
+        if group["estimate"] not in SMEGA2_ESTIMATES:
+            raise ValueError(f"SMEGA2: estimate must be one of {SMEGA2_ESTIMATES}, got {group['estimate']!r}")
+        smega2_step_scalars(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
+                            weight_decay=group["weight_decay"], num_workers=group["num_workers"], cycle=0)
+
+    def _state_key(self, state: dict):
+        # params of one launch share the step (the MF schedule's clock) and the cycle position
+        return (state.get("step", 0), state.get("cycle", 0))
+
+    def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        state.setdefault("step", 0)
+        state.setdefault("cycle", 0)
+        for key in ("momentum_buffer", "grad_accumulator"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+        if self._uses_master(p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+    def _momentum_at(self, group: dict, step: int) -> float:
+        """γ of master step ``step`` (1-based)."""
+        if self.mf_schedule is None:
+            return group["momentum"]
+        return check_mf("momentum from mf_schedule", self.mf_schedule(step))
+
+    @staticmethod
+    def _cycle_of(group: dict, state: dict) -> int:
+        # s stays below N; should num_workers change between steps, the position is read mod the new N
+        return int(state.get("cycle", 0)) % check_num_workers(group["num_workers"])
+
+    # ------------------------------------------------------------------ the step (MFOptimizerBase)
+    def _plan_group(self, group: dict, step: int, state: dict):
+        return smega2_step_scalars(lr=group["lr"], momentum=self._momentum_at(group, step + 1),
+                                   dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                   num_workers=group["num_workers"], cycle=self._cycle_of(group, state))
+
+    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+        masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        return _run_smega2(params, grads, [s["momentum_buffer"] for s in states],
+                           [s["grad_accumulator"] for s in states], masters, plan, inv_grad_scale, found_inf,
+                           backend)
+
+    def _committed_values(self, plan, state: dict) -> dict:
+        return {"step": state["step"] + 1, "cycle": plan.next_cycle}
+
+    def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        for key in ("step", "cycle"):
+            value = state.get(key, 0)
+            state[key] = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+    # ------------------------------------------------------------------ the estimate
+    @torch.no_grad()
+    def estimate(self, out: Optional[Sequence[torch.Tensor]] = None) -> list:
+        """The look-ahead weights of every param, in param-group order.
+
+        ``out``: optional tensors to write them into (one per param, its shape and layout, dtype
+        float32, float16 or bfloat16; float64 with the reference backend), e.g. a worker's copy of
+        the model, written in place. Default: new tensors like the params. Everything is checked
+        before anything is written. Params that have not been stepped yet estimate to themselves.
+        """
+        self._resolve_pending()
+        params = [p for group in self.param_groups for p in group["params"]]
+        if out is None:
+            out = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        else:
+            out = self._check_estimate_out(params, out)
+
+        # plan every launch first (raises before anything is written or created)
+        launches: dict = {}
+        k = 0
+        for group in self.param_groups:
+            self._validate_group(group)
+            for p in group["params"]:
+                o = out[k]
+                k += 1
+                state = self.state.get(p, {})
+                dense = _is_dense(p)
+                key = (id(group), p.device, p.dtype, o.dtype, self._uses_master(p), state.get("step", 0),
+                       self._cycle_of(group, state), dense)
+                launches.setdefault(key, (group, state.get("step", 0), self._cycle_of(group, state), dense, []))
+                launches[key][4].append((p, o))
+        plans = []
+        for key, (group, step, cycle, dense, members) in launches.items():
+            scalars = smega2_estimate_scalars(lr=group["lr"], momentum=self._momentum_at(group, step + 1),
+                                              num_workers=group["num_workers"], cycle=cycle,
+                                              estimate=group["estimate"])
+            device, dtype = key[1], key[2]
+            backend = _backends.resolve(self.backend if dense else "reference", device,
+                                        torch.float64 if torch.float64 in (dtype, key[3]) else dtype)
+            plans.append((group, members, scalars, backend))
+
+        for group, members, scalars, backend in plans:
+            ps = [p for p, _ in members]
+            states = [self.state[p] for p in ps]
+            for p, state in zip(ps, states):
+                self._init_state(group, p, state)
+            masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+            _run_smega2_estimate(ps, [s["momentum_buffer"] for s in states], [s["grad_accumulator"] for s in states],
+                                 masters, [o for _, o in members], scalars, backend)
+        return list(out)
+
+    @staticmethod
+    def _check_estimate_out(params, out) -> list:
+        if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
+            raise TypeError(f"SMEGA2.estimate: out must be a list of tensors (one per param), got {type(out).__name__}")
+        out = list(out)
+        if len(out) != len(params):
+            raise ValueError(f"SMEGA2.estimate: out has {len(out)} tensors but the optimizer has {len(params)} params")
+        for i, (p, o) in enumerate(zip(params, out)):
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"SMEGA2.estimate: out[{i}] is a {type(o).__name__}, not a Tensor")
+            if o.shape != p.shape:
+                raise ValueError(f"SMEGA2.estimate: out[{i}] has shape {list(o.shape)}, its param {list(p.shape)}")
+            if o.device != p.device:
+                raise ValueError(f"SMEGA2.estimate: out[{i}] is on {o.device}, its param on {p.device}")
+            if o.dtype not in _ESTIMATE_OUT_DTYPES:
+                raise TypeError(f"SMEGA2.estimate: out[{i}] has dtype {o.dtype}; supported: float32, float16, "
+                                "bfloat16 (float64 on the reference backend)")
+            if o.numel() > 1 and _is_dense(p) and any(
+                    n > 1 and a != b for n, a, b in zip(p.shape, o.stride(), p.stride())):
+                raise ValueError(f"SMEGA2.estimate: out[{i}] has strides {list(o.stride())} but its param has "
+                                 f"{list(p.stride())} (out must have the param's memory layout)")
+            if any(o is q for q in params):
+                raise ValueError(f"SMEGA2.estimate: out[{i}] is one of the optimizer's params")
+        return out
