@@ -138,12 +138,13 @@ def make_optimizer(name: str, params, num_workers: int):
     raise ValueError(name)
 
 
-def _worker_loop(rank: int, *, timeout: float, compression=None, die_after=None, stall_after=None,
-                 stall_s: float = 0.0, phases: int = 1):
-    model = Net(seed=rank)        # a different init on purpose: the master's weights must overwrite it
+def _worker_loop(rank: int, *, timeout: float, compression=None, weight_compression=None, die_after=None,
+                 stall_after=None, stall_s: float = 0.0, phases: int = 1, model=None, connect_timeout=300.0):
+    model = model or Net(seed=rank)   # a different init on purpose: the master's weights must overwrite it
     out = []
     for _ in range(phases):
-        worker = Worker(model.parameters(), master=0, timeout=timeout, compression=compression)
+        worker = Worker(model.parameters(), master=0, timeout=timeout, compression=compression,
+                        weight_compression=weight_compression, connect_timeout=connect_timeout)
 
         def compute(k):
             if die_after is not None and k == die_after:
@@ -165,16 +166,16 @@ def _worker_loop(rank: int, *, timeout: float, compression=None, die_after=None,
 
 # ------------------------------------------------------------------------------------------ rank functions
 def train_async(rank, world_size, *, optimizer="dana", steps=60, timeout=30.0, compression=None,
-                die=None, stall=None, stall_s=0.0):
+                weight_compression=None, die=None, stall=None, stall_s=0.0):
     """Rank 0 is the master; ``die``: {rank: k} kills that worker at its k-th gradient;
     ``stall``: {rank: k} makes it sleep ``stall_s`` there."""
     die, stall = die or {}, stall or {}
     if rank != 0:
-        return _worker_loop(rank, timeout=timeout, compression=compression, die_after=die.get(rank),
-                            stall_after=stall.get(rank), stall_s=stall_s)
+        return _worker_loop(rank, timeout=timeout, compression=compression, weight_compression=weight_compression,
+                            die_after=die.get(rank), stall_after=stall.get(rank), stall_s=stall_s)
     model = Net(seed=0)
     opt = make_optimizer(optimizer, model.parameters(), world_size - 1)
-    master = Master(opt, timeout=timeout, compression=compression)
+    master = Master(opt, timeout=timeout, compression=compression, weight_compression=weight_compression)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         summary = master.run(steps)
@@ -199,3 +200,18 @@ def checkpoint_resume(rank, world_size, *, path, optimizer="dana", first=15, tot
     loaded = copy.deepcopy(m2.state_dict())
     s2 = m2.run(total, checkpoint=path)
     return {"first": s1, "before": before, "loaded": loaded, "second": s2}
+
+
+def mismatched_worker(rank, world_size, *, timeout=3.0):
+    """Worker 2 has a different model: the master must refuse it with a clear error."""
+    if rank == 2:
+        wide = nn.Sequential(nn.Linear(IN, HIDDEN + 1), nn.Tanh(), nn.Linear(HIDDEN + 1, 1))
+        return _worker_loop(rank, timeout=timeout, model=wide, connect_timeout=3 * timeout)
+    if rank != 0:
+        return _worker_loop(rank, timeout=timeout)
+    opt = make_optimizer("asgd", Net(seed=0).parameters(), world_size - 1)
+    try:
+        Master(opt, timeout=timeout).run(1000)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}

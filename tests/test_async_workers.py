@@ -28,10 +28,12 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-@pytest.mark.parametrize("optimizer,compression", [(o, None) for o in OPTIMIZERS] + [("dana", "fp16")])
-def test_one_master_three_workers_train(optimizer, compression):
+@pytest.mark.parametrize("optimizer,compression,weight_compression",
+                         [(o, None, None) for o in OPTIMIZERS] + [("dana", "fp16", None), ("dana", "bf16", "bf16")])
+def test_one_master_three_workers_train(optimizer, compression, weight_compression):
     steps = 90
-    master, *workers = _ok(aw.launch(aw.train_async, 4, optimizer=optimizer, steps=steps, compression=compression))
+    master, *workers = _ok(aw.launch(aw.train_async, 4, optimizer=optimizer, steps=steps, compression=compression,
+                                     weight_compression=weight_compression))
     s = master["summary"]
     assert s.steps == steps and len(s.losses) == steps and s.dropped == {} and master["warnings"] == []
     # every worker contributed, and the master took one step per gradient it received
@@ -49,8 +51,9 @@ def test_one_master_three_workers_train(optimizer, compression):
 
 def test_killed_and_hung_workers_do_not_stop_the_master():
     steps = 60
-    res = aw.launch(aw.train_async, 4, optimizer="dana", steps=steps, timeout=3.0,
-                    die={2: 5}, stall={3: 8}, stall_s=12.0)
+    # timeout 6 s: far above one gradient here (milliseconds), even on a loaded machine
+    res = aw.launch(aw.train_async, 4, optimizer="dana", steps=steps, timeout=6.0,
+                    die={2: 5}, stall={3: 8}, stall_s=10.0)
     assert res[2] == ("exit", -9), res[2]               # killed by SIGKILL mid-run
     bad = {r: v for r, v in res.items() if r != 2 and v[0] != "ok"}
     assert not bad, bad
@@ -85,3 +88,9 @@ def test_master_checkpoint_round_trip_and_resume(tmp_path):
     # the checkpoint on disk is the final state
     final = torch.load(path, weights_only=False)
     assert final["step"] == 30
+
+
+def test_a_worker_with_other_params_is_refused_with_a_clear_error():
+    master, w1, w2, w3 = _ok(aw.launch(aw.mismatched_worker, 4))
+    assert master["error"] and "do not match the master's" in master["error"], master
+    assert "lost_master" in w2[0]                     # never sent weights: it gives up after its timeout

@@ -22,7 +22,9 @@ timeout gloo closes that peer's connection for good). The threads hand each grad
 thread through one queue, so gradients are applied one at a time, in arrival order: one master
 step per gradient. Nothing waits for the slowest worker.
 
-Failure: a worker that sends nothing for ``timeout`` seconds after being sent weights (it
+Failure: the handshake (HELLO and the first weights) may take up to ``connect_timeout`` seconds,
+since ranks start at different times. After it, a worker that sends nothing for ``timeout``
+seconds after being sent weights (it
 died, hung or is partitioned), or whose connection breaks, is dropped with a ``RuntimeWarning``;
 the master goes on with the others and fails only when no worker is left. A worker whose master
 is gone raises ``ConnectionError`` after at most ``timeout`` seconds. Gradients in flight when the
@@ -158,11 +160,12 @@ class Master:
     ``workers``: their global ranks (default: every other rank of the group); worker ``i`` of the
     list is index ``i`` for optimizers that keep per-worker state. ``compression`` (gradients) and
     ``weight_compression`` (weights sent back): None, "fp16" or "bf16"; the workers must be built
-    with the same. ``timeout``: seconds a worker may take for one gradient before it is dropped.
+    with the same. ``timeout``: seconds a worker may take for one gradient before it is dropped;
+    ``connect_timeout``: seconds to wait for a worker's first message (ranks start at different times).
     """
 
     def __init__(self, optimizer, *, workers: Optional[Sequence[int]] = None, group=None, compression=None,
-                 weight_compression=None, timeout: float = 60.0):
+                 weight_compression=None, timeout: float = 60.0, connect_timeout: float = 300.0):
         if not dist.is_initialized():
             raise RuntimeError("fusedmf.asynchronous.Master: torch.distributed is not initialised "
                                "(call torch.distributed.init_process_group first)")
@@ -170,6 +173,7 @@ class Master:
             raise TypeError(f"Master: the optimizer ({type(optimizer).__name__}) has no estimate(); use SMEGA2, "
                             "ASGD or DANAZero")
         self.timeout = _check_timeout(timeout)
+        self.connect_timeout = _check_timeout(connect_timeout)
         self.group = group
         me, world = dist.get_rank(), dist.get_world_size(group)
         ranks = list(workers) if workers is not None else [dist.get_global_rank(group, r) if group is not None else r
@@ -234,12 +238,14 @@ class Master:
         """One worker's thread: handshake, initial weights, then gradient in / weights out."""
         to = _td(self.timeout)
         try:
-            dist.irecv(link.header, src=link.rank, group=self.group, tag=TAG_HEADER).wait(timeout=to)
+            # the handshake waits up to connect_timeout: ranks start at different times
+            dist.irecv(link.header, src=link.rank, group=self.group, tag=TAG_HEADER).wait(
+                timeout=_td(self.connect_timeout))
             problem = self._check_hello(link.header)
             if problem:
                 inbox.put((link, "error", problem))
                 return
-            self._send(link, WEIGHTS, with_payload=True)
+            self._send(link, WEIGHTS, with_payload=True, timeout=self.connect_timeout)
             while True:
                 dist.irecv(link.header, src=link.rank, group=self.group, tag=TAG_HEADER).wait(timeout=to)
                 kind = int(link.header[0])
@@ -259,8 +265,8 @@ class Master:
         except Exception as exc:          # a timeout, a broken connection: the worker is gone
             inbox.put((link, "dead", f"{type(exc).__name__}: {str(exc).strip()[:300]}"))
 
-    def _send(self, link: _Link, kind: int, *, with_payload: bool) -> None:
-        to = _td(self.timeout)
+    def _send(self, link: _Link, kind: int, *, with_payload: bool, timeout: Optional[float] = None) -> None:
+        to = _td(timeout or self.timeout)
         dist.isend(_header(kind, self.step_count), dst=link.rank, group=self.group, tag=TAG_HEADER).wait(timeout=to)
         if with_payload:
             dist.isend(link.send_buf, dst=link.rank, group=self.group, tag=TAG_PAYLOAD).wait(timeout=to)
@@ -326,6 +332,7 @@ class Master:
                                        f"{self.step_count} of {num_steps}: {self.dropped}")
                 link, kind, info = self._next(inbox)
                 if kind == "error":
+                    alive.pop(link.rank, None)      # its thread has returned: nothing to stop
                     raise ValueError(f"fusedmf.asynchronous.Master: {info}")
                 if kind == "dead":
                     self._drop(link, info, alive)
@@ -341,7 +348,7 @@ class Master:
                 if checkpoint_every and self.step_count % checkpoint_every == 0:
                     self.save(checkpoint)
         finally:
-            discarded = self._stop(inbox, alive)
+            discarded = self._stop(inbox, alive, list(links.values()))
         if checkpoint is not None:
             self.save(checkpoint)
         return MasterSummary(steps=self.step_count, gradients_from=dict(self.gradients_from), dropped=dict(self.dropped),
@@ -357,7 +364,7 @@ class Master:
             raise RuntimeError("fusedmf.asynchronous.Master: no worker thread reported within "
                                f"{4 * self.timeout + 10:.0f} s") from None
 
-    def _stop(self, inbox: queue.Queue, alive: Dict[int, _Link]) -> int:
+    def _stop(self, inbox: queue.Queue, alive: Dict[int, _Link], links: Sequence[_Link]) -> int:
         """Answer STOP to every worker still serving (their last gradients are discarded)."""
         discarded = 0
         deadline = time.monotonic() + 2 * self.timeout + 5
@@ -375,6 +382,11 @@ class Master:
             alive.pop(link.rank, None)
         for link in alive.values():       # past the deadline (cannot happen with live threads)
             link.replies.put(STOP)
+        # the STOP messages leave from the serving threads: wait until they are sent, or the
+        # process could exit (and close the sockets) with a STOP still unsent
+        for link in links:
+            if link.thread is not None:
+                link.thread.join(timeout=2 * self.timeout + 5)
         return discarded
 
 
@@ -390,7 +402,7 @@ class Worker:
     """
 
     def __init__(self, params, *, master: int = 0, group=None, compression=None, weight_compression=None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, connect_timeout: float = 300.0):
         if not dist.is_initialized():
             raise RuntimeError("fusedmf.asynchronous.Worker: torch.distributed is not initialised")
         self.params = [p for p in params]
@@ -398,14 +410,15 @@ class Worker:
             raise ValueError("Worker: params is empty")
         self.master, self.group = master, group
         self.timeout = _check_timeout(timeout)
+        self.connect_timeout = _check_timeout(connect_timeout)
         self.grad_layout = FlatLayout(self.params, comm_dtype(compression))
         self.weight_layout = FlatLayout(self.params, comm_dtype(weight_compression, "weight_compression"))
         self._send_buf = self.grad_layout.buffer()
         self._recv_buf = self.weight_layout.buffer()
         self._zeros: Dict[int, Tensor] = {}
 
-    def _send(self, header: Tensor, payload: Optional[Tensor]) -> None:
-        to = _td(self.timeout)
+    def _send(self, header: Tensor, payload: Optional[Tensor], timeout: Optional[float] = None) -> None:
+        to = _td(timeout or self.timeout)
         dist.isend(header, dst=self.master, group=self.group, tag=TAG_HEADER).wait(timeout=to)
         if payload is not None:
             dist.isend(payload, dst=self.master, group=self.group, tag=TAG_PAYLOAD).wait(timeout=to)
@@ -418,9 +431,12 @@ class Worker:
         k = 0
         try:
             self._send(_header(HELLO, self.grad_layout.numel, len(self.params), self.grad_layout.signature(),
-                               _DTYPE_CODE[self.grad_layout.dtype], _DTYPE_CODE[self.weight_layout.dtype]), None)
+                               _DTYPE_CODE[self.grad_layout.dtype], _DTYPE_CODE[self.weight_layout.dtype]), None,
+                       timeout=self.connect_timeout)
             while True:
-                dist.irecv(header, src=self.master, group=self.group, tag=TAG_HEADER).wait(timeout=to)
+                # the first weights may take until the master is up (connect_timeout), later ones `timeout`
+                dist.irecv(header, src=self.master, group=self.group, tag=TAG_HEADER).wait(
+                    timeout=to if k else _td(self.connect_timeout))
                 kind, weights_step = int(header[0]), float(header[1])
                 if kind == STOP:
                     return {"steps": k, "losses": losses, "stopped": "master"}
