@@ -70,6 +70,18 @@ constexpr int kAdamNegStepSize = 8;
 constexpr int kAdamBiasCorrection2Sqrt = 9;
 constexpr int kAdamNumScalars = 10;
 
+// SMEGA2 (SMEGA2_SLOTS / SMEGA2_ESTIMATE_SLOTS in scalars.py).
+constexpr int kSmega2Lr = 0;
+constexpr int kSmega2Momentum = 1;
+constexpr int kSmega2MomentumScale = 2;
+constexpr int kSmega2L2WeightDecay = 3;
+constexpr int kSmega2CycleEnd = 4;
+constexpr int kSmega2NumScalars = 5;
+
+constexpr int kSmega2EstimateAccumulatorCoef = 0;
+constexpr int kSmega2EstimateMomentumCoef = 1;
+constexpr int kSmega2EstimateNumScalars = 2;
+
 // Tensor-list slots (style.md §4). The first three are common to every update rule, so a slot
 // index means the same list in the SGD and the Adam kernels; kMomentum and kExpAvg share index 3.
 constexpr int kParam = 0;     // params: F32, F16 or BF16; written
@@ -79,6 +91,10 @@ constexpr int kMomentum = 3;  // SGD: fp32 momentum buffer, optional
 constexpr int kExpAvg = 3;    // Adam: fp32 first moment
 constexpr int kExpAvgSq = 4;  // Adam: fp32 second moment
 constexpr int kMaxSlots = 5;
+// SMEGA2: kParam, kGrad, kMaster, kMomentum and its fp32 gradient accumulator G. Its estimate has
+// no grad: the look-ahead weights go to kEstimateOut (any of F32/F16/BF16), the rest is read.
+constexpr int kGradAccumulator = 4;
+constexpr int kEstimateOut = 1;
 // pack_ (fusedmf/functional/pack.py, NOTE [pack layout]) uses two slots: the grads in kGrad and,
 // in kPackOut, the start of each grad's slot of the flat buffer (out + offsets[i]).
 constexpr int kPackOut = 0;
@@ -132,6 +148,36 @@ struct AdamScalars {
     s.decay_factor = v[kAdamDecayFactor];
     s.neg_step_size = v[kAdamNegStepSize];
     s.bias_correction2_sqrt = v[kAdamBiasCorrection2Sqrt];
+    return s;
+  }
+};
+
+struct Smega2Scalars {
+  float lr;
+  float momentum;
+  float momentum_scale;  // (1 - dampening) / N
+  float l2_weight_decay;
+  float cycle_end;  // flag: this step closes a cycle of N gradients
+
+  FUSEDMF_HOST_DEVICE static Smega2Scalars load(const float* v) {
+    Smega2Scalars s;
+    s.lr = v[kSmega2Lr];
+    s.momentum = v[kSmega2Momentum];
+    s.momentum_scale = v[kSmega2MomentumScale];
+    s.l2_weight_decay = v[kSmega2L2WeightDecay];
+    s.cycle_end = v[kSmega2CycleEnd];
+    return s;
+  }
+};
+
+struct Smega2EstimateScalars {
+  float accumulator_coef;  // 0 for the naive estimate: G is not read
+  float momentum_coef;
+
+  FUSEDMF_HOST_DEVICE static Smega2EstimateScalars load(const float* v) {
+    Smega2EstimateScalars s;
+    s.accumulator_coef = v[kSmega2EstimateAccumulatorCoef];
+    s.momentum_coef = v[kSmega2EstimateMomentumCoef];
     return s;
   }
 };
@@ -355,6 +401,35 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float adam_update(const AdamScalars& s, float
   // w.addcdiv(m, denom, value=neg_step_size): torch's CPU kernel computes w + (value * m) / denom
   // (its CUDA kernel computes w + value * (m / denom); the reference runs on the CPU).
   return add_rn(div_rn(mul_rn(s.neg_step_size, m), denom), w);
+}
+
+// One SMEGA2 master-step element (reference.py smega2_). `w` is the weight (fp32 master, or the
+// param as float), `grad` the raw gradient as float; `v` (momentum) and `acc` (the accumulator G)
+// are read, and written as the rule says: v only when kCycleEnd (then acc becomes 0), acc always.
+// d is formed with the old v, before the refresh. Returns the new weight.
+template <bool kCycleEnd>
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float smega2_update(const Smega2Scalars& s, float inv_grad_scale, float w,
+                                                       float grad, float& v, float& acc) {
+  float g = mul_rn(grad, inv_grad_scale);
+  if (s.l2_weight_decay != 0.0f) g = madd(w, s.l2_weight_decay, g);  // g.add(w, alpha=l2)
+  acc = add_rn(acc, g);                                               // G.add(g)
+  const float d = madd(v, s.momentum, g);                             // g.add(v, alpha=momentum)
+  if (kCycleEnd) {
+    v = madd(acc, s.momentum_scale, mul_rn(v, s.momentum));  // v.mul(momentum).add(G, alpha=scale)
+    acc = 0.0f;
+  }
+  return madd(d, -s.lr, w);  // w.add(d, alpha=-lr)
+}
+
+// One element of SMEGA2's look-ahead estimate (reference.py smega2_estimate_):
+// w + accumulator_coef * acc + momentum_coef * v; `acc` is not looked at unless kReadAccumulator
+// (accumulator_coef != 0).
+template <bool kReadAccumulator>
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float smega2_estimate(const Smega2EstimateScalars& s, float w, float v,
+                                                         float acc) {
+  float e = w;
+  if (kReadAccumulator) e = madd(acc, s.accumulator_coef, e);  // w.add(G, alpha=accumulator_coef)
+  return madd(v, s.momentum_coef, e);                          // e.add(v, alpha=momentum_coef)
 }
 
 }  // namespace FUSEDMF_MATH_NS

@@ -29,12 +29,14 @@ CPU_SOURCES = (
     "csrc/cpu/cpu_ops.cpp",
     "csrc/cpu/kernels_base.cpp",
     "csrc/cpu/kernels_avx2.cpp",
+    "csrc/smega2_ops.cpp",
 )
 CUDA_SOURCES = (
     "csrc/cuda/mf_sgd.cu",
     "csrc/cuda/mf_adam.cu",
     "csrc/cuda/non_finite_check.cu",
     "csrc/cuda/pack.cu",
+    "csrc/cuda/smega2.cu",
 )
 
 DEFAULT_CUDA_ARCH_LIST = "9.0"

@@ -21,6 +21,7 @@ import fusedmf.functional as F
 from fusedmf import SMEGA2
 from fusedmf.optim import SMEGA2 as SMEGA2_from_optim
 
+from conftest import require_backend
 from _util import assert_bit_identical, assert_close_ulps, max_abs_err
 
 SHAPES = [(1,), (4097,), (13, 57), (0,), (6, 5, 3, 3)]
@@ -98,12 +99,12 @@ def _gamma_of(kwargs):
 @pytest.mark.parametrize("num_workers", [1, 3, 4])
 @pytest.mark.parametrize("estimate", ["advanced", "naive"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("backend_dtype", [("reference", torch.float64), ("reference", torch.float32)],
-                         ids=["reference-f64", "reference-f32"])
+@pytest.mark.parametrize("backend_dtype", [("reference", torch.float64), ("reference", torch.float32),
+                                           ("cpu", torch.float32)], ids=["reference-f64", "reference-f32", "cpu"])
 def test_step_and_estimate_follow_the_equations(backend_dtype, config, estimate, num_workers):
     name, dtype = backend_dtype
     if name != "reference":
-        pytest.importorskip("fusedmf._C")
+        require_backend(name)
     kwargs = dict(CONFIGS[config])
     params = make_params(SHAPES, dtype)
     spec = Equations(params, lr=0.05, num_workers=num_workers, gamma=_gamma_of(kwargs),
@@ -142,3 +143,451 @@ def test_step_and_estimate_follow_the_equations(backend_dtype, config, estimate,
 def test_importable_from_both_places():
     assert fusedmf.SMEGA2 is SMEGA2_from_optim is SMEGA2
     assert callable(F.smega2) and callable(F.smega2_estimate)
+
+
+# ---------------------------------------------------------------------------------------------
+# every backend against the reference
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (param dtype, grad dtype, master_weights)
+COMBOS = [("fp32", "fp32", None), ("fp32", "fp16", None), ("bf16", "bf16", None), ("fp16", "fp16", None),
+          ("bf16", "fp32", None), ("fp16", "fp16", False)]
+MATCH_SHAPES = SHAPES + [(33,)] * 5 + [(5, 0)]
+GRAD_SCALE = 1024.0  # a power of two: unscaling inside the kernel is exact
+
+
+def _run(backend, device, combo, estimate, num_workers=3, steps=None, mf_schedule=None):
+    pdt, gdt, master = DTYPES[combo[0]], DTYPES[combo[1]], combo[2]
+    params = make_params(MATCH_SHAPES, pdt, device)
+    opt = SMEGA2(params, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, num_workers=num_workers,
+                 estimate=estimate, master_weights=master, backend=backend, mf_schedule=mf_schedule)
+    looks = []
+    for step in range(steps or 2 * num_workers + 3):
+        grads = {id(p): g.to(device) for p, g in zip(params, worker_grads(MATCH_SHAPES, step, gdt, GRAD_SCALE))}
+        opt.step(grads=lambda p: grads[id(p)], grad_scale=GRAD_SCALE)
+        worker_copy = [torch.full_like(p, 7.0) for p in params]  # written in place, in the params' dtype
+        returned = opt.estimate(out=worker_copy)
+        assert all(a is b for a, b in zip(returned, worker_copy))
+        looks.append([e.cpu() for e in opt.estimate(out=[torch.empty_like(p, dtype=torch.float32)
+                                                         for p in params])] + [e.cpu() for e in worker_copy])
+    assert opt.backends_used == {backend: len(MATCH_SHAPES)}
+    states = {key: [opt.state[p][key].cpu() for p in params] for key in STATE_KEYS}
+    if pdt != torch.float32 and master is not False:
+        states["master_param"] = [opt.state[p]["master_param"].cpu() for p in params]
+    return [p.detach().cpu() for p in params], states, looks, opt
+
+
+def _assert_matches(name, actual, expected, what, weights_dtype=torch.float32):
+    """`weights_dtype`: what the update reads as the weight (fp32 with masters)."""
+    if name == "cpu":  # the same roundings in the same order (NOTE [fma placement])
+        assert_bit_identical(actual, expected, what)
+    elif weights_dtype != torch.float32:
+        # the weight itself is fp16/bf16: a few fp32 ulps of one update can flip its rounding, and
+        # that low-precision ulp of the weight then reaches every later value (the estimate is
+        # about the weight; G and v see it through weight decay)
+        lp_eps = torch.finfo(weights_dtype).eps
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=lp_eps,
+                                   atol=lp_eps * float(expected.float().abs().mean()) if expected.numel() else 0.0,
+                                   msg=lambda m: f"{what}: {m}")
+    elif actual.dtype == torch.float32:
+        # cuda: bit for bit by construction, checked here within a few ulps until a GPU run confirms
+        # it; triton under the interpreter rounds tl.fma twice (triton_kernels/smega2.py)
+        assert_close_ulps(actual, expected, ulps=8, name=what)
+    else:  # one low-precision ulp at most (a few fp32 ulps can flip a rounding boundary)
+        lp_eps = torch.finfo(actual.dtype).eps
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=lp_eps, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("estimate", ["advanced", "naive"])
+@pytest.mark.parametrize("combo", COMBOS, ids=[f"p{a}-g{b}{'-nomaster' if m is False else ''}" for a, b, m in COMBOS])
+def test_every_backend_matches_the_reference(fused_backend, combo, estimate):
+    name, device = fused_backend
+    ours = _run(name, device, combo, estimate)
+    ref = _run("reference", "cpu", combo, estimate)
+    weights = DTYPES[combo[0]] if combo[2] is False else torch.float32
+    for i, (a, b) in enumerate(zip(ours[0], ref[0])):
+        _assert_matches(name, a, b, f"params[{i}]", weights)
+    for key in ref[1]:
+        for i, (a, b) in enumerate(zip(ours[1][key], ref[1][key])):
+            _assert_matches(name, a, b, f"{key}[{i}]", weights)
+    for step, (xs, ys) in enumerate(zip(ours[2], ref[2])):
+        for i, (a, b) in enumerate(zip(xs, ys)):
+            _assert_matches(name, a, b, f"estimate {i} after step {step + 1}", weights)
+
+
+@pytest.mark.parametrize("combo", [("fp16", "fp16", None), ("fp32", "fp32", None)], ids=["fp16-master", "fp32"])
+def test_estimate_into_low_precision_copy_is_the_cast_of_the_fp32_estimate(backend, combo):
+    name, device = backend
+    params, _, looks, opt = _run(name, device, combo, "advanced", steps=4)
+    half = len(MATCH_SHAPES)
+    for i in range(half):  # worker copy (params' dtype) == the fp32 estimate rounded once
+        assert_bit_identical(looks[-1][half + i], looks[-1][i].to(params[i].dtype), f"estimate {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16/bf16 params with fp32 masters
+
+
+class PaperSMEGA2:
+    """The reference code's SMEGA2.step (github.com/rafi-cohen/SMEGA2, smega2.py), on tensors of the
+    params' own dtype: the low-precision path without masters that the masters must beat."""
+
+    def __init__(self, params, *, lr, num_workers, momentum, dampening, weight_decay):
+        self.params = params
+        self.v = [torch.zeros_like(p) for p in params]
+        self.G = [torch.zeros_like(p) for p in params]
+        self.s = 0
+        self.lr, self.N, self.momentum, self.dampening, self.wd = lr, num_workers, momentum, dampening, weight_decay
+
+    @torch.no_grad()
+    def step(self, grads):
+        self.s = (self.s + 1) % self.N
+        for p, g, v, G in zip(self.params, grads, self.v, self.G):
+            d_p = g.to(p.dtype).add(p, alpha=self.wd)
+            G.add_(d_p)
+            d_p = d_p.add(v, alpha=self.momentum)
+            if self.s == 0:
+                v.mul_(self.momentum).add_(G, alpha=(1 - self.dampening) / self.N)
+                G.zero_()
+            p.add_(d_p, alpha=-self.lr)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_masters_within_twice_the_low_precision_error(backend, dtype):
+    name, device = backend
+    shapes, steps, hyper = [(1,), (4097,), (13, 57), (0,)], 24, dict(lr=0.05, momentum=0.9, dampening=0.0,
+                                                                     weight_decay=1e-4)
+    ours = make_params(shapes, dtype, device)
+    theirs = [p.detach().cpu().clone() for p in ours]
+    spec = Equations(ours, lr=hyper["lr"], num_workers=4, gamma=lambda t: hyper["momentum"],
+                     dampening=hyper["dampening"], weight_decay=hyper["weight_decay"], estimate="advanced")
+    opt = SMEGA2(ours, num_workers=4, backend=name, **hyper)
+    paper = PaperSMEGA2(theirs, num_workers=4, **hyper)
+    for step in range(steps):
+        grads = worker_grads(shapes, step, dtype)
+        set_grads(ours, grads)
+        opt.step()
+        paper.step(grads)
+        spec.step(grads)
+    assert opt.backends_used == {name: len(shapes)}
+    err_ours = max(max_abs_err(p.cpu(), q) for p, q in zip(ours, spec.theta))
+    err_low = max(max_abs_err(p, q) for p, q in zip(theirs, spec.theta))
+    assert err_low > 0, "the low-precision path should show rounding error"
+    assert err_ours <= 2 * err_low, f"masters error {err_ours:.3g} > 2 x low-precision error {err_low:.3g}"
+    for i, (p, q) in enumerate(zip(ours, spec.theta)):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32 and opt.state[p]["momentum_buffer"].dtype == torch.float32
+        # fp32 against float64 after 24 steps: a few hundred fp32 ulps of accumulated rounding at most
+        torch.testing.assert_close(master.double().cpu(), q, rtol=3e-5, atol=3e-6, msg=lambda m: f"master {i}: {m}")
+        assert torch.equal(p.detach(), master.to(dtype)), f"param {i} is not the cast of its master"
+
+
+# ---------------------------------------------------------------------------------------------
+# overflow, checkpoints
+
+
+def _snapshot(opt, params):
+    """(params, per-param state) copied."""
+    return [p.detach().clone() for p in params], [{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                                   for k, v in opt.state[p].items()} for p in params]
+
+
+def _assert_same_snapshot(a, b):
+    for i, (x, y) in enumerate(zip(a[0], b[0])):
+        assert_bit_identical(x, y, f"params[{i}]")
+    for i, (sx, sy) in enumerate(zip(a[1], b[1])):
+        assert sx.keys() == sy.keys()
+        for k in sx:
+            if isinstance(sx[k], torch.Tensor):
+                assert_bit_identical(sx[k], sy[k], f"state[{i}][{k}]")
+            else:
+                assert sx[k] == sy[k], (i, k, sx[k], sy[k])
+
+
+@pytest.mark.parametrize("skip_at", [0, 2], ids=["first_step", "cycle_end"])
+def test_overflow_skip_writes_nothing_and_keeps_the_cycle(backend, skip_at):
+    name, device = backend
+    shapes = [(1,), (4097,), (0,), (3, 8, 5)]
+    schedule = lambda t: MFS[(t - 1) % len(MFS)]  # noqa: E731  (the clock must not advance on a skip)
+
+    def run(skip):
+        params = make_params(shapes, torch.float16, device)
+        opt = SMEGA2(params, lr=0.05, num_workers=3, weight_decay=1e-2, dampening=0.1, mf_schedule=schedule,
+                     backend=name)
+        history = []
+        for step in range(7):
+            if skip and step == skip_at:
+                set_grads(params, worker_grads(shapes, 99, torch.float16))
+                opt.estimate()  # creates the state of fresh params, so the first step is comparable too
+                before = _snapshot(opt, params)
+                opt.step(grad_scale=GRAD_SCALE, found_inf=torch.ones((), device=device))
+                assert opt.last_step_skipped is True
+                _assert_same_snapshot(_snapshot(opt, params), before)
+            set_grads(params, [g * GRAD_SCALE for g in worker_grads(shapes, step, torch.float16)])
+            opt.step(grad_scale=GRAD_SCALE, found_inf=torch.zeros((), device=device))
+            assert opt.last_step_skipped is False
+            history.append(_snapshot(opt, params))
+        return history
+
+    for step, (a, b) in enumerate(zip(run(True), run(False))):
+        for i, (x, y) in enumerate(zip(a[0], b[0])):
+            assert_bit_identical(x, y, f"params[{i}] after step {step + 1}")
+        for i, (sx, sy) in enumerate(zip(a[1], b[1])):
+            assert sx["step"] == sy["step"] == step + 1 and sx["cycle"] == sy["cycle"] == (step + 1) % 3
+            for key in STATE_KEYS + ("master_param",):
+                assert_bit_identical(sx[key], sy[key], f"{key}[{i}] after step {step + 1}")
+
+
+def test_state_dict_round_trip(backend):
+    import io
+
+    name, device = backend
+    shapes = [(4097,), (13, 57), (0,)]
+
+    params = make_params(shapes, torch.bfloat16, device)
+    opt = SMEGA2(params, lr=0.05, num_workers=4, weight_decay=1e-2, backend=name)
+    for step in range(5):  # cycle position 1 after 5 steps of N = 4
+        set_grads(params, worker_grads(shapes, step, torch.bfloat16))
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+
+    clones = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = SMEGA2(clones, lr=0.05, num_workers=4, weight_decay=1e-2, backend=name)
+    opt2.load_state_dict(loaded)
+    for p, q in zip(params, clones):
+        assert opt2.state[q]["cycle"] == 1 and opt2.state[q]["step"] == 5
+        for key in STATE_KEYS + ("master_param",):
+            assert opt2.state[q][key].dtype == torch.float32, key  # not cast to the params' bf16
+            assert_bit_identical(opt2.state[q][key], opt.state[p][key], key)
+    for a, b in zip(opt.estimate(), opt2.estimate()):
+        assert_bit_identical(a, b, "estimate after loading")
+    for step in range(5, 10):
+        grads = worker_grads(shapes, step, torch.bfloat16)
+        set_grads(params, grads)
+        set_grads(clones, grads)
+        opt.step()
+        opt2.step()
+    for i, (p, q) in enumerate(zip(params, clones)):
+        assert_bit_identical(p.detach(), q.detach(), f"params[{i}] after the round trip")
+        for key in STATE_KEYS:
+            assert_bit_identical(opt.state[p][key], opt2.state[q][key], f"{key}[{i}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, raised before anything is modified
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_workers=0), "num_workers"), (dict(num_workers=2.0), "num_workers"),
+    (dict(num_workers=True), "num_workers"), (dict(num_workers=None), "num_workers"),
+    (dict(num_workers=2, estimate="fast"), "estimate"), (dict(num_workers=2, lr=-0.1), "lr"),
+    (dict(num_workers=2, momentum=1.0), "momentum"), (dict(num_workers=2, weight_decay=-1.0), "weight_decay"),
+    (dict(num_workers=2, dampening=float("nan")), "dampening"), (dict(num_workers=2, backend="gpu"), "backend"),
+], ids=lambda x: str(x) if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_bad_arguments_are_rejected_at_construction(kwargs, match):
+    kwargs = dict(dict(lr=0.1), **kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        SMEGA2(make_params([(3,)]), **kwargs)
+
+
+def test_num_workers_is_required():
+    with pytest.raises(TypeError, match="num_workers"):
+        SMEGA2(make_params([(3,)]), lr=0.1)
+
+
+def test_bad_grad_raises_before_any_state_exists(backend):
+    name, device = backend
+    params = make_params([(4,), (3, 5)], device=device)
+    before = [p.detach().clone() for p in params]
+    opt = SMEGA2(params, lr=0.1, num_workers=2, backend=name)
+    params[0].grad = torch.ones(4, device=device)
+    params[1].grad = None
+    opt.step()  # param 1 without a grad is left alone, as torch does
+    mid = _snapshot(opt, params)
+    grads = {id(params[0]): torch.ones(4, device=device), id(params[1]): torch.ones(3, 4, device=device)}
+    with pytest.raises(RuntimeError, match=r"grad of param 1 of param group 0 has shape \[3, 4\]"):
+        opt.step(grads=lambda p: grads[id(p)])
+    _assert_same_snapshot(_snapshot(opt, params), mid)
+    assert opt.state[params[0]]["cycle"] == 1 and not opt.state.get(params[1])
+    assert torch.equal(params[1].detach(), before[1])
+
+
+@pytest.mark.parametrize("case", ["count", "shape", "dtype", "strides", "device", "is_param", "not_a_list"])
+def test_bad_estimate_out_raises_before_anything_is_written(backend, case):
+    name, device = backend
+    params = make_params([(4,), (3, 5)], device=device)
+    opt = SMEGA2(params, lr=0.1, num_workers=2, backend=name)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    out = [torch.full_like(p, 7.0) for p in params]
+    match = {"count": "out has 1 tensors", "shape": r"out\[1\] has shape", "dtype": r"out\[1\] has dtype",
+             "strides": r"out\[1\] has strides", "device": r"out\[1\] is on", "is_param": r"out\[1\] is one of",
+             "not_a_list": "must be a list"}[case]
+    bad = list(out)
+    if case == "count":
+        bad = out[:1]
+    elif case == "shape":
+        bad[1] = torch.full((15,), 7.0, device=device)
+    elif case == "dtype":
+        bad[1] = torch.full((3, 5), 7, dtype=torch.int32, device=device)
+    elif case == "strides":
+        bad[1] = torch.full((5, 3), 7.0, device=device).t()
+    elif case == "device":
+        bad[1] = torch.full((3, 5), 7.0, device="meta")
+    elif case == "is_param":
+        bad[1] = params[1]
+    elif case == "not_a_list":
+        bad = out[0]
+    snapshot = _snapshot(opt, params)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.estimate(out=bad)
+    _assert_same_snapshot(_snapshot(opt, params), snapshot)
+    for o in out:
+        assert bool((o == 7.0).all()), "out was written before the error"
+
+
+def _op_args(device, n=2, pdt=torch.float16):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5,), (4, 3)][:n]
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=pdt) for s in shapes]
+    return dict(params=params, grads=[torch.randn(s, generator=gen).to(device=device, dtype=pdt) for s in shapes],
+                momentum_buffers=[torch.randn(s, generator=gen).to(device) for s in shapes],
+                grad_accumulators=[torch.randn(s, generator=gen).to(device) for s in shapes],
+                master_params=[p.float() for p in params])
+
+
+def _op(name):
+    if name == "triton":
+        return fusedmf._backends.triton_module()[0]
+    return torch.ops.fusedmf
+
+
+OP_CASES = {
+    "accumulator_dtype": (lambda a: a["grad_accumulators"].__setitem__(1, a["grad_accumulators"][1].half()),
+                          r"grad_accumulators\[1\] has dtype"),
+    "momentum_count": (lambda a: a["momentum_buffers"].pop(), "momentum_buffers has 1 tensors"),
+    "master_shape": (lambda a: a["master_params"].__setitem__(1, torch.zeros(12, device=a["params"][0].device)),
+                     r"master_params\[1\] has shape"),
+    "grad_dtype_mixed": (lambda a: a["grads"].__setitem__(1, a["grads"][1].float()), r"grads\[1\] has dtype"),
+    "accumulator_is_momentum": (lambda a: a["grad_accumulators"].__setitem__(0, a["momentum_buffers"][0]),
+                                r"\[0\] and .*\[0\] are the same memory"),
+    "scalars_length": (None, "scalars"),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_kernel_validation_names_the_tensor_and_writes_nothing(fused_backend, case):
+    from fusedmf.functional.scalars import SMEGA2_NUM_SCALARS, smega2_step_scalars
+
+    name, device = fused_backend
+    args = _op_args(device)
+    mutate, match = OP_CASES[case]
+    scalars = torch.tensor(smega2_step_scalars(lr=0.1, momentum=0.9, num_workers=1, cycle=0).as_list(),
+                           device=device)
+    if mutate is None:
+        scalars = torch.zeros(SMEGA2_NUM_SCALARS + 1, device=device)
+    else:
+        mutate(args)
+    snapshot = {k: [t.clone() for t in v] for k, v in args.items()}
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        _op(name).smega2_(args["params"], args["grads"], args["momentum_buffers"], args["grad_accumulators"],
+                          args["master_params"], scalars, None, None)
+    for key, tensors in args.items():
+        for i, (t, s) in enumerate(zip(tensors, snapshot[key])):
+            assert_bit_identical(t, s, f"{key}[{i}]")
+
+
+@pytest.mark.parametrize("case", ["out_is_master", "out_dtype", "scalars_length"])
+def test_estimate_kernel_validation(fused_backend, case):
+    from fusedmf.functional.scalars import SMEGA2_ESTIMATE_NUM_SCALARS
+
+    name, device = fused_backend
+    a = _op_args(device)
+    out = [torch.full_like(p, 7.0) for p in a["params"]]
+    scalars = torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS, device=device)
+    match = {"out_is_master": r"out\[1\] and master_params\[1\] are the same memory",
+             "out_dtype": r"out\[0\] has dtype", "scalars_length": "scalars"}[case]
+    if case == "out_is_master":  # an fp32 estimate written over the master would corrupt the state
+        out = [torch.full_like(m, 7.0) for m in a["master_params"][:1]] + a["master_params"][1:]
+    elif case == "out_dtype":
+        out = [o.to(torch.int32) for o in out]
+    else:
+        scalars = torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS + 1, device=device)
+    keep = [o.clone() for o in out]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        _op(name).smega2_estimate_(a["params"], a["momentum_buffers"], a["grad_accumulators"], a["master_params"],
+                                   out, scalars)
+    for i, (o, k) in enumerate(zip(out, keep)):
+        assert_bit_identical(o, k, f"out[{i}]")
+
+
+def test_functional_checks_cycle_and_estimate_mode():
+    a = _op_args("cpu", pdt=torch.float32)
+    with pytest.raises(ValueError, match="cycle"):
+        F.smega2(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"], lr=0.1, momentum=0.9,
+                 num_workers=2, cycle=2, backend="reference")
+    with pytest.raises(ValueError, match="estimate"):
+        F.smega2_estimate(a["params"], a["momentum_buffers"], a["grad_accumulators"], a["params"], lr=0.1,
+                          momentum=0.9, num_workers=2, cycle=0, estimate="fast", backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# ops: schemas, fake kernels, slot layouts
+
+
+def test_ops_are_registered_with_mutation_annotations():
+    require_backend("cpu")
+    schema = str(torch.ops.fusedmf.smega2_.default._schema)
+    for arg in ("Tensor(a!)[] params", "Tensor[] grads", "Tensor(b!)[] momentum_buffers",
+                "Tensor(c!)[] grad_accumulators", "Tensor(d!)[] master_params"):
+        assert arg in schema, schema
+    assert "Tensor(a!)[] out" in str(torch.ops.fusedmf.smega2_estimate_.default._schema)
+
+
+def test_fake_kernels_validate_and_write_nothing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    require_backend("cpu")
+    from fusedmf.functional.scalars import SMEGA2_ESTIMATE_NUM_SCALARS, SMEGA2_NUM_SCALARS
+
+    with FakeTensorMode():
+        a = _op_args("cpu")
+        torch.ops.fusedmf.smega2_(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                                  a["master_params"], torch.zeros(SMEGA2_NUM_SCALARS), None, torch.zeros(1))
+        torch.ops.fusedmf.smega2_estimate_(a["params"], a["momentum_buffers"], a["grad_accumulators"],
+                                           a["master_params"], [torch.empty_like(p) for p in a["params"]],
+                                           torch.zeros(SMEGA2_ESTIMATE_NUM_SCALARS))
+        a["grad_accumulators"][1] = torch.zeros(7)
+        with pytest.raises(ValueError, match=r"grad_accumulators\[1\] has shape"):
+            torch.ops.fusedmf.smega2_(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                                      a["master_params"], torch.zeros(SMEGA2_NUM_SCALARS), None, None)
+
+
+def test_opcheck_schema_and_fake_tensor():
+    require_backend("cpu")
+    from fusedmf.functional.scalars import SMEGA2_NUM_SCALARS, smega2_step_scalars
+
+    a = _op_args("cpu")
+    scalars = torch.tensor(smega2_step_scalars(lr=0.1, momentum=0.9, num_workers=2, cycle=0).as_list())
+    assert scalars.numel() == SMEGA2_NUM_SCALARS
+    torch.library.opcheck(torch.ops.fusedmf.smega2_.default,
+                          (a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"],
+                           a["master_params"], scalars, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_slots_match_fusedmf_scalars():
+    pytest.importorskip("triton")
+    from fusedmf.functional import scalars as S
+
+    tk = fusedmf._backends.triton_module()[0]
+    if tk is None:
+        pytest.skip("triton_kernels unavailable")
+    from importlib import import_module
+
+    slots = import_module(tk.__name__ + "._slots")
+    assert slots.SMEGA2_SLOTS == S.SMEGA2_SLOTS and slots.SMEGA2_ESTIMATE_SLOTS == S.SMEGA2_ESTIMATE_SLOTS

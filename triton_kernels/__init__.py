@@ -1,4 +1,4 @@
-"""Triton backend of fusedmf: fused MF-SGD / MF-Adam updates, the non-finite check and pack_.
+"""Triton backend of fusedmf: fused MF-SGD / MF-Adam / SMEGA2 updates, the non-finite check and pack_.
 
 Installed as ``fusedmf.triton_kernels``; in a source checkout it is the top-level package
 ``triton_kernels``. It never imports fusedmf (only relative imports), so either works.
@@ -42,9 +42,10 @@ from .adam import mf_adam_
 from .non_finite import non_finite_check_
 from .pack import pack_
 from .sgd import mf_sgd_
+from .smega2 import smega2_, smega2_estimate_
 
 __all__ = [
-    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "InputError", "table_cache_stats", "clear_table_cache",
+    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "smega2_", "smega2_estimate_", "InputError", "table_cache_stats", "clear_table_cache",
     "SGD_SLOTS", "ADAM_SLOTS", "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
     "SGD_LR", "SGD_MOMENTUM", "SGD_ONE_MINUS_DAMPENING", "SGD_L2_WEIGHT_DECAY", "SGD_DECAY_FACTOR",
     "SGD_NESTEROV", "SGD_FIRST_STEP",

@@ -49,11 +49,37 @@ ADAM_NEG_STEP_SIZE = 8
 ADAM_BIAS_CORRECTION2_SQRT = 9
 ADAM_NUM_SCALARS = 10
 
+# keep in sync with fusedmf/functional/scalars.py
+SMEGA2_SLOTS = (
+    "lr",
+    "momentum",
+    "momentum_scale",
+    "l2_weight_decay",
+    "cycle_end",
+)
+SMEGA2_LR = 0
+SMEGA2_MOMENTUM = 1
+SMEGA2_MOMENTUM_SCALE = 2
+SMEGA2_L2_WEIGHT_DECAY = 3
+SMEGA2_CYCLE_END = 4
+SMEGA2_NUM_SCALARS = 5
+
+# keep in sync with fusedmf/functional/scalars.py
+SMEGA2_ESTIMATE_SLOTS = (
+    "accumulator_coef",
+    "momentum_coef",
+)
+SMEGA2_ESTIMATE_ACCUMULATOR_COEF = 0
+SMEGA2_ESTIMATE_MOMENTUM_COEF = 1
+SMEGA2_ESTIMATE_NUM_SCALARS = 2
+
 
 def _check_consistent() -> None:
     # The named indices and the slot tuples are two spellings of one layout: make them agree here,
     # at import, so a one-sided edit fails immediately rather than producing wrong updates.
-    for prefix, slots, count in (("SGD_", SGD_SLOTS, SGD_NUM_SCALARS), ("ADAM_", ADAM_SLOTS, ADAM_NUM_SCALARS)):
+    for prefix, slots, count in (("SGD_", SGD_SLOTS, SGD_NUM_SCALARS), ("ADAM_", ADAM_SLOTS, ADAM_NUM_SCALARS),
+                                 ("SMEGA2_", SMEGA2_SLOTS, SMEGA2_NUM_SCALARS),
+                                 ("SMEGA2_ESTIMATE_", SMEGA2_ESTIMATE_SLOTS, SMEGA2_ESTIMATE_NUM_SCALARS)):
         assert len(slots) == count, (prefix, len(slots), count)
         for i, name in enumerate(slots):
             assert globals()[prefix + name.upper()] == i, (prefix + name.upper(), i)

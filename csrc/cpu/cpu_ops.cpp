@@ -121,6 +121,25 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
   });
 }
 
+void smega2(const TensorLists& lists, DType param, DType grad, const float* scalars, const float* inv_grad_scale,
+            const float* found_inf) {
+  if (skipped(found_inf)) return;
+  const Smega2Scalars s = Smega2Scalars::load(scalars);
+  const float inv = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+  const Smega2Kernel kernel = table().smega2(param, grad, lists.has(kMaster), s.cycle_end != 0.0f);
+  for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
+    kernel(tensor_ptrs(lists, i), begin, end, s, inv);
+  });
+}
+
+void smega2_estimate(const TensorLists& lists, DType weights, DType out, const float* scalars) {
+  const Smega2EstimateScalars s = Smega2EstimateScalars::load(scalars);
+  const Smega2EstimateKernel kernel = table().smega2_estimate(weights, out, s.accumulator_coef != 0.0f);
+  for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
+    kernel(tensor_ptrs(lists, i), begin, end, s);
+  });
+}
+
 // Partial sums of one call, one slot per thread of the pool, added in thread order at the end: a
 // call's sum does not depend on which thread finishes first (NOTE [sums of squares]).
 class ThreadSums {

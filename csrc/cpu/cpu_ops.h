@@ -27,6 +27,13 @@ void non_finite_check(const TensorLists& lists, DType dtype, float* found_inf, f
 // wanted): adds the sum of the squared fp32 products, before the cast, to *sumsq.
 void pack(const TensorLists& lists, const DType* grad_dtypes, DType out, float scale, float* sumsq);
 
+// SMEGA2's master step (slots kParam, kGrad, kMaster, kMomentum, kGradAccumulator) and its
+// look-ahead estimate (kParam or kMaster read, kMomentum, kGradAccumulator, kEstimateOut written).
+// `weights` is the dtype read by the estimate (F32 with masters), `out` that of kEstimateOut.
+void smega2(const TensorLists& lists, DType param, DType grad, const float* scalars, const float* inv_grad_scale,
+            const float* found_inf);
+void smega2_estimate(const TensorLists& lists, DType weights, DType out, const float* scalars);
+
 // NOTE [cpu capability]: "avx2" or "base", chosen on first use.
 const char* capability();
 // For tests: force "base" or "avx2" (false if this machine or build cannot run it).

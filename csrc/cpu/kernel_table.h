@@ -35,6 +35,12 @@ using NonFiniteKernel = bool (*)(const void* data, int64_t begin, int64_t end, d
 // (NOTE [pack layout] in fusedmf/functional/pack.py); `out` is the start of the slot. The
 // sum-of-squares variant returns the sum of the squared fp32 products, the other 0.
 using PackKernel = double (*)(const void* grad, void* out, int64_t begin, int64_t end, float scale);
+// SMEGA2's master step and look-ahead estimate over [begin, end) of one tensor (slots of
+// update_math.h: kGradAccumulator, kEstimateOut).
+using Smega2Kernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end, const Smega2Scalars& s,
+                              float inv_grad_scale);
+using Smega2EstimateKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_t end,
+                                      const Smega2EstimateScalars& s);
 
 struct KernelTable {
   const char* name;  // "avx2" or "base"
@@ -42,6 +48,9 @@ struct KernelTable {
   AdamKernel (*adam)(DType param, DType grad, bool master);
   NonFiniteKernel (*non_finite)(DType dtype, bool sumsq);
   PackKernel (*pack)(DType grad, DType out, bool sumsq);
+  Smega2Kernel (*smega2)(DType param, DType grad, bool master, bool cycle_end);
+  // `weights`: the dtype read (F32 with masters), `out`: the estimate's
+  Smega2EstimateKernel (*smega2_estimate)(DType weights, DType out, bool read_accumulator);
 };
 
 namespace base_math {

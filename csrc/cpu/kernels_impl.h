@@ -28,6 +28,8 @@ using ::fusedmf::FUSEDMF_MATH_NS::from_float;
 using ::fusedmf::FUSEDMF_MATH_NS::mul_rn;
 using ::fusedmf::FUSEDMF_MATH_NS::non_finite;
 using ::fusedmf::FUSEDMF_MATH_NS::sgd_update;
+using ::fusedmf::FUSEDMF_MATH_NS::smega2_estimate;
+using ::fusedmf::FUSEDMF_MATH_NS::smega2_update;
 using ::fusedmf::FUSEDMF_MATH_NS::to_float;
 
 template <class P, class G, bool kUseMaster, MomentumMode kMode>
@@ -81,6 +83,50 @@ FUSEDMF_CPU_TARGET void adam_kernel(const TensorPtrs& t, int64_t begin, int64_t 
     exp_avg_sq[i] = v;
     if constexpr (kUseMaster) master[i] = w;
     param[i] = from_float<P>(w);
+  }
+}
+
+// SMEGA2: one pass over (master or param, grad, v, G); v is written only when the step closes a
+// cycle, so the other N - 1 steps of a cycle move one fp32 stream less.
+template <class P, class G, bool kUseMaster, bool kCycleEnd>
+FUSEDMF_CPU_TARGET void smega2_kernel(const TensorPtrs& t, int64_t begin, int64_t end, const Smega2Scalars& scalars,
+                                      float inv_grad_scale) {
+  P* __restrict param = static_cast<P*>(t.slot[kParam]);
+  const G* __restrict grad = static_cast<const G*>(t.slot[kGrad]);
+  float* __restrict master = static_cast<float*>(t.slot[kMaster]);
+  float* __restrict momentum = static_cast<float*>(t.slot[kMomentum]);
+  float* __restrict accumulator = static_cast<float*>(t.slot[kGradAccumulator]);
+  const Smega2Scalars s = scalars;
+  const float inv = inv_grad_scale;
+  for (int64_t i = begin; i < end; ++i) {
+    float w;
+    if constexpr (kUseMaster) {
+      w = master[i];
+    } else {
+      w = to_float(param[i]);
+    }
+    float v = momentum[i];
+    float acc = accumulator[i];
+    w = smega2_update<kCycleEnd>(s, inv, w, to_float(grad[i]), v, acc);
+    if constexpr (kCycleEnd) momentum[i] = v;
+    accumulator[i] = acc;
+    if constexpr (kUseMaster) master[i] = w;
+    param[i] = from_float<P>(w);
+  }
+}
+
+// W: what is read as the weight (float for a master, else the param type); O: the estimate's type.
+template <class W, class O, bool kReadAccumulator>
+FUSEDMF_CPU_TARGET void smega2_estimate_kernel(const TensorPtrs& t, int64_t begin, int64_t end,
+                                               const Smega2EstimateScalars& scalars) {
+  const W* __restrict weights = static_cast<const W*>(t.slot[t.slot[kMaster] != nullptr ? kMaster : kParam]);
+  const float* __restrict momentum = static_cast<const float*>(t.slot[kMomentum]);
+  const float* __restrict accumulator = static_cast<const float*>(t.slot[kGradAccumulator]);
+  O* __restrict out = static_cast<O*>(t.slot[kEstimateOut]);
+  const Smega2EstimateScalars s = scalars;
+  for (int64_t i = begin; i < end; ++i) {
+    const float acc = kReadAccumulator ? accumulator[i] : 0.0f;
+    out[i] = from_float<O>(smega2_estimate<kReadAccumulator>(s, to_float(weights[i]), momentum[i], acc));
   }
 }
 
@@ -200,6 +246,28 @@ inline AdamKernel select_adam(DType param, DType grad, bool master) {
   });
 }
 
+inline Smega2Kernel select_smega2(DType param, DType grad, bool master, bool cycle_end) {
+  return visit_dtype(param, [&](auto p) {
+    return visit_dtype(grad, [&](auto g) {
+      return visit_bool(master, [&](auto m) {
+        return visit_bool(cycle_end, [&](auto c) -> Smega2Kernel {
+          return &smega2_kernel<decltype(p), decltype(g), decltype(m)::value, decltype(c)::value>;
+        });
+      });
+    });
+  });
+}
+
+inline Smega2EstimateKernel select_smega2_estimate(DType weights, DType out, bool read_accumulator) {
+  return visit_dtype(weights, [&](auto w) {
+    return visit_dtype(out, [&](auto o) {
+      return visit_bool(read_accumulator, [&](auto r) -> Smega2EstimateKernel {
+        return &smega2_estimate_kernel<decltype(w), decltype(o), decltype(r)::value>;
+      });
+    });
+  });
+}
+
 inline NonFiniteKernel select_non_finite(DType dtype, bool sumsq) {
   return visit_dtype(dtype, [&](auto x) {
     return visit_bool(sumsq, [](auto q) -> NonFiniteKernel { return &non_finite_kernel<decltype(x), decltype(q)::value>; });
@@ -225,7 +293,7 @@ inline PackKernel select_pack(DType grad, DType out, bool sumsq) {
   namespace FUSEDMF_MATH_NS {                                                                     \
   const KernelTable* kernel_table() {                                                             \
     static const KernelTable table{NAME, &select_sgd, &select_adam, &select_non_finite,          \
-                                   &select_pack};                                                 \
+                                   &select_pack, &select_smega2, &select_smega2_estimate};       \
     return &table;                                                                                \
   }                                                                                               \
   }                                                                                               \

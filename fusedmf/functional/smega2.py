@@ -10,38 +10,28 @@ triton_kernels/smega2.py.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import _backends
-from . import reference
+# fusedmf/functional/__init__.py imports this module after defining these helpers
+from . import _check_same_device, _device_of, _scalar_vector, _scale_tensor, reference
 from .scalars import SMEGA2EstimateScalars, SMEGA2StepScalars, smega2_estimate_scalars, smega2_step_scalars
 
 Tensor = torch.Tensor
 
 __all__ = ["smega2", "smega2_estimate"]
 
-_ESTIMATE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-#: backends whose kernels lack an SMEGA2 op in this build, so the reference ran in their place
-fallbacks: set = set()
-
-
 def _kernel(name: str, op: str):
-    """The compiled or Triton kernel `op` of backend `name`, or None (then the reference runs)."""
+    """The compiled or Triton kernel `op` of backend `name` (resolve() has checked it is available)."""
     if name == "triton":
-        kernel = getattr(_backends.triton_module()[0], op, None)
-    else:
-        _backends.compiled_extension()  # loading fusedmf._C registers its torch ops
-        kernel = getattr(torch.ops.fusedmf, op, None) if hasattr(torch.ops.fusedmf, op) else None
-    if kernel is None and name not in fallbacks:
-        fallbacks.add(name)
-        warnings.warn(f"fusedmf.{op}: backend {name!r} has no SMEGA2 kernel yet; the reference runs in its place",
-                      RuntimeWarning, stacklevel=3)
-    return kernel
+        return getattr(_backends.triton_module()[0], op)
+    _backends.compiled_extension()  # loading fusedmf._C registers its torch ops
+    if not hasattr(torch.ops.fusedmf, op):
+        raise RuntimeError(f"fusedmf._C has no op {op!r}: it was built from older sources; rebuild it with "
+                           "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
+    return getattr(torch.ops.fusedmf, op)
 
 
 def smega2(
@@ -72,21 +62,17 @@ def smega2(
 
 def _run_smega2(params, grads, momentum_buffers, grad_accumulators, master_params, scalars: SMEGA2StepScalars,
                 inv_grad_scale, found_inf, backend) -> str:
-    from . import _check_same_device, _device_of, _scalar_vector, _scale_tensor
-
     device = _device_of(params)
     _check_same_device({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
                         "grad_accumulators": grad_accumulators, "master_params": master_params}, device, "smega2")
     name = _backends.resolve(backend, device, params[0].dtype if params else None)
     inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
     found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
-    kernel = None if name == "reference" else _kernel(name, "smega2_")
-    if kernel is None:
-        name = "reference"
+    if name == "reference":
         reference.smega2_(params, grads, momentum_buffers, grad_accumulators, master_params, scalars, inv, found)
     else:
-        kernel(params, grads, momentum_buffers, grad_accumulators, master_params,
-                       _scalar_vector(scalars.as_list(), device), inv, found)
+        _kernel(name, "smega2_")(params, grads, momentum_buffers, grad_accumulators, master_params,
+                                 _scalar_vector(scalars.as_list(), device), inv, found)
     return name
 
 
@@ -116,19 +102,15 @@ def smega2_estimate(
 
 def _run_smega2_estimate(params, momentum_buffers, grad_accumulators, master_params, out,
                          scalars: SMEGA2EstimateScalars, backend) -> str:
-    from . import _check_same_device, _device_of, _scalar_vector
-
     device = _device_of(params)
     _check_same_device({"params": params, "momentum_buffers": momentum_buffers,
                         "grad_accumulators": grad_accumulators, "master_params": master_params, "out": out},
                        device, "smega2_estimate")
     wide = any(t.dtype == torch.float64 for t in out[:1] + params[:1])
     name = _backends.resolve(backend, device, torch.float64 if wide else (params[0].dtype if params else None))
-    kernel = None if name == "reference" else _kernel(name, "smega2_estimate_")
-    if kernel is None:
-        name = "reference"
+    if name == "reference":
         reference.smega2_estimate_(params, momentum_buffers, grad_accumulators, master_params, out, scalars)
     else:
-        kernel(params, momentum_buffers, grad_accumulators, master_params, out,
-               _scalar_vector(scalars.as_list(), device))
+        _kernel(name, "smega2_estimate_")(params, momentum_buffers, grad_accumulators, master_params, out,
+                                          _scalar_vector(scalars.as_list(), device))
     return name
