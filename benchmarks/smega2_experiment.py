@@ -389,6 +389,7 @@ def main(argv=None) -> dict:
     # torch's spinning threads make each step 100x slower (measured: 75 ms vs 0.8 ms per MLP gradient)
     torch.set_num_threads(args.threads or (torch.get_num_threads() if device.type == "cuda" else 1))
 
+    machine = machine_info(device)       # before the runs: the commit and tree state they ran with
     x, y, xt, yt, source = load_data(args.samples, args.test_samples, args.data, args.seed)
     data = (x, y, xt, yt)
     jobs = [("grid", m, n, args.momentum) for n in args.workers for m in args.methods]
@@ -418,7 +419,7 @@ def main(argv=None) -> dict:
                  "N simulated asynchronous workers (Gamma finish times), SMEGA2 vs ASGD / ASGD-momentum / "
                  "DANA-Zero vs synchronous SGD; an MF sweep at fixed N",
         what_this_can_and_cannot_show=caveats, observations=notes,
-        data=source, machine=machine_info(device), config=dict(vars(args)),
+        data=source, machine=machine, config=dict(vars(args)),
         backends={k: repr(v) for k, v in fusedmf.available_backends().items()},
         total_wall_s=time.perf_counter() - t0, results=results,
     )

@@ -94,3 +94,13 @@ def test_a_worker_with_other_params_is_refused_with_a_clear_error():
     master, w1, w2, w3 = _ok(aw.launch(aw.mismatched_worker, 4))
     assert master["error"] and "do not match the master's" in master["error"], master
     assert "lost_master" in w2[0]                     # never sent weights: it gives up after its timeout
+
+
+def test_master_and_worker_need_an_initialised_process_group():
+    from fusedmf.asynchronous import ASGD, Master, Worker
+
+    model = aw.Net()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        Master(ASGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="not initialised"):
+        Worker(model.parameters())

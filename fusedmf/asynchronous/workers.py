@@ -35,9 +35,11 @@ counters; :meth:`Master.save` writes it atomically (``checkpoint_every`` steps d
 :meth:`Master.run`, and at the end). A resumed master sends every worker fresh weights; the
 gradients that were in flight at the crash are lost, as in any asynchronous system.
 
-Backends: tested on gloo (CPU tensors). With NCCL the buffers live on the params' CUDA device and
-the same code runs, but NCCL's waits do not time out the same way (set
-TORCH_NCCL_ASYNC_ERROR_HANDLING and the process group's timeout); not yet run on GPUs.
+Backends: gloo sends CPU tensors (CPU params), NCCL CUDA tensors (CUDA params; headers and
+buffers on the params' device); any other pairing is refused at construction. Tested on gloo
+only. NOT yet run with NCCL: NCCL's waits do not time out the way gloo's do (set
+TORCH_NCCL_ASYNC_ERROR_HANDLING and the process group's timeout), and its point-to-point calls
+from several threads are unverified.
 """
 
 from __future__ import annotations
@@ -113,10 +115,22 @@ def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(seconds))
 
 
-def _header(*values) -> Tensor:
+def _header(*values, device=None) -> Tensor:
     h = torch.zeros(HEADER_LEN, dtype=torch.float64)
     h[:len(values)] = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    return h
+    return h.to(device) if device is not None else h
+
+
+def _comm_device(params: Sequence[Tensor], group, who: str) -> torch.device:
+    """Where messages live: NCCL sends CUDA tensors, gloo CPU tensors (no staging copies here)."""
+    device = params[0].device if len(params) else torch.device("cpu")
+    backend = str(dist.get_backend(group))
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"fusedmf.asynchronous.{who}: the NCCL backend needs CUDA params, got params on {device}")
+    if backend == "gloo" and device.type != "cpu":
+        raise ValueError(f"fusedmf.asynchronous.{who}: the gloo backend sends CPU tensors; the params are on "
+                         f"{device} (use NCCL for CUDA params)")
+    return device
 
 
 def _check_timeout(timeout) -> float:
@@ -133,7 +147,7 @@ class _Link:
         self.recv_buf = grad_layout.buffer()
         self.send_buf = weight_layout.buffer()
         self.replies: "queue.Queue[int]" = queue.Queue()
-        self.header = torch.zeros(HEADER_LEN, dtype=torch.float64)
+        self.header = torch.zeros(HEADER_LEN, dtype=torch.float64, device=grad_layout.device)
         self.sent_at = 0          # master step of the weights this worker is computing on
         self.thread: Optional[threading.Thread] = None
 
@@ -187,6 +201,9 @@ class Master:
             raise ValueError(f"Master: the optimizer is set up for num_workers={n}, there are {len(ranks)} workers")
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not self.params:
+            raise ValueError("Master: the optimizer has no params")
+        self.device = _comm_device(self.params, group, "Master")
         self.grad_layout = FlatLayout(self.params, comm_dtype(compression))
         self.weight_layout = FlatLayout(self.params, comm_dtype(weight_compression, "weight_compression"))
         self.ranks = ranks
@@ -267,7 +284,7 @@ class Master:
 
     def _send(self, link: _Link, kind: int, *, with_payload: bool, timeout: Optional[float] = None) -> None:
         to = _td(timeout or self.timeout)
-        dist.isend(_header(kind, self.step_count), dst=link.rank, group=self.group, tag=TAG_HEADER).wait(timeout=to)
+        dist.isend(_header(kind, self.step_count, device=self.device), dst=link.rank, group=self.group, tag=TAG_HEADER).wait(timeout=to)
         if with_payload:
             dist.isend(link.send_buf, dst=link.rank, group=self.group, tag=TAG_PAYLOAD).wait(timeout=to)
 
@@ -409,6 +426,7 @@ class Worker:
         if not self.params:
             raise ValueError("Worker: params is empty")
         self.master, self.group = master, group
+        self.device = _comm_device(self.params, group, "Worker")
         self.timeout = _check_timeout(timeout)
         self.connect_timeout = _check_timeout(connect_timeout)
         self.grad_layout = FlatLayout(self.params, comm_dtype(compression))
@@ -426,12 +444,12 @@ class Worker:
     def run(self, compute: Callable[[int], float], *, max_steps: Optional[int] = None) -> dict:
         """Serve until STOP (or ``max_steps`` gradients, then BYE). Returns {steps, losses, stopped}."""
         to = _td(self.timeout)
-        header = torch.zeros(HEADER_LEN, dtype=torch.float64)
+        header = torch.zeros(HEADER_LEN, dtype=torch.float64, device=self.device)
         losses: List[float] = []
         k = 0
         try:
             self._send(_header(HELLO, self.grad_layout.numel, len(self.params), self.grad_layout.signature(),
-                               _DTYPE_CODE[self.grad_layout.dtype], _DTYPE_CODE[self.weight_layout.dtype]), None,
+                               _DTYPE_CODE[self.grad_layout.dtype], _DTYPE_CODE[self.weight_layout.dtype], device=self.device), None,
                        timeout=self.connect_timeout)
             while True:
                 # the first weights may take until the master is up (connect_timeout), later ones `timeout`
@@ -444,7 +462,7 @@ class Worker:
                     raise RuntimeError(f"fusedmf.asynchronous.Worker: unexpected message kind {kind} from the master")
                 dist.irecv(self._recv_buf, src=self.master, group=self.group, tag=TAG_PAYLOAD).wait(timeout=to)
                 if max_steps is not None and k >= max_steps:
-                    self._send(_header(BYE, k), None)
+                    self._send(_header(BYE, k, device=self.device), None)
                     return {"steps": k, "losses": losses, "stopped": "max_steps"}
                 with torch.no_grad():
                     for p, w in zip(self.params, self.weight_layout.views(self._recv_buf)):
@@ -453,7 +471,7 @@ class Worker:
                 grads = [p.grad if p.grad is not None else self._zero(p) for p in self.params]
                 with torch.no_grad():
                     self.grad_layout.pack([g.detach() for g in grads], self._send_buf)
-                self._send(_header(GRAD, k, loss, weights_step), self._send_buf)
+                self._send(_header(GRAD, k, loss, weights_step, device=self.device), self._send_buf)
                 losses.append(loss)
                 k += 1
         except RuntimeError as exc:
