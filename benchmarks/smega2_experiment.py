@@ -54,7 +54,7 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
         sys.path.insert(0, _p)
 
 import fusedmf  # noqa: E402
-from fusedmf.asynchronous import ASGD, DANAZero, Simulator, WorkerTimes  # noqa: E402
+from fusedmf.asynchronous import DISTRIBUTIONS, ASGD, DANAZero, Simulator, WorkerTimes  # noqa: E402
 from fusedmf.models import cifar_resnet  # noqa: E402
 from fusedmf.optim import MFSGD, SMEGA2  # noqa: E402
 from harness import machine_info, progress  # noqa: E402  (provenance: git commit, command, machine)
@@ -195,7 +195,9 @@ def run(method: str, n: int, gamma: float, data, args, device) -> dict:
 
     if method in ASYNC:
         opt = make_master(method, model.parameters(), n, gamma, args)
-        sim = Simulator(opt, WorkerTimes(n, mean=args.batch, shape=args.gamma_shape, seed=args.seed))
+        times = WorkerTimes(n, mean=args.batch, shape=args.gamma_shape, distribution=args.distribution,
+                            slow={0: args.slow} if args.slow else None, seed=args.seed)
+        sim = Simulator(opt, times)
         for k in range(args.gradients):
             for g in opt.param_groups:
                 g["lr"] = lr_at(k, method, n, args)
@@ -302,9 +304,11 @@ def plot(record: dict, path: str) -> bool:
     ax[1][1].set_ylabel("final training loss")
     ax[1][1].set_title(f"MF sweep at N = {record['config']['sweep_n']} (dotted: diverged)")
     ax[1][1].legend(fontsize=8)
-    fig.suptitle(f"SMEGA2 vs baselines, {record['config']['model']} on {record['data']}, "
-                 f"{record['config']['gradients']} gradients per run, Gamma({record['config']['gamma_shape']:g}, B/"
-                 f"{record['config']['gamma_shape']:g}) worker times (simulated)", fontsize=10)
+    cfg = record["config"]
+    times = (f"Gamma({cfg['gamma_shape']:g}, B/{cfg['gamma_shape']:g})" if cfg["distribution"] == "gamma"
+             else cfg["distribution"]) + (f", worker 0 {cfg['slow']:g}x slower" if cfg["slow"] else "")
+    fig.suptitle(f"SMEGA2 vs baselines, {cfg['model']} on {record['data']}, {cfg['gradients']} gradients per run, "
+                 f"{times} worker times (simulated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -354,6 +358,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--wd", type=float)
     ap.add_argument("--warmup", type=float, help="fraction of the gradients in the LR warm-up")
     ap.add_argument("--gamma-shape", type=float, default=100.0, help="shape of the Gamma worker times (CV 1/sqrt)")
+    ap.add_argument("--distribution", choices=DISTRIBUTIONS, default="gamma",
+                    help="worker durations: the paper's gamma, or heavy-tailed lognormal (sigma 1) / pareto (alpha 1.5)")
+    ap.add_argument("--slow", type=float, default=None, help="straggler: worker 0's durations times this factor")
     ap.add_argument("--samples", type=int)
     ap.add_argument("--test-samples", type=int)
     ap.add_argument("--eval-samples", type=int, default=1024)
