@@ -139,7 +139,8 @@ def make_optimizer(name: str, params, num_workers: int):
 
 
 def _worker_loop(rank: int, *, timeout: float, compression=None, weight_compression=None, die_after=None,
-                 stall_after=None, stall_s: float = 0.0, phases: int = 1, model=None, connect_timeout=300.0):
+                 stall_after=None, stall_s: float = 0.0, phases: int = 1, model=None, connect_timeout=300.0,
+                 max_steps=None):
     model = model or Net(seed=rank)   # a different init on purpose: the master's weights must overwrite it
     out = []
     for _ in range(phases):
@@ -158,7 +159,7 @@ def _worker_loop(rank: int, *, timeout: float, compression=None, weight_compress
             return loss.item()
 
         try:
-            out.append(worker.run(compute))
+            out.append(worker.run(compute, max_steps=max_steps))
         except ConnectionError as exc:
             out.append({"lost_master": str(exc)})
     return out
@@ -166,13 +167,16 @@ def _worker_loop(rank: int, *, timeout: float, compression=None, weight_compress
 
 # ------------------------------------------------------------------------------------------ rank functions
 def train_async(rank, world_size, *, optimizer="dana", steps=60, timeout=30.0, compression=None,
-                weight_compression=None, die=None, stall=None, stall_s=0.0):
+                weight_compression=None, die=None, stall=None, stall_s=0.0, max_steps=None):
     """Rank 0 is the master; ``die``: {rank: k} kills that worker at its k-th gradient;
-    ``stall``: {rank: k} makes it sleep ``stall_s`` there."""
-    die, stall = die or {}, stall or {}
+    ``stall``: {rank: k} makes it sleep ``stall_s`` there; ``max_steps``: {rank: k} makes it leave
+    (BYE) after k gradients. With the master's ``steps`` equal to what the workers send in total,
+    every worker's share is fixed whatever the timing."""
+    die, stall, max_steps = die or {}, stall or {}, max_steps or {}
     if rank != 0:
         return _worker_loop(rank, timeout=timeout, compression=compression, weight_compression=weight_compression,
-                            die_after=die.get(rank), stall_after=stall.get(rank), stall_s=stall_s)
+                            die_after=die.get(rank), stall_after=stall.get(rank), stall_s=stall_s,
+                            max_steps=max_steps.get(rank))
     model = Net(seed=0)
     opt = make_optimizer(optimizer, model.parameters(), world_size - 1)
     master = Master(opt, timeout=timeout, compression=compression, weight_compression=weight_compression)

@@ -396,6 +396,8 @@ class Master:
             elif kind == "dead":
                 self._drop(link, info, alive)
                 continue
+            elif kind == "bye":
+                self.left.append(link.rank)
             alive.pop(link.rank, None)
         for link in alive.values():       # past the deadline (cannot happen with live threads)
             link.replies.put(STOP)
