@@ -152,7 +152,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (param dtype, grad dtype, master_weights)
 COMBOS = [("fp32", "fp32", None), ("fp32", "fp16", None), ("bf16", "bf16", None), ("fp16", "fp16", None),
           ("bf16", "fp32", None), ("fp16", "fp16", False)]
-MATCH_SHAPES = SHAPES + [(33,)] * 5 + [(5, 0)]
+# 70001 elements: more than one piece of the CPU work split (NOTE [cpu work split]) and several
+# Triton blocks; many small tensors with an empty last one
+MATCH_SHAPES = SHAPES + [(70001,)] + [(33,)] * 5 + [(5, 0)]
 GRAD_SCALE = 1024.0  # a power of two: unscaling inside the kernel is exact
 
 
@@ -415,7 +417,8 @@ def test_bad_grad_raises_before_any_state_exists(backend):
     assert torch.equal(params[1].detach(), before[1])
 
 
-@pytest.mark.parametrize("case", ["count", "shape", "dtype", "strides", "device", "is_param", "not_a_list"])
+@pytest.mark.parametrize("case", ["count", "shape", "dtype", "overlapping", "device", "is_param", "is_state",
+                                  "not_a_list"])
 def test_bad_estimate_out_raises_before_anything_is_written(backend, case):
     name, device = backend
     params = make_params([(4,), (3, 5)], device=device)
@@ -425,7 +428,9 @@ def test_bad_estimate_out_raises_before_anything_is_written(backend, case):
     opt.step()
     out = [torch.full_like(p, 7.0) for p in params]
     match = {"count": "out has 1 tensors", "shape": r"out\[1\] has shape", "dtype": r"out\[1\] has dtype",
-             "strides": r"out\[1\] has strides", "device": r"out\[1\] is on", "is_param": r"out\[1\] is one of",
+             "overlapping": r"out\[1\] \(strides \[0, 1\]\) has elements that share memory",
+             "device": r"out\[1\] is on", "is_param": r"out\[1\] is one of",
+             "is_state": r"out\[1\] is the memory of its param or of the param's state",
              "not_a_list": "must be a list"}[case]
     bad = list(out)
     if case == "count":
@@ -434,12 +439,14 @@ def test_bad_estimate_out_raises_before_anything_is_written(backend, case):
         bad[1] = torch.full((15,), 7.0, device=device)
     elif case == "dtype":
         bad[1] = torch.full((3, 5), 7, dtype=torch.int32, device=device)
-    elif case == "strides":
-        bad[1] = torch.full((5, 3), 7.0, device=device).t()
+    elif case == "overlapping":
+        bad[1] = torch.full((1, 5), 7.0, device=device).expand(3, 5)
     elif case == "device":
         bad[1] = torch.full((3, 5), 7.0, device="meta")
     elif case == "is_param":
         bad[1] = params[1]
+    elif case == "is_state":
+        bad[1] = opt.state[params[1]]["grad_accumulator"]
     elif case == "not_a_list":
         bad = out[0]
     snapshot = _snapshot(opt, params)
@@ -591,3 +598,59 @@ def test_triton_slots_match_fusedmf_scalars():
 
     slots = import_module(tk.__name__ + "._slots")
     assert slots.SMEGA2_SLOTS == S.SMEGA2_SLOTS and slots.SMEGA2_ESTIMATE_SLOTS == S.SMEGA2_ESTIMATE_SLOTS
+
+
+def test_estimate_into_buffers_of_another_layout_or_float64(backend):
+    """Buffers of another layout than their param (contiguous views into a flat send buffer for a
+    channels_last param, a column-major one for a row-major param) and float64 buffers get the same
+    look-ahead as the default buffers."""
+    name, device = backend
+    shapes = [(6, 5, 3, 3), (7, 4), (4097,)]  # make_params makes the 4-D param channels_last
+    params = make_params(shapes, device=device)
+    opt = SMEGA2(params, lr=0.05, num_workers=3, weight_decay=1e-2, backend=name)
+    for step in range(4):
+        set_grads(params, worker_grads([tuple(p.shape) for p in params], step))
+        opt.step()
+    expected = opt.estimate()
+    flat = torch.full((sum(p.numel() for p in params),), 7.0, device=device)
+    views, at = [], 0
+    for p in params:
+        piece = flat[at:at + p.numel()]
+        views.append(piece.view(p.shape[::-1]).t() if p.dim() == 2 else piece.view(p.shape))
+        at += p.numel()
+    assert not views[0].is_contiguous(memory_format=torch.channels_last) and views[1].stride() == (1, 7)
+    opt.estimate(out=views)
+    wide = opt.estimate(out=[torch.empty_like(p, dtype=torch.float64) for p in params])
+    for i, (v, w, e) in enumerate(zip(views, wide, expected)):
+        assert_bit_identical(v, e, f"view {i}")
+        if name in ("reference", "cpu"):  # the fp32 estimate, widened exactly
+            assert_bit_identical(w, e.double(), f"float64 estimate {i}")
+        else:
+            assert_close_ulps(w.float(), e, ulps=8, name=f"float64 estimate {i}")
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu"])
+def test_param_groups_have_their_own_hyperparameters(name):
+    if name != "reference":
+        require_backend(name)
+    shapes_a, shapes_b = [(5,), (4, 3)], [(7,)]
+    a, b = make_params(shapes_a, seed=1), make_params(shapes_b, seed=2)
+    opt = SMEGA2([dict(params=a), dict(params=b, lr=0.2, weight_decay=0.1, num_workers=2, estimate="naive")],
+                 lr=0.05, num_workers=3, backend=name)
+    specs = [Equations(a, lr=0.05, num_workers=3, gamma=lambda t: 0.9, dampening=0.0, weight_decay=0.0,
+                       estimate="advanced"),
+             Equations(b, lr=0.2, num_workers=2, gamma=lambda t: 0.9, dampening=0.0, weight_decay=0.1,
+                       estimate="naive")]
+    for step in range(7):
+        ga, gb = worker_grads(shapes_a, step), worker_grads(shapes_b, 50 + step)
+        set_grads(a, ga)
+        set_grads(b, gb)
+        opt.step()
+        specs[0].step(ga)
+        specs[1].step(gb)
+        want = specs[0].estimate() + specs[1].estimate()
+        for i, (e, q) in enumerate(zip(opt.estimate(), want)):
+            torch.testing.assert_close(e.double(), q, rtol=1e-5, atol=1e-5, msg=lambda m: f"estimate {i}: {m}")
+    for p, q in zip(a + b, specs[0].theta + specs[1].theta):
+        torch.testing.assert_close(p.detach().double(), q, rtol=1e-5, atol=1e-5)
+    assert [opt.state[p]["cycle"] for p in a + b] == [7 % 3, 7 % 3, 7 % 2]

@@ -141,15 +141,15 @@ struct EstimateChunk {
   }
 };
 
-template <class W, class O>
+template <class W, class O, bool kUseMaster>
 struct EstimateOp {
   const float* scalars;
-  int weight_slot;  // kMaster or kParam
 
   template <bool kReadAccumulator>
   __device__ void run(void* const* base, int64_t begin, int64_t n, const Smega2EstimateScalars& s) const {
     EstimateChunk<W, O, kReadAccumulator> c;
-    c.weights = static_cast<const W*>(base[weight_slot]) + begin;
+    // a compile-time slot: a runtime index into `base` would put the array in local memory
+    c.weights = static_cast<const W*>(base[kUseMaster ? kMaster : kParam]) + begin;
     c.momentum = static_cast<const float*>(base[kMomentum]) + begin;
     c.accumulator = kReadAccumulator ? static_cast<const float*>(base[kGradAccumulator]) + begin : nullptr;
     c.out = static_cast<O*>(base[kEstimateOut]) + begin;
@@ -187,8 +187,10 @@ cudaError_t launch_smega2_estimate(const TensorLists& lists, DType param, DType 
   const bool master = lists.has(kMaster);
   return visit_dtype(master ? DType::F32 : param, [&](auto w) {
     return visit_dtype(out, [&](auto o) {
-      const EstimateOp<decltype(w), decltype(o)> op{scalars, master ? kMaster : kParam};
-      return multi_tensor_apply<5>(lists, op, stream);
+      return visit_bool(master, [&](auto m) {
+        const EstimateOp<decltype(w), decltype(o), decltype(m)::value> op{scalars};
+        return multi_tensor_apply<5>(lists, op, stream);
+      });
     });
   });
 }

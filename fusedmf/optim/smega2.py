@@ -128,10 +128,12 @@ class SMEGA2(MFOptimizerBase):
     def estimate(self, out: Optional[Sequence[torch.Tensor]] = None) -> list:
         """The look-ahead weights of every param, in param-group order.
 
-        ``out``: optional tensors to write them into (one per param, its shape and layout, dtype
-        float32, float16 or bfloat16; float64 with the reference backend), e.g. a worker's copy of
-        the model, written in place. Default: new tensors like the params. Everything is checked
-        before anything is written. Params that have not been stepped yet estimate to themselves.
+        ``out``: optional tensors to write them into (one per param, its shape, dtype float32,
+        float16 or bfloat16, or float64), e.g. a worker's copy of the model or views into a send
+        buffer, written in place; one with the param's memory layout is written by the kernel
+        directly, another (say a contiguous view for a channels_last param) through a temporary.
+        Default: new tensors like the params. Everything is checked before anything is written.
+        Params that have not been stepped yet estimate to themselves.
         """
         self._resolve_pending()
         params = [p for group in self.param_groups for p in group["params"]]
@@ -149,19 +151,17 @@ class SMEGA2(MFOptimizerBase):
                 o = out[k]
                 k += 1
                 state = self.state.get(p, {})
-                dense = _is_dense(p)
-                key = (id(group), p.device, p.dtype, o.dtype, self._uses_master(p), state.get("step", 0),
-                       self._cycle_of(group, state), dense)
-                launches.setdefault(key, (group, state.get("step", 0), self._cycle_of(group, state), dense, []))
-                launches[key][4].append((p, o))
+                step, cycle = state.get("step", 0), self._cycle_of(group, state)
+                # float64 anywhere, and params the kernels cannot treat as flat memory, are the reference's
+                reference = not _is_dense(p) or torch.float64 in (p.dtype, o.dtype)
+                key = (id(group), p.device, p.dtype, o.dtype, self._uses_master(p), step, cycle, reference)
+                launches.setdefault(key, (group, step, cycle, []))[3].append((p, o))
         plans = []
-        for key, (group, step, cycle, dense, members) in launches.items():
+        for key, (group, step, cycle, members) in launches.items():
             scalars = smega2_estimate_scalars(lr=group["lr"], momentum=self._momentum_at(group, step + 1),
                                               num_workers=group["num_workers"], cycle=cycle,
                                               estimate=group["estimate"])
-            device, dtype = key[1], key[2]
-            backend = _backends.resolve(self.backend if dense else "reference", device,
-                                        torch.float64 if torch.float64 in (dtype, key[3]) else dtype)
+            backend = _backends.resolve("reference" if key[7] else self.backend, key[1], key[2])
             plans.append((group, members, scalars, backend))
 
         for group, members, scalars, backend in plans:
@@ -170,17 +170,22 @@ class SMEGA2(MFOptimizerBase):
             for p, state in zip(ps, states):
                 self._init_state(group, p, state)
             masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+            direct = backend == "reference"
+            targets = [o if direct or _same_layout(o, p) else torch.empty_like(p, dtype=o.dtype) for p, o in members]
             _run_smega2_estimate(ps, [s["momentum_buffer"] for s in states], [s["grad_accumulator"] for s in states],
-                                 masters, [o for _, o in members], scalars, backend)
+                                 masters, targets, scalars, backend)
+            for (_, o), t in zip(members, targets):
+                if t is not o:
+                    o.copy_(t)
         return list(out)
 
-    @staticmethod
-    def _check_estimate_out(params, out) -> list:
+    def _check_estimate_out(self, params, out) -> list:
         if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
             raise TypeError(f"SMEGA2.estimate: out must be a list of tensors (one per param), got {type(out).__name__}")
         out = list(out)
         if len(out) != len(params):
             raise ValueError(f"SMEGA2.estimate: out has {len(out)} tensors but the optimizer has {len(params)} params")
+        param_ids = {id(q) for q in params}
         for i, (p, o) in enumerate(zip(params, out)):
             if not isinstance(o, torch.Tensor):
                 raise TypeError(f"SMEGA2.estimate: out[{i}] is a {type(o).__name__}, not a Tensor")
@@ -190,11 +195,30 @@ class SMEGA2(MFOptimizerBase):
                 raise ValueError(f"SMEGA2.estimate: out[{i}] is on {o.device}, its param on {p.device}")
             if o.dtype not in _ESTIMATE_OUT_DTYPES:
                 raise TypeError(f"SMEGA2.estimate: out[{i}] has dtype {o.dtype}; supported: float32, float16, "
-                                "bfloat16 (float64 on the reference backend)")
-            if o.numel() > 1 and _is_dense(p) and any(
-                    n > 1 and a != b for n, a, b in zip(p.shape, o.stride(), p.stride())):
-                raise ValueError(f"SMEGA2.estimate: out[{i}] has strides {list(o.stride())} but its param has "
-                                 f"{list(p.stride())} (out must have the param's memory layout)")
-            if any(o is q for q in params):
+                                "bfloat16, float64")
+            if o.layout != torch.strided or not _non_overlapping(o):
+                raise ValueError(f"SMEGA2.estimate: out[{i}] (strides {list(o.stride())}) has elements that share "
+                                 "memory or is not strided; it must be a tensor each element of which can be written")
+            if id(o) in param_ids:
                 raise ValueError(f"SMEGA2.estimate: out[{i}] is one of the optimizer's params")
+            if o.numel() and any(isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() == o.data_ptr()
+                                 for t in [p, *self.state.get(p, {}).values()]):
+                raise ValueError(f"SMEGA2.estimate: out[{i}] is the memory of its param or of the param's state")
         return out
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same flat element order: equal strides on every dimension longer than 1."""
+    return a.numel() <= 1 or all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two elements at one address: sorted by stride, each dimension steps past the previous ones."""
+    if t.numel() <= 1:
+        return True
+    reach = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
