@@ -276,6 +276,11 @@ def test_simulator_rejects_mismatched_worker_count_and_unfinished_steps():
     model = _model()
     with pytest.raises(ValueError, match="num_workers=4"):
         Simulator(DANAZero(model.parameters(), lr=0.1, num_workers=4), WorkerTimes(3))
+    if _smega2_names():                     # SMEGA2 param groups may set their own N: every group must match
+        from fusedmf.optim import SMEGA2
+        groups = [{"params": [model[0].weight], "num_workers": 3}, {"params": [model[2].weight]}]
+        with pytest.raises(ValueError, match="num_workers=4"):
+            Simulator(SMEGA2(groups, lr=0.1, num_workers=4), WorkerTimes(3))
     with pytest.raises(TypeError, match="estimate"):
         Simulator(torch.optim.SGD(model.parameters(), lr=0.1), WorkerTimes(3))
     sim = Simulator(ASGD(model.parameters(), lr=0.1), WorkerTimes(3))

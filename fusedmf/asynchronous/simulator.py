@@ -32,7 +32,17 @@ from .timing import Report, WorkerTimes
 
 Tensor = torch.Tensor
 
-__all__ = ["Simulator", "master_step"]
+__all__ = ["Simulator", "master_step", "check_num_workers"]
+
+
+def check_num_workers(optimizer, n: int, who: str) -> None:
+    """An optimizer that counts its workers (``num_workers``, as an attribute or in any param
+    group: SMEGA2's momentum cycle, DANA-Zero's buffers) must count the ``n`` there are."""
+    counts = {getattr(optimizer, "num_workers", None)} | {g.get("num_workers") for g in optimizer.param_groups}
+    counts.discard(None)
+    wrong = sorted(c for c in counts if c != n)
+    if wrong:
+        raise ValueError(f"{who}: the optimizer is set up for num_workers={wrong[0]}, there are {n} workers")
 
 
 def master_step(optimizer, worker: int, **kwargs):
@@ -65,12 +75,7 @@ class Simulator:
         if not callable(getattr(optimizer, "estimate", None)):
             raise TypeError(f"Simulator: the optimizer ({type(optimizer).__name__}) has no estimate(); use SMEGA2, "
                             "ASGD or DANAZero")
-        n = getattr(optimizer, "num_workers", None)
-        if n is None and optimizer.param_groups:
-            n = optimizer.param_groups[0].get("num_workers")
-        if n is not None and n != times.num_workers:
-            raise ValueError(f"Simulator: the optimizer is set up for num_workers={n}, the time model has "
-                             f"{times.num_workers} workers")
+        check_num_workers(optimizer, times.num_workers, "Simulator")
         self.optimizer, self.times = optimizer, times
         self.num_workers = times.num_workers
         self.params: List[Tensor] = [p for g in optimizer.param_groups for p in g["params"]]

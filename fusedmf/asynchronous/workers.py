@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from .. import functional as F
 from ..functional.pack import pack_offsets, slot_strides, slot_view
-from .simulator import master_step
+from .simulator import check_num_workers, master_step
 
 Tensor = torch.Tensor
 
@@ -194,11 +194,7 @@ class Master:
                                                            for r in range(world) if r != dist.get_rank(group)]
         if not ranks or len(set(ranks)) != len(ranks) or me in ranks:
             raise ValueError(f"Master: workers must be distinct ranks other than the master's ({me}), got {ranks}")
-        n = getattr(optimizer, "num_workers", None)
-        if n is None and optimizer.param_groups:
-            n = optimizer.param_groups[0].get("num_workers")
-        if n is not None and n != len(ranks):
-            raise ValueError(f"Master: the optimizer is set up for num_workers={n}, there are {len(ranks)} workers")
+        check_num_workers(optimizer, len(ranks), "Master")
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         if not self.params:
