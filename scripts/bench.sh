@@ -31,3 +31,4 @@ else
   "$PY" benchmarks/scaling.py --quick --world-sizes 2 4
 fi
 "$PY" benchmarks/mf_experiment.py --quick # constant global batch over K simulated ranks
+"$PY" benchmarks/smega2_experiment.py    # N = 4..32 simulated async workers: SMEGA2 vs ASGD, DANA-Zero, sync SGD (CPU quick; --gpu: ResNet-20)
