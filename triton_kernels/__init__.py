@@ -45,7 +45,8 @@ from .sgd import mf_sgd_
 from .smega2 import smega2_, smega2_estimate_
 
 __all__ = [
-    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "smega2_", "smega2_estimate_", "InputError", "table_cache_stats", "clear_table_cache",
+    "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "smega2_", "smega2_estimate_",
+    "InputError", "table_cache_stats", "clear_table_cache",
     "SGD_SLOTS", "ADAM_SLOTS", "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
     "SGD_LR", "SGD_MOMENTUM", "SGD_ONE_MINUS_DAMPENING", "SGD_L2_WEIGHT_DECAY", "SGD_DECAY_FACTOR",
     "SGD_NESTEROV", "SGD_FIRST_STEP",
