@@ -229,7 +229,8 @@ def run(method: str, n: int, gamma: float, data, args, device) -> dict:
     if not diverged:
         final_loss, final_err = evaluate(model, x[sub], y[sub], device)
         acc = 1.0 - evaluate(model, xt, yt, device)[1]
-    return dict(method=method, workers=n, gamma=gamma, gradients=args.gradients, diverged=diverged,
+    return dict(method=method, workers=n, gamma=0.0 if method == "asgd" else gamma,   # plain ASGD: no momentum
+                gradients=args.gradients, diverged=diverged,
                 final_train_loss=final_loss, final_train_error=final_err, test_accuracy=acc,
                 mean_staleness=(sum(staleness) / len(staleness)) if staleness else 0.0,
                 master_steps=len(staleness) if method in ASYNC else args.gradients // n,
@@ -415,7 +416,7 @@ def main(argv=None) -> dict:
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}%"
         loss = "diverged" if r["diverged"] else f"{r['final_train_loss']:.4f}"
         err = "-" if r["final_train_error"] is None else f"{r['final_train_error']:.3f}"
-        print(f"{role:9s} {r['method']:12s} N={n:<3d} γ={g:<5g} train loss {loss:>9s}  train error {err:>5s}  "
+        print(f"{role:9s} {r['method']:12s} N={n:<3d} γ={r['gamma']:<5g} train loss {loss:>9s}  train error {err:>5s}  "
               f"held-out acc {acc:>6s}  staleness {r['mean_staleness']:5.2f}  ({r['wall_s']:.1f} s)", flush=True)
     caveats = (GPU_CAVEATS.format(data=source, T=args.gradients, epochs=args.gradients * args.batch / len(x))
                if gpu else CPU_CAVEATS.format(data=source, T=args.gradients))
