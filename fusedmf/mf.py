@@ -41,7 +41,17 @@ __all__ = ["MFSchedule", "constant", "by_world_size", "horizon", "ramp", "sequen
 
 
 class MFSchedule:
-    """Base class: subclasses implement ``value(step)``; calling validates the result."""
+    """Base class: subclasses implement ``value(step)``; calling validates the result.
+
+    A stateful schedule also implements ``state_dict()`` / ``load_state_dict()``; the optimizer
+    saves and restores it with its own state (MFSGD/MFAdam ``state_dict()["mf_schedule"]``).
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def value(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -313,6 +323,12 @@ class noise_adaptive(MFSchedule):
         self._last_step = step
         self.last = (step, value, goal, self._mf)
         return self._mf
+
+    def state_dict(self) -> dict:
+        return {"last_step": self._last_step, "mf": self._mf}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last_step, self._mf = int(state["last_step"]), float(state["mf"])
 
     def __repr__(self) -> str:
         return (f"noise_adaptive(b={self.b}, mf_ref={self.mf_ref}, power={self.power}, mf_max={self.mf_max}, "

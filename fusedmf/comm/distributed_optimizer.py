@@ -498,12 +498,8 @@ class DistributedOptimizer:
         if self.noise_scale is not None:       # one device (checked at construction)
             self._ns_global.zero_()
             sumsq = self._ns_global
-        for d in devices:
-            flag = target if d == devices[0] else torch.zeros(1, dtype=torch.float32, device=d)
-            self.backends_used["non_finite_check"] = F.non_finite_check(per_device[d], flag, sumsq=sumsq,
-                                                                        backend=self.backend)
-            if flag is not target:
-                target += flag.to(target.device, non_blocking=True)
+        _, ran = F.found_inf_over(per_device, into=target, sumsq=sumsq, backend=self.backend)  # NOTE [one amp helper]
+        self.backends_used["non_finite_check"] = ran
         return target
 
     def _noise_scale_record_previous(self) -> None:
