@@ -203,6 +203,34 @@ def test_compiled_step_equals_eager_without_recompiling(cls, kw, scheduled, comp
     assert counts[0] >= 1 and counts[2:] == [counts[2]] * 10, counts  # nothing new after step 3
 
 
+@pytest.mark.parametrize("cls,kw", OPTS, ids=OPT_IDS)
+def test_compiled_whole_training_step_equals_eager(cls, kw):
+    require_backend("cpu")
+    torch._dynamo.reset()
+
+    def make():
+        torch.manual_seed(5)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return model, cls(model.parameters(), mf_schedule=lambda s: 0.6 + 0.02 * s, backend="cpu", **kw)
+
+    def train_step(model, opt, x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    eager_model, eager_opt = make()
+    model, opt = make()
+    compiled = torch.compile(train_step, backend="aot_eager")
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(6):
+        x = torch.randn(4, 6, generator=gen)
+        assert torch.equal(train_step(eager_model, eager_opt, x), compiled(model, opt, x))
+    for p, q in zip(eager_model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # meta tensors: nothing reads data on the host
 
