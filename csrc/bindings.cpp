@@ -31,7 +31,7 @@ namespace fusedmf {
 namespace {
 
 namespace py = pybind11;
-using TensorList = std::vector<at::Tensor>;
+using TensorList = at::TensorList;  // ArrayRef<Tensor>: what the dispatcher hands a Tensor[] argument
 using OptTensor = std::optional<at::Tensor>;
 
 constexpr const char* kRebuildHint =
@@ -65,7 +65,7 @@ std::string dims(at::IntArrayRef a) { return c10::str(a); }  // "[4, 5]"
 // One tensor list of a call: its Python name, its tensors, and the kernel slot it fills.
 struct NamedList {
   const char* name;
-  const TensorList* tensors;
+  TensorList tensors;
   int slot;
   bool optional;  // may be empty (then the list is absent)
 };
@@ -126,11 +126,11 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // Checks list lengths, then each tensor of each list against params (lists[0]); returns the
 // device of the call (that of params[0]). Requires at least one param.
 at::Device check_lists(const char* op, const std::vector<NamedList>& lists) {
-  const TensorList& params = *lists[0].tensors;
+  const TensorList params = lists[0].tensors;
   const char* pname = lists[0].name;  // "params", or "tensors" for non_finite_check_
   const size_t n = params.size();
   for (const NamedList& l : lists) {
-    const size_t m = l.tensors->size();
+    const size_t m = l.tensors.size();
     if (l.optional) {
       TORCH_CHECK_VALUE(m == 0 || m == n, "fusedmf.", op, ": ", l.name, " has ", m, " tensors but ", pname, " has ",
                         n, " (", l.name, " must be empty or hold one tensor per param)");
@@ -141,7 +141,7 @@ at::Device check_lists(const char* op, const std::vector<NamedList>& lists) {
   }
   const at::Device device = params[0].device();
   for (const NamedList& l : lists) {
-    const TensorList& ts = *l.tensors;
+    const TensorList ts = l.tensors;
     for (size_t i = 0; i < ts.size(); ++i) {
       const at::Tensor& t = ts[i];
       const at::Tensor& p = params[i];
@@ -168,8 +168,8 @@ at::Device check_lists(const char* op, const std::vector<NamedList>& lists) {
 }
 
 void check_state_dtype(const char* op, const NamedList& l, const char* what) {
-  if (l.tensors->empty()) return;
-  const at::ScalarType t = (*l.tensors)[0].scalar_type();
+  if (l.tensors.empty()) return;
+  const at::ScalarType t = l.tensors[0].scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat, "fusedmf.", op, ": ", l.name, "[0] has dtype ", dtype_name(t), " but ", what,
                    " must be float32; ", kSupportedCombinations);
 }
@@ -211,16 +211,16 @@ struct Prepared {
 
 Prepared prepare(const std::vector<NamedList>& lists) {
   Prepared p;
-  const TensorList& params = *lists[0].tensors;
+  const TensorList params = lists[0].tensors;
   p.numels.reserve(params.size());
   for (const at::Tensor& t : params) p.numels.push_back(t.numel());
   p.lists.num_tensors = static_cast<int64_t>(params.size());
   p.lists.numels = p.numels.data();
   for (const NamedList& l : lists) {
-    if (l.tensors->empty()) continue;  // an absent optional list
+    if (l.tensors.empty()) continue;  // an absent optional list
     std::vector<void*>& v = p.ptrs[l.slot];
-    v.reserve(l.tensors->size());
-    for (const at::Tensor& t : *l.tensors) v.push_back(t.numel() > 0 ? t.data_ptr() : nullptr);
+    v.reserve(l.tensors.size());
+    for (const at::Tensor& t : l.tensors) v.push_back(t.numel() > 0 ? t.data_ptr() : nullptr);
     p.lists.ptrs[l.slot] = v.data();
   }
   return p;
@@ -244,12 +244,12 @@ std::optional<at::Device> check_update_call(const char* op, const std::vector<Na
                                             const at::Tensor& scalars, int64_t num_scalars, const char* slots_name,
                                             const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
   std::optional<at::Device> device;
-  if (!lists[0].tensors->empty()) {
-    check_device_supported(op, (*lists[0].tensors)[0].device());
+  if (!lists[0].tensors.empty()) {
+    check_device_supported(op, lists[0].tensors[0].device());
     device = check_lists(op, lists);
   } else {
     for (const NamedList& l : lists) {
-      TORCH_CHECK_VALUE(l.tensors->empty(), "fusedmf.", op, ": ", l.name, " has ", l.tensors->size(),
+      TORCH_CHECK_VALUE(l.tensors.empty(), "fusedmf.", op, ": ", l.name, " has ", l.tensors.size(),
                         " tensors but params is empty");
     }
   }
@@ -262,14 +262,14 @@ std::optional<at::Device> check_update_call(const char* op, const std::vector<Na
 
 // ---------------------------------------------------------------------------------------------
 
-void mf_sgd_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
-             const TensorList& master_params, const at::Tensor& scalars, const OptTensor& inv_grad_scale,
+void mf_sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
+             TensorList master_params, const at::Tensor& scalars, const OptTensor& inv_grad_scale,
              const OptTensor& found_inf) {
   constexpr const char* op = "mf_sgd_";
-  const std::vector<NamedList> lists{{"params", &params, kParam, false},
-                                     {"grads", &grads, kGrad, false},
-                                     {"momentum_buffers", &momentum_buffers, kMomentum, true},
-                                     {"master_params", &master_params, kMaster, true}};
+  const std::vector<NamedList> lists{{"params", params, kParam, false},
+                                     {"grads", grads, kGrad, false},
+                                     {"momentum_buffers", momentum_buffers, kMomentum, true},
+                                     {"master_params", master_params, kMaster, true}};
   const auto device =
       check_update_call(op, lists, scalars, kSgdNumScalars, "SGD_SLOTS", inv_grad_scale, found_inf);
   if (!device) return;  // empty lists: a no-op
@@ -291,15 +291,15 @@ void mf_sgd_(const TensorList& params, const TensorList& grads, const TensorList
 #endif
 }
 
-void mf_adam_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-              const TensorList& exp_avg_sqs, const TensorList& master_params, const at::Tensor& scalars,
+void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
+              TensorList exp_avg_sqs, TensorList master_params, const at::Tensor& scalars,
               const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
   constexpr const char* op = "mf_adam_";
-  const std::vector<NamedList> lists{{"params", &params, kParam, false},
-                                     {"grads", &grads, kGrad, false},
-                                     {"exp_avgs", &exp_avgs, kExpAvg, false},
-                                     {"exp_avg_sqs", &exp_avg_sqs, kExpAvgSq, false},
-                                     {"master_params", &master_params, kMaster, true}};
+  const std::vector<NamedList> lists{{"params", params, kParam, false},
+                                     {"grads", grads, kGrad, false},
+                                     {"exp_avgs", exp_avgs, kExpAvg, false},
+                                     {"exp_avg_sqs", exp_avg_sqs, kExpAvgSq, false},
+                                     {"master_params", master_params, kMaster, true}};
   const auto device =
       check_update_call(op, lists, scalars, kAdamNumScalars, "ADAM_SLOTS", inv_grad_scale, found_inf);
   if (!device) return;
@@ -322,13 +322,13 @@ void mf_adam_(const TensorList& params, const TensorList& grads, const TensorLis
 #endif
 }
 
-void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf, const OptTensor& sumsq) {
+void non_finite_check_(TensorList tensors, const at::Tensor& found_inf, const OptTensor& sumsq) {
   constexpr const char* op = "non_finite_check_";
   std::optional<at::Device> device;
   if (!tensors.empty()) {
     check_device_supported(op, tensors[0].device());
     // The tensors play the part of params: only device, dtype uniformity and density matter.
-    device = check_lists(op, {{"tensors", &tensors, 0, false}});
+    device = check_lists(op, {{"tensors", tensors, 0, false}});
   }
   check_aux(op, "found_inf", found_inf, 1, device, "");
   float* sq = nullptr;
@@ -342,7 +342,7 @@ void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf, c
   DType dtype{};
   TORCH_CHECK_TYPE(to_dtype(tensors[0].scalar_type(), &dtype), "fusedmf.", op, ": tensors[0] has dtype ",
                    dtype_name(tensors[0].scalar_type()), "; supported: float32, float16, bfloat16");
-  const Prepared p = prepare({{"tensors", &tensors, 0, false}});
+  const Prepared p = prepare({{"tensors", tensors, 0, false}});
   if (device->is_cpu()) {
     cpu::non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(), sq);
     return;
@@ -358,7 +358,7 @@ void non_finite_check_(const TensorList& tensors, const at::Tensor& found_inf, c
 // rounded up to kPackAlignBytes. Grads may mix fp32/fp16/bf16 (a bucket can hold params of several
 // dtypes, and zero slots of the buffer's dtype); a grad that is not dense is packed from a copy
 // laid out as torch.empty_like(grad), the slot order of the reference.
-void pack_(const TensorList& grads, const at::Tensor& out, double scale, const OptTensor& sumsq) {
+void pack_(TensorList grads, const at::Tensor& out, double scale, const OptTensor& sumsq) {
   constexpr const char* op = "pack_";
   TORCH_CHECK_VALUE(out.defined(), "fusedmf.", op, ": out is None");
   check_device_supported(op, out.device());
@@ -415,7 +415,7 @@ void pack_(const TensorList& grads, const at::Tensor& out, double scale, const O
   if (device.is_cuda()) guard.emplace(device);
 #endif
   // Everything is validated: from here on only copies of non-dense grads, then the kernels.
-  TensorList dense;  // keeps those copies alive until the kernels are enqueued
+  std::vector<at::Tensor> dense;  // keeps those copies alive until the kernels are enqueued
   std::vector<int64_t> numels(grads.size());
   std::vector<void*> src(grads.size()), dst(grads.size());
   char* const base = static_cast<char*>(out.data_ptr());
@@ -510,35 +510,74 @@ py::dict build_info() {
 }  // namespace
 }  // namespace fusedmf
 
+// NOTE [op schemas]
+// Every kernel is a torch op (torch.ops.fusedmf.<rule>): the dispatcher picks the CPU or CUDA
+// kernel from the tensors' device, torch.compile / FakeTensor see the schema (the fake kernels are
+// registered in Python, fusedmf/functional/_ops.py), and the profiler shows the op's name.
+// Mutated arguments are marked (a!); nothing is returned. The same signature is registered for
+// the Triton kernels as fusedmf::triton_<rule> (fusedmf/functional/_ops.py SCHEMAS, which
+// tests/test_ops.py checks against these strings).
+TORCH_LIBRARY(fusedmf, m) {
+  m.set_python_module("fusedmf.functional._ops");  // registers the fake kernels (extension-cpp's pattern)
+  m.def(
+      "mf_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
+      "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "mf_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def("non_finite_check_(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()");
+  m.def("pack_(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()");
+}
+
+// One function per op serves both keys: it validates, then branches on the device (a CUDA call
+// into a build without CUDA kernels gets the rebuild hint from check_device_supported, not the
+// dispatcher's "could not run" message).
+#define FUSEDMF_IMPL_ALL(m)                         \
+  m.impl("mf_sgd_", &fusedmf::mf_sgd_);                \
+  m.impl("mf_adam_", &fusedmf::mf_adam_);              \
+  m.impl("non_finite_check_", &fusedmf::non_finite_check_); \
+  m.impl("pack_", &fusedmf::pack_)
+
+TORCH_LIBRARY_IMPL(fusedmf, CPU, m) { FUSEDMF_IMPL_ALL(m); }
+TORCH_LIBRARY_IMPL(fusedmf, CUDA, m) { FUSEDMF_IMPL_ALL(m); }
+// A sparse tensor in a call dispatches here; the binding refuses it naming the tensor and its layout.
+TORCH_LIBRARY_IMPL(fusedmf, SparseCPU, m) { FUSEDMF_IMPL_ALL(m); }
+TORCH_LIBRARY_IMPL(fusedmf, SparseCUDA, m) { FUSEDMF_IMPL_ALL(m); }
+
+// What still needs Python objects (dicts, strings) stays a small pybind11 module; the kernels are
+// the ops above, registered when this module is imported.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fusedmf;
-  m.doc() = "fusedmf compiled kernels (CPU, and CUDA when built with it); see fusedmf/functional";
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("mf_sgd_", &mf_sgd_, nogil, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
-        py::arg("master_params"), py::arg("scalars"), py::arg("inv_grad_scale") = py::none(),
-        py::arg("found_inf") = py::none(),
-        "One fused MF-SGD / MF-NAG step, in place (reference: fusedmf.functional.reference.mf_sgd_). "
-        "scalars: float32 vector laid out as fusedmf.functional.scalars.SGD_SLOTS.");
-  m.def("mf_adam_", &mf_adam_, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("master_params"), py::arg("scalars"), py::arg("inv_grad_scale") = py::none(),
-        py::arg("found_inf") = py::none(),
-        "One fused MF-Adam / MF-AdamW step, in place (reference: fusedmf.functional.reference.mf_adam_). "
-        "scalars: float32 vector laid out as fusedmf.functional.scalars.ADAM_SLOTS.");
-  m.def("non_finite_check_", &non_finite_check_, nogil, py::arg("tensors"), py::arg("found_inf"),
-        py::arg("sumsq") = py::none(),
-        "Set found_inf (1-element float32) to 1 if any element is inf or NaN; never clears it. sumsq "
-        "(1-element float32, optional): add the sum of the squares of the elements (meaningless if found_inf is set).");
-  m.def("pack_", &pack_, nogil, py::arg("grads"), py::arg("out"), py::arg("scale"), py::arg("sumsq") = py::none(),
-        "Write cast(grads[i] * scale) into the flat 1-D buffer out at the 16-byte-aligned offsets of "
-        "fusedmf.functional.pack_offsets (reference: fusedmf.functional.pack.pack_); padding is not written. "
-        "sumsq (1-element float32, optional): add the sum of the squared fp32 products grads[i] * scale.");
+  m.doc() = "fusedmf compiled kernels: importing this registers torch.ops.fusedmf.*; see fusedmf/functional";
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels.");
   m.def("build_info", &build_info, "Compiler, CUDA version and archs this extension was built with.");
   m.def("_cpu_capability", []() { return std::string(cpu::capability()); },
         "The CPU kernel variant in use: 'avx2' or 'base' (NOTE [cpu capability]).");
   m.def("_set_cpu_capability", &cpu::set_capability, py::arg("name"),
         "For tests: use the 'base' or 'avx2' CPU kernels; False if this CPU or build cannot.");
+  // NOTE [one scalar layout]: the kernels' slot constants (csrc/update_math.h) by name, checked
+  // against fusedmf/functional/scalars.py SGD_SLOTS / ADAM_SLOTS when the ops are first loaded.
+  py::dict sgd, adam;
+  sgd["lr"] = kSgdLr;
+  sgd["momentum"] = kSgdMomentum;
+  sgd["one_minus_dampening"] = kSgdOneMinusDampening;
+  sgd["l2_weight_decay"] = kSgdL2WeightDecay;
+  sgd["decay_factor"] = kSgdDecayFactor;
+  sgd["nesterov"] = kSgdNesterov;
+  sgd["first_step"] = kSgdFirstStep;
+  adam["lr"] = kAdamLr;
+  adam["beta1"] = kAdamBeta1;
+  adam["one_minus_beta1"] = kAdamOneMinusBeta1;
+  adam["beta2"] = kAdamBeta2;
+  adam["one_minus_beta2"] = kAdamOneMinusBeta2;
+  adam["eps"] = kAdamEps;
+  adam["l2_weight_decay"] = kAdamL2WeightDecay;
+  adam["decay_factor"] = kAdamDecayFactor;
+  adam["neg_step_size"] = kAdamNegStepSize;
+  adam["bias_correction2_sqrt"] = kAdamBiasCorrection2Sqrt;
+  m.attr("SGD_SLOT_INDEX") = sgd;
+  m.attr("ADAM_SLOT_INDEX") = adam;
   m.attr("SGD_NUM_SCALARS") = kSgdNumScalars;
   m.attr("ADAM_NUM_SCALARS") = kAdamNumScalars;
 }

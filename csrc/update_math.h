@@ -47,8 +47,9 @@ enum class DType : int8_t { F32 = 0, F16 = 1, BF16 = 2 };
 
 // Slots of the per-step scalar vector; keep in the order of SGD_SLOTS / ADAM_SLOTS in
 // fusedmf/functional/scalars.py (NOTE [per-step scalars are data]). The binding rejects a vector
-// of another length, and tests/test_binding.py checks kSgdNumScalars / kAdamNumScalars (exported
-// as fusedmf._C.SGD_NUM_SCALARS / ADAM_NUM_SCALARS) against the Python tuples.
+// of another length, and exports every constant by name (fusedmf._C.SGD_SLOT_INDEX /
+// ADAM_SLOT_INDEX), which fusedmf/functional/_ops.py checks against the Python tuples before the
+// first launch (NOTE [one scalar layout]).
 constexpr int kSgdLr = 0;
 constexpr int kSgdMomentum = 1;
 constexpr int kSgdOneMinusDampening = 2;

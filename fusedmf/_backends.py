@@ -40,6 +40,9 @@ def compiled_extension():
     try:
         from fusedmf import _C  # type: ignore[attr-defined]
 
+        from fusedmf.functional import _ops  # registers the fake kernels of the C++ ops
+
+        _ops.register_fakes("")
         return _C, ""
     except ImportError as exc:
         import_error = f"fusedmf._C could not be imported ({exc})"
@@ -124,9 +127,16 @@ _warned: set = set()
 
 
 def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """Map a requested backend ("auto" or a name) to the one that will run for tensors on `device`."""
+    """Map a requested backend ("auto" or a name) to the one that will run for tensors on `device`.
+
+    Meta tensors run any loaded backend's ops through their fake kernels (fusedmf/functional/_ops.py):
+    "auto" picks the compiled ops when they are built, so a step on meta tensors goes through the
+    same ops and the same host code as one on real tensors.
+    """
     if backend not in BACKENDS and backend != "auto":
         raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    if device.type == "meta":
+        return _resolve_meta(backend, dtype)
     status = available_backends()
     if backend == "auto":
         if dtype == torch.float64:
@@ -152,4 +162,16 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
         raise RuntimeError(f"fusedmf backend 'cuda' runs on CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type == "cpu" and not _triton_interpreting():
         raise RuntimeError("fusedmf backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return backend
+
+
+def _resolve_meta(backend: str, dtype: Optional[torch.dtype]) -> str:
+    if backend == "auto":
+        if dtype == torch.float64 or compiled_extension()[0] is None:
+            return "reference"
+        return "cpu"
+    if backend in ("cpu", "cuda") and compiled_extension()[0] is None:
+        raise RuntimeError(f"fusedmf backend {backend!r} is not available: {compiled_extension()[1]}")
+    if backend == "triton" and triton_module()[0] is None:
+        raise RuntimeError(f"fusedmf backend 'triton' is not available: {triton_module()[1]}")
     return backend

@@ -104,12 +104,10 @@ class DynamicLossScaler:
             for p in group["params"]:
                 if p.grad is not None:
                     per_device[p.grad.device].append(p.grad)
-        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
-        for device, grads in per_device.items():
-            local = torch.zeros((1,), dtype=torch.float32, device=device)
-            F.non_finite_check(grads, local, backend=self.backend)
-            found_inf = found_inf + local.to(self._scale.device, non_blocking=True).reshape(())
-        return found_inf
+        flag, _ = F.found_inf_over(per_device, backend=self.backend)  # NOTE [one amp helper]
+        if flag is None:
+            return torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        return flag.reshape(()).to(self._scale.device, non_blocking=True)
 
     def unscale_(self, optimizer) -> None:
         """Divide the optimizer's gradients by the scale in place (NOTE [in-place unscale]), e.g. before

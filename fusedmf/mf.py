@@ -41,7 +41,17 @@ __all__ = ["MFSchedule", "constant", "by_world_size", "horizon", "ramp", "sequen
 
 
 class MFSchedule:
-    """Base class: subclasses implement ``value(step)``; calling validates the result."""
+    """Base class: subclasses implement ``value(step)``; calling validates the result.
+
+    A stateful schedule also implements ``state_dict()`` / ``load_state_dict()``; the optimizer
+    saves and restores it with its own state (MFSGD/MFAdam ``state_dict()["mf_schedule"]``).
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def value(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError

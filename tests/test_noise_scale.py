@@ -81,14 +81,14 @@ def test_sum_of_squares_argument_errors_change_nothing(fused_backend):
         assert not out.any(), "a rejected call wrote into out"
     found = torch.zeros(1, device=device)
     with pytest.raises((ValueError, RuntimeError), match="same memory"):
-        _backend_module(name).non_finite_check_(grads, found, found)
+        _backend_op(name)(grads, found, found)
     with pytest.raises((ValueError, TypeError, RuntimeError), match="sumsq"):
         F.non_finite_check(grads, found, sumsq=torch.zeros(3, device=device), backend=name)
 
 
-def _backend_module(name):
-    from fusedmf.functional import _kernels
-    return _kernels(name)
+def _backend_op(name):
+    from fusedmf.functional import _ops, reference
+    return reference.non_finite_check_ if name == "reference" else _ops.op(name, "non_finite_check_")
 
 
 # ------------------------------------------------------------------------------------------ estimator

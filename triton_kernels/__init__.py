@@ -1,7 +1,8 @@
 """Triton backend of fusedmf: fused MF-SGD / MF-Adam / SMEGA2 updates, the non-finite check and pack_.
 
-Installed as ``fusedmf.triton_kernels``; in a source checkout it is the top-level package
-``triton_kernels``. It never imports fusedmf (only relative imports), so either works.
+Imported under one name only, ``fusedmf.triton_kernels`` (setup.py maps this folder there), so
+there is one module object and one table cache. Importing it registers the kernels as torch ops
+``torch.ops.fusedmf.triton_<rule>`` (_ops.py); fusedmf.functional calls those.
 
 Same contract as the compiled binding (fusedmf/functional/__init__.py): in-place, returns None,
 all tensors on one device, ``scalars`` a float32 device vector laid out as SGD_SLOTS / ADAM_SLOTS,
@@ -13,6 +14,9 @@ when TRITON_INTERPRET=1 is set before triton is first imported (that is how CI t
 run the same code: one multi-tensor launch per call, reading tensor addresses from a cached int64
 table (NOTE [multi-tensor tables] in _common.py), which the interpreter supports for CPU tensors.
 """
+
+if __name__ != "fusedmf.triton_kernels":  # a second module object would hold a second cache
+    raise ImportError(f"import the Triton kernels as fusedmf.triton_kernels, not as {__name__!r}")
 
 from ._multi_tensor import InputError, clear_table_cache, table_cache_stats
 from ._slots import (
@@ -37,7 +41,10 @@ from ._slots import (
     SGD_NUM_SCALARS,
     SGD_ONE_MINUS_DAMPENING,
     SGD_SLOTS,
+    ADAM_SLOT_INDEX,
+    SGD_SLOT_INDEX,
 )
+from . import _ops  # noqa: F401  (registers torch.ops.fusedmf.triton_*)
 from .adam import mf_adam_
 from .average import apply_average_, pack_delta_
 from .non_finite import non_finite_check_
@@ -48,7 +55,7 @@ from .smega2 import smega2_, smega2_estimate_
 __all__ = [
     "mf_sgd_", "mf_adam_", "non_finite_check_", "pack_", "pack_delta_", "apply_average_", "smega2_", "smega2_estimate_",
     "InputError", "table_cache_stats", "clear_table_cache",
-    "SGD_SLOTS", "ADAM_SLOTS", "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
+    "SGD_SLOTS", "ADAM_SLOTS", "SGD_SLOT_INDEX", "ADAM_SLOT_INDEX", "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS",
     "SGD_LR", "SGD_MOMENTUM", "SGD_ONE_MINUS_DAMPENING", "SGD_L2_WEIGHT_DECAY", "SGD_DECAY_FACTOR",
     "SGD_NESTEROV", "SGD_FIRST_STEP",
     "ADAM_LR", "ADAM_BETA1", "ADAM_ONE_MINUS_BETA1", "ADAM_BETA2", "ADAM_ONE_MINUS_BETA2", "ADAM_EPS",

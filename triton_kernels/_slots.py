@@ -1,88 +1,45 @@
 """Slot indices of the per-step scalar vector (NOTE [per-step scalars are data]).
 
-Keep in sync with fusedmf/functional/scalars.py (SGD_SLOTS / ADAM_SLOTS) and csrc/update_math.h.
-This package must not import fusedmf (it is also imported stand-alone as ``triton_kernels``), so
-the layout is copied here; tests/test_triton.py asserts that the two copies agree.
+NOTE [one scalar layout]: the layout lives in fusedmf/functional/scalars.py (SGD_SLOTS /
+ADAM_SLOTS); the indices here are looked up there by name, so the Triton kernels cannot drift from
+it. (csrc/update_math.h has its own constants; fusedmf/functional/_ops.py checks them by name.)
 """
 
-# keep in sync with fusedmf/functional/scalars.py
-SGD_SLOTS = (
-    "lr",
-    "momentum",
-    "one_minus_dampening",
-    "l2_weight_decay",
-    "decay_factor",
-    "nesterov",
-    "first_step",
-)
-SGD_LR = 0
-SGD_MOMENTUM = 1
-SGD_ONE_MINUS_DAMPENING = 2
-SGD_L2_WEIGHT_DECAY = 3
-SGD_DECAY_FACTOR = 4
-SGD_NESTEROV = 5
-SGD_FIRST_STEP = 6
-SGD_NUM_SCALARS = 7
+from fusedmf.functional.scalars import ADAM_SLOTS, SGD_SLOTS, SMEGA2_ESTIMATE_SLOTS, SMEGA2_SLOTS
 
-# keep in sync with fusedmf/functional/scalars.py
-ADAM_SLOTS = (
-    "lr",
-    "beta1",
-    "one_minus_beta1",
-    "beta2",
-    "one_minus_beta2",
-    "eps",
-    "l2_weight_decay",
-    "decay_factor",
-    "neg_step_size",
-    "bias_correction2_sqrt",
-)
-ADAM_LR = 0
-ADAM_BETA1 = 1
-ADAM_ONE_MINUS_BETA1 = 2
-ADAM_BETA2 = 3
-ADAM_ONE_MINUS_BETA2 = 4
-ADAM_EPS = 5
-ADAM_L2_WEIGHT_DECAY = 6
-ADAM_DECAY_FACTOR = 7
-ADAM_NEG_STEP_SIZE = 8
-ADAM_BIAS_CORRECTION2_SQRT = 9
-ADAM_NUM_SCALARS = 10
+SGD_SLOT_INDEX = {name: i for i, name in enumerate(SGD_SLOTS)}
+ADAM_SLOT_INDEX = {name: i for i, name in enumerate(ADAM_SLOTS)}
 
-# keep in sync with fusedmf/functional/scalars.py
-SMEGA2_SLOTS = (
-    "lr",
-    "momentum",
-    "momentum_scale",
-    "l2_weight_decay",
-    "cycle_end",
-)
-SMEGA2_LR = 0
-SMEGA2_MOMENTUM = 1
-SMEGA2_MOMENTUM_SCALE = 2
-SMEGA2_L2_WEIGHT_DECAY = 3
-SMEGA2_CYCLE_END = 4
-SMEGA2_NUM_SCALARS = 5
+SGD_LR = SGD_SLOT_INDEX["lr"]
+SGD_MOMENTUM = SGD_SLOT_INDEX["momentum"]
+SGD_ONE_MINUS_DAMPENING = SGD_SLOT_INDEX["one_minus_dampening"]
+SGD_L2_WEIGHT_DECAY = SGD_SLOT_INDEX["l2_weight_decay"]
+SGD_DECAY_FACTOR = SGD_SLOT_INDEX["decay_factor"]
+SGD_NESTEROV = SGD_SLOT_INDEX["nesterov"]
+SGD_FIRST_STEP = SGD_SLOT_INDEX["first_step"]
+SGD_NUM_SCALARS = len(SGD_SLOTS)
 
-# keep in sync with fusedmf/functional/scalars.py
-SMEGA2_ESTIMATE_SLOTS = (
-    "accumulator_coef",
-    "momentum_coef",
-)
-SMEGA2_ESTIMATE_ACCUMULATOR_COEF = 0
-SMEGA2_ESTIMATE_MOMENTUM_COEF = 1
-SMEGA2_ESTIMATE_NUM_SCALARS = 2
+ADAM_LR = ADAM_SLOT_INDEX["lr"]
+ADAM_BETA1 = ADAM_SLOT_INDEX["beta1"]
+ADAM_ONE_MINUS_BETA1 = ADAM_SLOT_INDEX["one_minus_beta1"]
+ADAM_BETA2 = ADAM_SLOT_INDEX["beta2"]
+ADAM_ONE_MINUS_BETA2 = ADAM_SLOT_INDEX["one_minus_beta2"]
+ADAM_EPS = ADAM_SLOT_INDEX["eps"]
+ADAM_L2_WEIGHT_DECAY = ADAM_SLOT_INDEX["l2_weight_decay"]
+ADAM_DECAY_FACTOR = ADAM_SLOT_INDEX["decay_factor"]
+ADAM_NEG_STEP_SIZE = ADAM_SLOT_INDEX["neg_step_size"]
+ADAM_BIAS_CORRECTION2_SQRT = ADAM_SLOT_INDEX["bias_correction2_sqrt"]
+ADAM_NUM_SCALARS = len(ADAM_SLOTS)
 
+SMEGA2_SLOT_INDEX = {name: i for i, name in enumerate(SMEGA2_SLOTS)}
+SMEGA2_LR = SMEGA2_SLOT_INDEX["lr"]
+SMEGA2_MOMENTUM = SMEGA2_SLOT_INDEX["momentum"]
+SMEGA2_MOMENTUM_SCALE = SMEGA2_SLOT_INDEX["momentum_scale"]
+SMEGA2_L2_WEIGHT_DECAY = SMEGA2_SLOT_INDEX["l2_weight_decay"]
+SMEGA2_CYCLE_END = SMEGA2_SLOT_INDEX["cycle_end"]
+SMEGA2_NUM_SCALARS = len(SMEGA2_SLOTS)
 
-def _check_consistent() -> None:
-    # The named indices and the slot tuples are two spellings of one layout: make them agree here,
-    # at import, so a one-sided edit fails immediately rather than producing wrong updates.
-    for prefix, slots, count in (("SGD_", SGD_SLOTS, SGD_NUM_SCALARS), ("ADAM_", ADAM_SLOTS, ADAM_NUM_SCALARS),
-                                 ("SMEGA2_", SMEGA2_SLOTS, SMEGA2_NUM_SCALARS),
-                                 ("SMEGA2_ESTIMATE_", SMEGA2_ESTIMATE_SLOTS, SMEGA2_ESTIMATE_NUM_SCALARS)):
-        assert len(slots) == count, (prefix, len(slots), count)
-        for i, name in enumerate(slots):
-            assert globals()[prefix + name.upper()] == i, (prefix + name.upper(), i)
-
-
-_check_consistent()
+SMEGA2_ESTIMATE_SLOT_INDEX = {name: i for i, name in enumerate(SMEGA2_ESTIMATE_SLOTS)}
+SMEGA2_ESTIMATE_ACCUMULATOR_COEF = SMEGA2_ESTIMATE_SLOT_INDEX["accumulator_coef"]
+SMEGA2_ESTIMATE_MOMENTUM_COEF = SMEGA2_ESTIMATE_SLOT_INDEX["momentum_coef"]
+SMEGA2_ESTIMATE_NUM_SCALARS = len(SMEGA2_ESTIMATE_SLOTS)

@@ -24,8 +24,8 @@ import triton.language as tl
 from . import _multi_tensor as mt
 from ._common import COL_NUMEL, _load_f32, _store_f32
 
-#: alignment of every slot of a packed buffer, in bytes (fusedmf.functional.pack.PACK_ALIGN_BYTES)
-PACK_ALIGN_BYTES = 16
+# NOTE [pack layout]: the one definition of the slot offsets is fusedmf/functional/pack.py's
+from fusedmf.functional.pack import PACK_ALIGN_BYTES, pack_offsets  # noqa: E402
 
 # Tensor-table columns (after COL_NUMEL), in the order of the rows built below.
 _COL_OUT = tl.constexpr(1)
@@ -53,16 +53,6 @@ def pack_kernel(tensor_table, block_table, scale, sumsq_ptr,
         _store_f32(row_ptr, _COL_OUT, start, offs, p, mask, OUT_DTYPE, ALIGNED, MASKED=True)
     if SUMSQ:  # the squared fp32 products, one atomic add per program (NOTE [sums of squares], csrc/cpu/kernels_impl.h)
         tl.atomic_add(sumsq_ptr, tl.sum(p * p, axis=0))
-
-
-def pack_offsets(numels: Sequence[int], element_size: int):
-    """Element offset of each slot and the padded total (fusedmf.functional.pack.pack_offsets)."""
-    align = PACK_ALIGN_BYTES // element_size
-    offsets, pos = [], 0
-    for n in numels:
-        offsets.append(pos)
-        pos += -(-int(n) // align) * align
-    return offsets, pos
 
 
 def _check_out(op: str, out) -> None:

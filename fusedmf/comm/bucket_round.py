@@ -266,12 +266,8 @@ class BucketRound:
         if self.noise is not None:       # one device (checked at construction)
             self.noise.global_.zero_()
             sumsq = self.noise.global_
-        for d in devices:
-            flag = target if d == devices[0] else torch.zeros(1, dtype=torch.float32, device=d)
-            self.backends_used["non_finite_check"] = F.non_finite_check(per_device[d], flag, sumsq=sumsq,
-                                                                        backend=self.backend)
-            if flag is not target:
-                target += flag.to(target.device, non_blocking=True)
+        _, ran = F.found_inf_over(per_device, into=target, sumsq=sumsq, backend=self.backend)  # NOTE [one amp helper]
+        self.backends_used["non_finite_check"] = ran
         if self.check_flag is not None:           # NOTE [round check], deferred: skip a mismatched round
             target += self.check_flag.to(target.device, non_blocking=True)
         return target

@@ -78,11 +78,9 @@ class FusedCommHookState:
         for _, v, out in pending:
             per_device.setdefault(out.device, []).append(out)
             views.update(v)
-        found = None
-        for device, bufs in per_device.items():
-            flag = torch.zeros(1, dtype=torch.float32, device=device)
-            self.backends_used["non_finite_check"] = F.non_finite_check(bufs, flag, backend=self.backend)
-            found = flag if found is None else found + flag.to(found.device)
+        found, ran = F.found_inf_over(per_device, backend=self.backend)  # NOTE [one amp helper]
+        if ran is not None:
+            self.backends_used["non_finite_check"] = ran
         grad_scale = self.grad_scale
         if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
             grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)

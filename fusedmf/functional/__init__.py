@@ -19,13 +19,12 @@ Each function returns the name of the backend that ran, so callers can report it
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import _backends
-from . import reference
+from . import _ops, reference
 from .pack import PACK_ALIGN_BYTES, pack_offsets
 from .pack import pack_ as _reference_pack_
 from .scalars import (
@@ -42,16 +41,9 @@ Tensor = torch.Tensor
 __all__ = [
     "mf_sgd", "mf_adam", "non_finite_check", "pack", "pack_offsets", "PACK_ALIGN_BYTES",
     "sgd_step_scalars", "adam_step_scalars", "SGDStepScalars", "AdamStepScalars",
-    "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS", "smega2", "smega2_estimate",
+    "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS", "AmpTensors", "found_inf_over", "sgd_call", "adam_call",
+    "smega2", "smega2_estimate",
 ]
-
-
-def _kernels(name: str):
-    if name in ("cpu", "cuda"):
-        return _backends.compiled_extension()[0]
-    if name == "triton":
-        return _backends.triton_module()[0]
-    return reference
 
 
 def _device_of(tensors: Sequence[Tensor]) -> torch.device:
@@ -132,17 +124,29 @@ def mf_sgd(
 
 def _run_sgd(params, grads, momentum_buffers, master_params, scalars, inv_grad_scale, found_inf, backend) -> str:
     device = _device_of(params)
-    _check_same_device({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
-                        "master_params": master_params}, device, "mf_sgd")
     name = _backends.resolve(backend, device, params[0].dtype if params else None)
-    inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
-    found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
     if name == "reference":
-        reference.mf_sgd_(params, grads, momentum_buffers, master_params, scalars, inv, found)
-    else:
-        _kernels(name).mf_sgd_(params, grads, momentum_buffers, master_params,
-                               _scalar_vector(scalars.as_list(), device), inv, found)
+        _check_same_device({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
+                            "master_params": master_params}, device, "mf_sgd")
+    fn, args = sgd_call(name, params, grads, momentum_buffers, master_params, scalars, None,
+                        _scale_tensor(inv_grad_scale, device, "inv_grad_scale"),
+                        _scale_tensor(found_inf, device, "found_inf"))
+    fn(*args)
     return name
+
+
+def sgd_call(backend: str, params, grads, momentum_buffers, master_params, scalars: SGDStepScalars,
+             vector: Optional[Tensor], inv_grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+    """The optimizers' hot path: ``(op, args)`` of one MF-SGD launch, for a backend already resolved
+    and tensors already checked by the caller's layout (NOTE [launch layout cache]); the op checks
+    them again in C++/Triton. ``vector``: the float32 scalar vector on the params' device (None:
+    made here from ``scalars``). The reference takes the scalars as host floats."""
+    if backend == "reference":
+        return reference.mf_sgd_, (params, grads, momentum_buffers, master_params, scalars, inv_grad_scale, found_inf)
+    if vector is None:
+        vector = _scalar_vector(scalars.as_list(), _device_of(params))
+    return _ops.op(backend, "mf_sgd_"), (params, grads, momentum_buffers, master_params, vector, inv_grad_scale,
+                                         found_inf)
 
 
 def mf_adam(
@@ -176,17 +180,93 @@ def mf_adam(
 
 def _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale, found_inf, backend) -> str:
     device = _device_of(params)
-    _check_same_device({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                        "master_params": master_params}, device, "mf_adam")
     name = _backends.resolve(backend, device, params[0].dtype if params else None)
-    inv = _scale_tensor(inv_grad_scale, device, "inv_grad_scale")
-    found = _scale_tensor(found_inf, device, "found_inf") if found_inf is not None else None
     if name == "reference":
-        reference.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv, found)
-    else:
-        _kernels(name).mf_adam_(params, grads, exp_avgs, exp_avg_sqs, master_params,
-                                _scalar_vector(scalars.as_list(), device), inv, found)
+        _check_same_device({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                            "master_params": master_params}, device, "mf_adam")
+    fn, args = adam_call(name, params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, None,
+                         _scale_tensor(inv_grad_scale, device, "inv_grad_scale"),
+                         _scale_tensor(found_inf, device, "found_inf"))
+    fn(*args)
     return name
+
+
+def adam_call(backend: str, params, grads, exp_avgs, exp_avg_sqs, master_params, scalars: AdamStepScalars,
+              vector: Optional[Tensor], inv_grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+    """As :func:`sgd_call`, for MF-Adam."""
+    if backend == "reference":
+        return reference.mf_adam_, (params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale,
+                                    found_inf)
+    if vector is None:
+        vector = _scalar_vector(scalars.as_list(), _device_of(params))
+    return _ops.op(backend, "mf_adam_"), (params, grads, exp_avgs, exp_avg_sqs, master_params, vector,
+                                          inv_grad_scale, found_inf)
+
+
+def write_scalars(buf: Tensor, values: list) -> None:
+    """Write per-step scalars into a persistent float32 device buffer without a host synchronisation
+    (NOTE [per-step scalars are data]). On CUDA the values go through a freshly allocated pinned
+    buffer and a non-blocking copy on the current stream: the caching host allocator does not hand
+    that buffer out again until the copy has run, and kernels queued before it still read the old
+    values in stream order."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if buf.device.type == "cuda":
+        buf.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        buf.copy_(host)
+
+
+class AmpTensors:
+    """NOTE [one amp helper]: one step's ``grad_scale`` / ``found_inf`` (tensors on any device, or
+    numbers) as the 1-element float32 tensors the kernels read on each device: ``on(device)`` gives
+    (1/grad_scale or None, found_inf or None), made once per device and step, with non-blocking
+    copies. ``found_inf`` is the flag as a tensor (None without one), for the skip accounting.
+    Used by the optimizers, and by fusedmf.amp and fusedmf.comm through ``found_inf_over``."""
+
+    __slots__ = ("grad_scale", "found_inf", "_per_device")
+
+    def __init__(self, grad_scale=None, found_inf=None):
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and t.numel() != 1:
+                raise ValueError(f"{name} must have exactly one element, got shape {list(t.shape)}")
+        self.grad_scale, self.found_inf, self._per_device = grad_scale, found_inf, {}
+
+    def on(self, device: torch.device):
+        got = self._per_device.get(device)
+        if got is None:
+            inv = found = None
+            if self.grad_scale is not None:
+                inv = torch.reciprocal(self.grad_scale.reshape(1).to(device=device, dtype=torch.float32,
+                                                                     non_blocking=True))
+            if self.found_inf is not None:
+                found = self.found_inf.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
+            got = self._per_device[device] = (inv, found)
+        return got
+
+
+def found_inf_over(tensors_by_device: dict, *, into: Optional[Tensor] = None, sumsq: Optional[Tensor] = None,
+                   backend: str = "auto"):
+    """NOTE [one amp helper]: the non-finite check over tensors on several devices, as one flag.
+
+    ``into``: a 1-element float32 tensor on the first device that the result is accumulated into
+    (updated in place), else a zeroed one is made there. ``sumsq`` goes to the first device's check
+    (the noise scale runs on one device). Returns (flag, name of the backend that ran or None)."""
+    devices = list(tensors_by_device)
+    if not devices:
+        return into, None
+    target = into if into is not None else torch.zeros(1, dtype=torch.float32, device=devices[0])
+    name = None
+    for d in devices:
+        flag = target if d == target.device else torch.zeros(1, dtype=torch.float32, device=d)
+        name = non_finite_check(tensors_by_device[d], flag, sumsq=sumsq if flag is target else None,
+                                backend=backend)
+        if flag is not target:
+            target += flag.to(target.device, non_blocking=True)
+    return target, name
 
 
 def _check_sumsq(op: str, sumsq: Optional[Tensor], device: torch.device) -> None:
@@ -215,16 +295,14 @@ def non_finite_check(tensors: Sequence[Tensor], found_inf: Tensor, *, sumsq: Opt
     _check_sumsq("non_finite_check", sumsq, device)
     dtype = tensors[0].dtype if tensors else None
     name = _backends.resolve(backend, device, dtype)
-    if sumsq is None:
-        _kernels(name).non_finite_check_(tensors, found_inf)
+    if name == "reference":
+        reference.non_finite_check_(tensors, found_inf, sumsq)
     else:
-        _kernels(name).non_finite_check_(tensors, found_inf, sumsq)
+        _ops.op(name, "non_finite_check_")(tensors, found_inf, sumsq)
     return name
 
 
 _PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: backends whose module has no ``pack_`` kernel yet, so the reference pack ran in their place
-pack_fallbacks: set = set()
 
 
 def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[Tensor] = None,
@@ -240,9 +318,8 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[
     sit at 16-byte-aligned offsets (NOTE [pack layout] in fusedmf/functional/pack.py, see
     ``pack_offsets``) and the padding between them is left as it is (allocate ``out`` zeroed).
 
-    Returns the name of what ran. A backend whose kernels do not include ``pack_`` yet falls back
-    to the reference here, the one dispatch point, with a warning the first time; the fallback is
-    reported by the return value ("reference") and recorded in ``pack_fallbacks``.
+    Returns the name of what ran (every backend registers a ``pack_`` op; float64 runs the
+    reference whatever was asked for).
     """
     grads = list(grads)
     if out.dim() != 1 or not out.is_contiguous():
@@ -271,18 +348,10 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[
     name = _backends.resolve(backend, out.device, torch.float64 if wide else out.dtype)
     if wide:
         name = "reference"
-    kernel = None if name == "reference" else getattr(_kernels(name), "pack_", None)
-    if kernel is None:
-        if name != "reference" and name not in pack_fallbacks:
-            pack_fallbacks.add(name)
-            warnings.warn(f"fusedmf.pack: backend {name!r} has no pack_ kernel yet; the reference pack runs "
-                          "in its place", RuntimeWarning, stacklevel=2)
+    if name == "reference":
         _reference_pack_(grads, out, scale, sumsq)
         return "reference"
-    if sumsq is None:
-        kernel(grads, out, scale)
-    else:
-        kernel(grads, out, scale, sumsq)
+    _ops.op(name, "pack_")(grads, out, scale, sumsq)
     return name
 
 

@@ -20,10 +20,9 @@ once to ``out.dtype``. Multiplying by 1/world_size *before* the sum is what keep
 from overflowing at scale (prior-art.md, complaint 6).
 
 Compiled backends provide the same signature ``pack_(grads: List[Tensor], out: Tensor, scale: float)``
-for fp32/fp16/bf16 grads and buffers: ``fusedmf._C.pack_`` (csrc/bindings.cpp; the loops in
-csrc/cpu/kernels_impl.h and csrc/cuda/pack.cu) and ``triton_kernels.pack_`` (triton_kernels/pack.py).
-``fusedmf.functional.pack`` is the one dispatch point: float64 runs here, and so does any backend
-whose module has no ``pack_``.
+for fp32/fp16/bf16 grads and buffers: ``torch.ops.fusedmf.pack_`` (csrc/bindings.cpp; the loops in
+csrc/cpu/kernels_impl.h and csrc/cuda/pack.cu) and ``torch.ops.fusedmf.triton_pack_`` (triton_kernels/pack.py).
+``fusedmf.functional.pack`` is the one dispatch point: float64 runs here.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from .scalars import SMEGA2EstimateScalars, SMEGA2StepScalars, smega2_estimate_s
 
 Tensor = torch.Tensor
 
-__all__ = ["smega2", "smega2_estimate"]
+__all__ = ["smega2", "smega2_estimate", "smega2_call"]
 
 def _kernel(name: str, op: str):
     """The compiled or Triton kernel `op` of backend `name` (resolve() has checked it is available)."""
@@ -32,6 +32,21 @@ def _kernel(name: str, op: str):
         raise RuntimeError(f"fusedmf._C has no op {op!r}: it was built from older sources; rebuild it with "
                            "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
     return getattr(torch.ops.fusedmf, op)
+
+
+def smega2_call(backend: str, params, grads, momentum_buffers, grad_accumulators, master_params,
+                scalars: SMEGA2StepScalars, vector: Optional[Tensor], inv_grad_scale: Optional[Tensor],
+                found_inf: Optional[Tensor]):
+    """The optimizer's hot path, as ``sgd_call`` for MF-SGD: ``(op, args)`` of one SMEGA2 launch for a
+    backend already resolved and tensors already checked by the layout. ``vector``: the float32
+    scalar vector on the params' device (None: made here). The reference takes host floats."""
+    if backend == "reference":
+        return reference.smega2_, (params, grads, momentum_buffers, grad_accumulators, master_params, scalars,
+                                   inv_grad_scale, found_inf)
+    if vector is None:
+        vector = _scalar_vector(scalars.as_list(), _device_of(params))
+    return _kernel(backend, "smega2_"), (params, grads, momentum_buffers, grad_accumulators, master_params, vector,
+                                         inv_grad_scale, found_inf)
 
 
 def smega2(

@@ -11,11 +11,29 @@ A step runs in three phases so that bad input never corrupts state:
 NOTE [deferred skip accounting]
 With a loss scaler the skip decision lives on the device (``found_inf``). Reading it right after
 the launch would stall the host until the GPU has caught up, which costs most at small batches,
-exactly where the MF method runs. So on CUDA the commit is deferred: the pending step counts are
-settled at the start of the next ``step()`` (by then the GPU has long finished that check), and
-by ``state_dict()``, ``load_state_dict()`` and ``last_step_skipped``. The kernels themselves need
-no host value: they read found_inf on the device and write nothing when it is set, on the very
-first step too (the momentum buffer of a never-applied step is never read, see ``first_step``).
+exactly where the MF method runs. So on CUDA the flag is copied into pinned host memory
+(non-blocking, an event recorded after the copy: the pattern of fusedmf/noise.py) and the commit
+is deferred: the pending step counts are settled at the start of the next ``step()`` by reading
+that host copy once its event has completed (by then the GPU has long finished that check, so
+the wait is on one small copy, never a stream or device synchronisation; at most it keeps the
+host from running more than one step ahead), and by ``state_dict()``, ``load_state_dict()`` and
+``last_step_skipped``. The kernels themselves need no host value: they read found_inf on the
+device and write nothing when it is set, on the very first step too (the momentum buffer of a
+never-applied step is never read, see ``first_step``).
+
+NOTE [one clock]
+The MF schedule is called once per ``step()`` that updates anything, with the optimizer's step
+number: 1 + the number of applied steps so far (a skipped step does not count), whatever subset
+of params has grads. Per-param counts (``state["step"]``: torch's first-step rule for SGD's
+buffer, Adam's bias corrections and beta1 product) stay per param, as in torch. The count and a
+stateful schedule's state are saved in ``state_dict()["mf_schedule"]``.
+
+NOTE [compiled step]
+Under torch.compile the host part of a step (resolving the last skip decision, the launch layout,
+the schedule, the per-step scalars) runs outside the graph (``torch.compiler.disable``) and writes
+the per-step scalars into persistent device buffers; the graph holds only the op calls
+(torch.ops.fusedmf.*), whose inputs are tensors, so a new MF or lr is new data, not a recompile.
+In eager mode the same functions run directly (no wrapper cost).
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _backends
+from .. import functional as F
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -55,11 +74,21 @@ def _check_schedule(mf_schedule) -> Optional[Callable[[int], float]]:
     return mf_schedule
 
 
+def lr_value(lr) -> float:
+    """A group's lr as a float: a float, or a 1-element tensor as torch.optim accepts (read on the host,
+    so the two give bit-identical steps)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a float or a 1-element tensor, got a tensor of shape {list(lr.shape)}")
+        return float(lr)
+    return lr
+
+
 class _Launch:
     """One functional call of a step: params of one group sharing device, dtypes, master and step."""
 
     __slots__ = ("group", "group_index", "first_of_group", "indices", "params", "device", "grad_dtype",
-                 "backend", "strides", "states", "init_token")
+                 "backend", "strides", "states", "init_token", "vector")
 
     def __init__(self, group, group_index, first_of_group, indices, params, device, grad_dtype, backend):
         self.group, self.group_index, self.first_of_group = group, group_index, first_of_group
@@ -68,6 +97,7 @@ class _Launch:
         self.strides = [p.stride() for p in params]
         self.states = None       # the params' state dicts, bound on the first launch
         self.init_token = None
+        self.vector = None       # this launch's per-step scalars: a view into a persistent device buffer
 
 
 class MFOptimizerBase(Optimizer):
@@ -90,8 +120,11 @@ class MFOptimizerBase(Optimizer):
         self.mf_schedule = _check_schedule(mf_schedule)
         self.master_weights = master_weights
         self.backend = backend
-        self._pending: list = []          # (found_inf, [(state, new_values)]) awaiting the skip decision
-        self._last_found_inf = None
+        self._pending: list = []          # (host flag or tensor, event, updates) awaiting the skip decision
+        self._applied_steps = 0           # NOTE [one clock]
+        self._mf_overridden: dict = {}    # id(group) -> the MF value the schedule overrides there
+        self._warned_mf_conflict = False
+        self._scalar_buffers: dict = {}   # device -> persistent float32 buffer of the launches' scalars
         self._last_skipped: Optional[bool] = None
         #: backend name -> number of tensors it updated in the last step (what actually ran)
         self.backends_used: dict[str, int] = {}
@@ -103,6 +136,8 @@ class MFOptimizerBase(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        # any iterable, a generator included, as torch's: the list checked here is the one added
+        param_group["params"] = params
         seen = set()
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
@@ -119,6 +154,9 @@ class MFOptimizerBase(Optimizer):
         merged.update(param_group)
         self._validate_group(merged)  # raises before the group is added
         super().add_param_group(param_group)
+        if self.mf_schedule is not None:  # what a scheduler may later overwrite (_check_mf_overrides)
+            group = self.param_groups[-1]
+            self._mf_overridden[id(group)] = self._mf_option(group)[1]
 
     def _validate_group(self, group: dict) -> None:
         raise NotImplementedError
@@ -137,11 +175,17 @@ class MFOptimizerBase(Optimizer):
     def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _plan_group(self, group: dict, step: int, state_sample: dict) -> Any:
-        """Per-launch scalars/kwargs for a group at a given step (validates; must not mutate)."""
+    def _plan_group(self, group: dict, step: int, state_sample: dict, mf: Optional[float]) -> Any:
+        """Per-launch scalars for a group at a given per-param step, with this step's MF from the
+        schedule (None without one). Validates; must not mutate. Returns (scalars dataclass, extra)."""
         raise NotImplementedError
 
-    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+    def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
+        """The (op, args) of one launch (fusedmf.functional *_call)."""
+        raise NotImplementedError
+
+    def _mf_option(self, group: dict):
+        """(name, value) of the group option the MF schedule overrides (momentum / betas[0])."""
         raise NotImplementedError
 
     def _committed_values(self, plan, state: dict) -> dict:
@@ -153,8 +197,10 @@ class MFOptimizerBase(Optimizer):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        for found_inf, updates in pending:
-            skipped = bool(found_inf.item() != 0) if found_inf is not None else False
+        for flag, event, updates in pending:
+            if event is not None:
+                event.synchronize()  # the pinned copy of found_inf (NOTE [deferred skip accounting])
+            skipped = bool(flag.item() != 0) if flag is not None else False
             self._last_skipped = skipped
             if not skipped:
                 self._commit(updates)
@@ -163,8 +209,7 @@ class MFOptimizerBase(Optimizer):
     def last_step_skipped(self) -> Optional[bool]:
         """Whether the last ``step()`` was skipped for a non-finite gradient (None before any step).
 
-        Reading it may synchronise with the device (NOTE [deferred skip accounting]).
-        """
+        Reading it may wait for the device (NOTE [deferred skip accounting])."""
         self._resolve_pending()
         return self._last_skipped
 
@@ -185,78 +230,115 @@ class MFOptimizerBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # NOTE [compiled step]: host work outside the graph, op calls inside it
+        compiling = torch.compiler.is_compiling()
+        prepare = _prepare_outside_graph if compiling else MFOptimizerBase._prepare_step
+        calls, finish = prepare(self, grads, grad_scale, found_inf)
+        for fn, args in calls:
+            fn(*args)
+        (_finish_outside_graph if compiling else MFOptimizerBase._finish_step)(self, finish)
+        return loss
+
+    def _prepare_step(self, grad_of, grad_scale, found_inf):
+        """Phases 1 and 2 of a step on the host: plan (validates everything, mutates nothing), then
+        create missing state and return the op calls plus what ``_finish_step`` needs."""
         if grad_scale is None:
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
-            found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
-        if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
-            grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
-        self._step_with_grads(grads, grad_scale, found_inf)
-        return loss
-
-    @torch.no_grad()
-    def _step_with_grads(self, grad_of: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]],
-                         grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        """The step itself, with each param's grad taken from ``grad_of(p)`` (None: leave p alone)
-        instead of ``p.grad`` when ``grad_of`` is given. fusedmf.comm updates straight from views
-        into the reduced communication buffer this way (no unflatten pass)."""
         self._resolve_pending()
 
-        # phase 1: plan (validates everything, mutates nothing)
+        # phase 1: plan
         launches, grads_of_launch = self._layout(grad_of)
+        mf = None
+        if self.mf_schedule is not None and launches:
+            self._check_mf_overrides()
+            mf = self.mf_schedule(self._applied_steps + 1)  # NOTE [one clock]: once per step
         plans = []
         for launch in launches:
-            if launch.first_of_group:
-                self._validate_group(launch.group)  # lr or momentum may have been changed in place
+            # the group's settings were checked when the layout was built; what may change in place
+            # between steps (lr, momentum, betas, ...) is checked here by the one function that
+            # turns them into this step's scalars (functional/scalars.py)
             state0 = self.state.get(launch.params[0], {})
-            plans.append(self._plan_group(launch.group, state0.get("step", 0), state0))
+            plans.append(self._plan_group(launch.group, state0.get("step", 0), state0, mf))
 
-        # phase 2: launch
-        per_device_inv: dict = {}
-        per_device_found: dict = {}
+        # phase 2: state, per-step scalars (one copy per device), the op calls
+        amp = F.AmpTensors(grad_scale, found_inf)
+        self._write_scalars(launches, plans)
         used: dict = defaultdict(int)
-        updates: list = []
-        for launch, plan, grads in zip(launches, plans, grads_of_launch):
+        calls, updates = [], []
+        for launch, (scalars, extra), grads in zip(launches, plans, grads_of_launch):
             token = self._init_token(launch.group)
             if launch.states is None or launch.init_token != token:
                 launch.states = [self.state[p] for p in launch.params]
                 for p, state in zip(launch.params, launch.states):
                     self._init_state(launch.group, p, state)
                 launch.init_token = token
-            device = launch.device
-            inv = found = None
-            if grad_scale is not None:
-                if device not in per_device_inv:
-                    per_device_inv[device] = torch.reciprocal(
-                        grad_scale.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True))
-                inv = per_device_inv[device]
-            if found_inf is not None:
-                if device not in per_device_found:
-                    per_device_found[device] = found_inf.reshape(1).to(
-                        device=device, dtype=torch.float32, non_blocking=True)
-                found = per_device_found[device]
-            ran = self._launch(launch.group, plan, launch.params, grads, launch.states, launch.backend, inv, found)
-            used[ran] += len(launch.params)
+            inv, found = amp.on(launch.device)
+            calls.append(self._call(launch.group, scalars, launch.vector, launch.params, grads, launch.states,
+                                    launch.backend, inv, found))
+            used[launch.backend] += len(launch.params)
             # the params of one launch advance together, so one set of new values serves them all
-            updates.append((launch.states, self._committed_values(plan, launch.states[0])))
+            updates.append((launch.states, self._committed_values(extra, launch.states[0])))
         self.backends_used = dict(used)
+        return calls, (amp.found_inf, updates)
 
-        # phase 3: commit, now or once the device has decided (NOTE [deferred skip accounting])
+    def _write_scalars(self, launches, plans) -> None:
+        """Every launch's scalar vector into one persistent float32 buffer per device (one host-to-
+        device copy per device and step; the launches read views of it)."""
+        by_device: dict = {}
+        for launch, (scalars, _) in zip(launches, plans):
+            if launch.backend != "reference":
+                by_device.setdefault(launch.device, []).append((launch, scalars.as_list()))
+        for device, items in by_device.items():
+            values = [v for _, vs in items for v in vs]
+            buf = self._scalar_buffers.get(device)
+            if buf is None or buf.numel() != len(values):
+                buf = torch.empty(len(values), dtype=torch.float32, device=device)
+                self._scalar_buffers[device] = buf
+            F.write_scalars(buf, values)
+            pos = 0
+            for launch, vs in items:
+                launch.vector = buf[pos:pos + len(vs)]
+                pos += len(vs)
+
+    def _finish_step(self, finish) -> None:
+        """Phase 3: commit, now or once the device has decided (NOTE [deferred skip accounting])."""
+        found_inf, updates = finish
+        if not updates:
+            return
         if found_inf is None:
             self._commit(updates)
             self._last_skipped = False
+        elif found_inf.device.type == "cpu" or found_inf.device.type == "meta":
+            self._pending.append((found_inf if found_inf.device.type == "cpu" else None, None, updates))
+            self._resolve_pending()
         else:
-            self._pending.append((found_inf, updates))
-            if found_inf.device.type == "cpu":
-                self._resolve_pending()
+            host = torch.empty(found_inf.shape, dtype=found_inf.dtype, pin_memory=True)
+            host.copy_(found_inf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(found_inf.device))
+            self._pending.append((host, event, updates))
 
-    @staticmethod
-    def _commit(updates) -> None:
+    def _check_mf_overrides(self) -> None:
+        """A scheduler writing momentum / betas while mf_schedule sets the MF: say so, once."""
+        for gi, group in enumerate(self.param_groups):
+            name, value = self._mf_option(group)
+            seen = self._mf_overridden.setdefault(id(group), value)
+            if seen != value and not self._warned_mf_conflict:
+                self._warned_mf_conflict = True
+                warnings.warn(
+                    f"{type(self).__name__}: param group {gi}'s {name} changed from {seen!r} to {value!r} (an LR "
+                    f"scheduler with cycle_momentum, e.g. OneCycleLR or CyclicLR?), but mf_schedule="
+                    f"{self.mf_schedule!r} sets the MF of every step, so the change has no effect; pass "
+                    "cycle_momentum=False or drop mf_schedule", RuntimeWarning, stacklevel=4)
+            self._mf_overridden[id(group)] = value
+
+    def _commit(self, updates) -> None:
         for states, values in updates:
             for state in states:
                 state.update(values)
+        self._applied_steps += 1
 
     def _init_token(self, group: dict):
         """A value that changes when a group setting changes which state a param needs."""
@@ -357,7 +439,12 @@ class MFOptimizerBase(Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         self._resolve_pending()
-        return super().state_dict()
+        sd = super().state_dict()
+        # NOTE [one clock]: torch's loader ignores keys it does not know
+        schedule = self.mf_schedule
+        sd["mf_schedule"] = {"applied_steps": self._applied_steps,
+                             "state": schedule.state_dict() if hasattr(schedule, "state_dict") else None}
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fusedmf checkpoint or a torch.optim one (SGD for MFSGD, Adam/AdamW for MFAdam).
@@ -389,7 +476,15 @@ class MFOptimizerBase(Optimizer):
             id_to_param.update(zip(ng["params"], g["params"]))
         self._check_loaded_shapes(state_dict["state"], id_to_param)   # before anything is replaced
         self._layout_cache = None
-        super().load_state_dict(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "mf_schedule"})
+        clock = state_dict.get("mf_schedule")
+        if clock is not None:
+            self._applied_steps = int(clock["applied_steps"])
+            if clock.get("state") is not None and hasattr(self.mf_schedule, "load_state_dict"):
+                self.mf_schedule.load_state_dict(clock["state"])
+        else:  # a torch checkpoint: the most advanced param's count
+            self._applied_steps = 0
+        self._mf_overridden = {}
         for group in self.param_groups:  # a torch checkpoint lacks fusedmf's own group keys
             for k in self._group_keys:
                 group.setdefault(k, self.defaults[k])
@@ -403,6 +498,8 @@ class MFOptimizerBase(Optimizer):
                 if isinstance(value, torch.Tensor):
                     state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p), copy=True)
             self._normalize_loaded_state(p, state)
+            if clock is None:
+                self._applied_steps = max(self._applied_steps, state.get("step", 0))
 
     def _check_loaded_shapes(self, saved_state: dict, id_to_param: dict) -> None:
         """Every per-element state tensor (any tensor with a dimension; scalars such as torch's 0-dim
@@ -425,3 +522,13 @@ class MFOptimizerBase(Optimizer):
     def __repr__(self) -> str:
         extra = f"mf_schedule={self.mf_schedule!r}, master_weights={self.master_weights}, backend={self.backend!r}"
         return super().__repr__()[:-1] + f"  {extra}\n)"
+
+
+@torch.compiler.disable
+def _prepare_outside_graph(opt, grad_of, grad_scale, found_inf):
+    return opt._prepare_step(grad_of, grad_scale, found_inf)
+
+
+@torch.compiler.disable
+def _finish_outside_graph(opt, finish) -> None:
+    opt._finish_step(finish)

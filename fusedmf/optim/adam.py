@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import _run_adam
+from ..functional import adam_call
 from ..functional.scalars import adam_step_scalars, check_lr, check_mf
-from ._base import MFOptimizerBase
+from ._base import MFOptimizerBase, lr_value
 
 
 class MFAdam(MFOptimizerBase):
@@ -35,9 +35,7 @@ class MFAdam(MFOptimizerBase):
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
 
     def _validate_group(self, group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("MFAdam: lr must be a float (per-step values reach the kernels as data already)")
+        lr = lr_value(group["lr"])
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -60,26 +58,25 @@ class MFAdam(MFOptimizerBase):
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
 
-    def _beta1(self, group: dict, step: int) -> float:
-        return self.mf_schedule(step + 1) if self.mf_schedule is not None else group["betas"][0]
+    def _mf_option(self, group: dict):
+        return "betas[0]", group["betas"][0]
 
-    def _plan_group(self, group: dict, step: int, state: dict):
-        beta1 = check_mf("beta1 from mf_schedule" if self.mf_schedule else "beta1", self._beta1(group, step))
+    def _plan_group(self, group: dict, step: int, state: dict, mf):
+        beta1 = check_mf("beta1 from mf_schedule" if self.mf_schedule else "beta1",
+                         mf if mf is not None else group["betas"][0])
         product = float(state.get("beta1_product", 1.0)) * beta1  # float64 on the host
         return adam_step_scalars(
-            lr=group["lr"], beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+            lr=lr_value(group["lr"]), beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
             step=step + 1, beta1_product=product,
         ), product
 
-    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
-        scalars, _ = plan
+    def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
-        return _run_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         masters, scalars, inv_grad_scale, found_inf, backend)
+        return adam_call(backend, params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                         masters, scalars, vector, inv_grad_scale, found_inf)
 
-    def _committed_values(self, plan, state: dict) -> dict:
-        _, product = plan
+    def _committed_values(self, product, state: dict) -> dict:
         return {"step": state["step"] + 1, "beta1_product": product}
 
     def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:

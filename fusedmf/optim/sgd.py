@@ -8,7 +8,7 @@ import torch
 
 from .. import functional as F
 from ..functional.scalars import check_lr, check_mf, sgd_step_scalars
-from ._base import MFOptimizerBase
+from ._base import MFOptimizerBase, lr_value
 
 
 class MFSGD(MFOptimizerBase):
@@ -19,13 +19,14 @@ class MFSGD(MFOptimizerBase):
 
     Args:
         params: iterable of params or param groups.
-        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD; ``dampening`` may
+        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD (lr a float or a
+            1-element tensor); ``dampening`` may
             also be ``"tied"``: τ_t = μ_t, so the buffer is an EMA of the gradients (opt-in).
         decoupled_weight_decay: multiply the weights by ``1 - lr * weight_decay`` instead of adding
             ``weight_decay * w`` to the gradient (SGDW). Default False (torch semantics).
-        mf_schedule: None, or a callable ``step -> momentum`` (e.g. from :mod:`fusedmf.mf`), called with
-            the 1-based number of the update about to be applied; it overrides ``momentum``.
-            A skipped (overflowing) step does not count.
+        mf_schedule: None, or a callable ``step -> momentum`` (e.g. from :mod:`fusedmf.mf`), called
+            once per step with the optimizer's 1-based step number (NOTE [one clock]); it overrides
+            ``momentum``. A skipped (overflowing) step does not count.
         master_weights: None (default) keeps fp32 master weights for fp16/bf16 params; False updates
             low-precision params in place (fp32 arithmetic, fp32 momentum).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
@@ -52,9 +53,7 @@ class MFSGD(MFOptimizerBase):
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
 
     def _validate_group(self, group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("MFSGD: lr must be a float (per-step values reach the kernels as data already)")
+        lr = lr_value(group["lr"])
         check_lr(lr)
         check_mf("momentum", group["momentum"])
         dampening = group["dampening"]
@@ -96,15 +95,18 @@ class MFSGD(MFOptimizerBase):
         if self._uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
 
-    def _plan_group(self, group: dict, step: int, state: dict):
-        momentum = self.mf_schedule(step + 1) if self.mf_schedule is not None else group["momentum"]
+    def _mf_option(self, group: dict):
+        return "momentum", group["momentum"]
+
+    def _plan_group(self, group: dict, step: int, state: dict, mf):
+        momentum = mf if mf is not None else group["momentum"]
         # The buffer starts as g on the first applied update, or when momentum was switched on later
         # (no buffer yet). If that later update is skipped, the zero buffer then reads as
         # u = (1 - dampening)·g, which is g for the default dampening of 0.
         first_step = step == 0 or state.get("momentum_buffer") is None
         momentum = check_mf("momentum from mf_schedule" if self.mf_schedule else "momentum", momentum)
         dampening = momentum if group["dampening"] == "tied" else group["dampening"]
-        lr = group["lr"]
+        lr = lr_value(group["lr"])
         reference = group.get("lr_compensation")
         if reference is not None:  # opt-in: η_t = η·(1 − μ_t)/(1 − μ_ref)
             lr = lr * (1.0 - momentum) / (1.0 - reference)
@@ -119,12 +121,12 @@ class MFSGD(MFOptimizerBase):
         if len(self.last_effective_lr) != len(self.param_groups):
             self.last_effective_lr = [None] * len(self.param_groups)
         self.last_effective_lr[index] = effective
-        return scalars
+        return scalars, None
 
-    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+    def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         buffers = [s["momentum_buffer"] for s in states] if self._uses_momentum(group) else []
         masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
-        return F._run_sgd(params, grads, buffers, masters, plan, inv_grad_scale, found_inf, backend)
+        return F.sgd_call(backend, params, grads, buffers, masters, scalars, vector, inv_grad_scale, found_inf)
 
     def _normalize_loaded_state(self, p: torch.Tensor, state: dict) -> None:
         if "step" not in state:

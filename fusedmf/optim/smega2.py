@@ -20,8 +20,8 @@ from ..functional.scalars import (
     smega2_estimate_scalars,
     smega2_step_scalars,
 )
-from ..functional.smega2 import _run_smega2, _run_smega2_estimate
-from ._base import MFOptimizerBase, _is_dense
+from ..functional.smega2 import _run_smega2_estimate, smega2_call
+from ._base import MFOptimizerBase, _is_dense, lr_value
 
 _ESTIMATE_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -93,7 +93,7 @@ class SMEGA2(MFOptimizerBase):
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
 
     def _momentum_at(self, group: dict, step: int) -> float:
-        """γ of master step ``step`` (1-based)."""
+        """γ of master step ``step`` (1-based; the estimate's, the step gets it from the base class)."""
         if self.mf_schedule is None:
             return group["momentum"]
         return check_mf("momentum from mf_schedule", self.mf_schedule(step))
@@ -104,16 +104,22 @@ class SMEGA2(MFOptimizerBase):
         return int(state.get("cycle", 0)) % check_num_workers(group["num_workers"])
 
     # ------------------------------------------------------------------ the step (MFOptimizerBase)
-    def _plan_group(self, group: dict, step: int, state: dict):
-        return smega2_step_scalars(lr=group["lr"], momentum=self._momentum_at(group, step + 1),
-                                   dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                   num_workers=group["num_workers"], cycle=self._cycle_of(group, state))
+    def _mf_option(self, group: dict):
+        return "momentum", group["momentum"]
 
-    def _launch(self, group, plan, params, grads, states, backend, inv_grad_scale, found_inf) -> str:
+    def _plan_group(self, group: dict, step: int, state: dict, mf):
+        # NOTE [one clock]: ``mf`` is the schedule's γ for this master step, called once per step
+        momentum = check_mf("momentum from mf_schedule", mf) if mf is not None else group["momentum"]
+        scalars = smega2_step_scalars(lr=lr_value(group["lr"]), momentum=momentum,
+                                      dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                      num_workers=group["num_workers"], cycle=self._cycle_of(group, state))
+        return scalars, scalars   # the committed values need next_cycle
+
+    def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
-        return _run_smega2(params, grads, [s["momentum_buffer"] for s in states],
-                           [s["grad_accumulator"] for s in states], masters, plan, inv_grad_scale, found_inf,
-                           backend)
+        return smega2_call(backend, params, grads, [s["momentum_buffer"] for s in states],
+                           [s["grad_accumulator"] for s in states], masters, scalars, vector, inv_grad_scale,
+                           found_inf)
 
     def _committed_values(self, plan, state: dict) -> dict:
         return {"step": state["step"] + 1, "cycle": plan.next_cycle}
@@ -158,7 +164,8 @@ class SMEGA2(MFOptimizerBase):
                 launches.setdefault(key, (group, step, cycle, []))[3].append((p, o))
         plans = []
         for key, (group, step, cycle, members) in launches.items():
-            scalars = smega2_estimate_scalars(lr=group["lr"], momentum=self._momentum_at(group, step + 1),
+            # γ of the next master step, on the optimizer's one clock (NOTE [one clock])
+            scalars = smega2_estimate_scalars(lr=lr_value(group["lr"]), momentum=self._momentum_at(group, self._applied_steps + 1),
                                               num_workers=group["num_workers"], cycle=cycle,
                                               estimate=group["estimate"])
             backend = _backends.resolve("reference" if key[7] else self.backend, key[1], key[2])
