@@ -27,11 +27,9 @@ records the bucket timeline (Chrome trace next to the JSON) and the exposed comm
 from __future__ import annotations
 
 import argparse
-import datetime
 import fnmatch
 import hashlib
 import os
-import socket
 import sys
 import time
 import warnings
@@ -46,6 +44,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from fusedmf._ranks import process_group, spawn  # noqa: E402
 from fusedmf.comm import DistributedOptimizer, ddp_comm_hook, merge_chrome_traces, write_chrome_trace  # noqa: E402
 from fusedmf.optim import MFSGD  # noqa: E402
 
@@ -179,22 +178,6 @@ def run_rank(rank: int, world_size: int, args, out_path: str) -> None:
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}, out_path)
 
 
-def _spawned(rank, world_size, port, args, out_path):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
-    try:
-        run_rank(rank, world_size, args, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def summarize_results(raw, args, world_size, elapsed):
     from harness import machine_info, summarize, write
 
@@ -294,11 +277,9 @@ def main(argv=None):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:          # torchrun
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
         tmp = os.path.join(args.out, ".comm_train_step_torchrun.pt")
-        run_rank(rank, world_size, args, tmp)
-        dist.barrier()
-        dist.destroy_process_group()
+        with process_group(args.backend, timeout_s=args.pg_timeout):
+            run_rank(rank, world_size, args, tmp)
         if rank != 0:
             return None
     else:
@@ -306,7 +287,7 @@ def main(argv=None):
             raise SystemExit("--backend nccl runs under torchrun (one process per GPU)")
         world_size = args.world_size
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
-        torch.multiprocessing.spawn(_spawned, args=(world_size, free_port(), args, tmp), nprocs=world_size)
+        spawn(run_rank, world_size, args, tmp, timeout_s=args.pg_timeout)
     raw = torch.load(tmp, weights_only=False)
     os.remove(tmp)
     result = summarize_results(raw, args, world_size, time.perf_counter() - start)

@@ -37,7 +37,6 @@ as the throughput benchmark's mfsgd case does; on CPUs everything is fp32.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -50,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .._ranks import process_group, spawn
 from ._common import PhaseTimer, machine_info, summarize, sync, write_json
 from .predictor import (DEFAULT_NS, NETWORKS, Network, Timeline, efficiency_curve, predict, recommend_bucket_cap,
                         resnet50_like_timeline, simulate)
@@ -175,9 +175,9 @@ def _single(args, device: torch.device, process_group=None) -> dict:
     return {"single": single, "t1": summarize(single["times"])["median_s"], "phases1": ph, "timeline": timeline}
 
 
-def _spawned(rank, world_size, port, args, out_path):
+def _spawned(rank, world_size, args, out_path):
+    """One spawned rank (inside fusedmf._ranks.process_group): train, gather, rank 0 saves."""
     if args.backend == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", rank)
@@ -185,26 +185,11 @@ def _spawned(rank, world_size, port, args, out_path):
         torch.backends.cudnn.benchmark = True      # the best plain-PyTorch setting, for every case alike
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
-    dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
-    try:
-        _rank_main(rank, world_size, args, out_path, device)
-    finally:
-        dist.destroy_process_group()
-
-
-def _rank_main(rank, world_size, args, out_path, device):
     res = _train(args, device, rank, world_size)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, res)
     if rank == 0:
         torch.save(everyone, out_path)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fit_ring(allreduce: dict, n: int) -> dict:
@@ -232,7 +217,7 @@ def measure(args, device: torch.device) -> dict:
         if n <= 1:
             continue
         tmp = os.path.join(args.out, f".scaling_{os.getpid()}_{n}.pt")
-        torch.multiprocessing.spawn(_spawned, args=(n, _free_port(), args, tmp), nprocs=n)
+        spawn(_spawned, n, args, tmp, backend=args.backend, timeout_s=args.pg_timeout)
         meas["runs"][n] = torch.load(tmp, weights_only=False)
         os.remove(tmp)
     return meas
@@ -493,14 +478,8 @@ def run(args) -> Optional[dict]:
     warnings.simplefilter("ignore", RuntimeWarning)
     start = time.perf_counter()
     if env:
-        dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
-        try:
+        with process_group(args.backend, timeout_s=args.pg_timeout):   # NOTE [gloo teardown]
             meas = measure_torchrun(args, env, device)
-            # no rank tears its connections down while another is still in the gather's tail (a gloo
-            # peer closing early aborted the other rank: "terminate called without an active exception")
-            _barrier(device)
-        finally:
-            dist.destroy_process_group()
         if meas is None:
             return None
     else:

@@ -31,7 +31,6 @@ torchrun rank 0 records it on a process group of its own while the others wait.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import time
@@ -41,6 +40,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .._ranks import process_group
 from ._common import PhaseTimer, machine_info, progress, summarize, sync, write_json
 from .predictor import Bucket, ParamGrad, Timeline
 
@@ -423,8 +423,7 @@ def run_torchrun(args, env: dict) -> Optional[dict]:
     warnings.simplefilter("ignore", RuntimeWarning)
     rank, world = env["rank"], env["world_size"]
     start = time.perf_counter()
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
-    try:
+    with process_group(backend, timeout_s=args.pg_timeout):   # NOTE [gloo teardown]
         machine = machine_info(device) if rank == 0 else None
         jobs = [(c, b) for b in args.batches for c in args.cases]
         mine = []
@@ -456,9 +455,7 @@ def run_torchrun(args, env: dict) -> Optional[dict]:
                                     timing="per step: the slowest rank (a barrier before each step)")
             result["ranks"] = [{k: v for k, v in e.items() if k != "records"} for e in everyone]
             result["paths"] = {"json": write_json(result, args.out, f"throughput_{device.type}_{world}ranks")}
-        _barrier(device)
-    finally:
-        dist.destroy_process_group()
+        del solo  # NOTE [gloo teardown]: a live handle keeps the group's worker threads running
     return result
 
 
