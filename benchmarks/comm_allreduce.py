@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 
 from fusedmf import functional as F  # noqa: E402
 from fusedmf._ranks import process_group, spawn  # noqa: E402
+from harness import machine_info, summarize, write  # noqa: E402
 from fusedmf.comm import assign_buckets  # noqa: E402
 from fusedmf.models import RESNET50_NUM_PARAMS, resnet50_param_shapes  # noqa: E402
 
@@ -93,7 +93,6 @@ class TorchStylePath:
 
 def run_rank(rank, world_size, args, out_path):
     torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore", RuntimeWarning)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -170,8 +169,6 @@ def main(argv=None):
 
 
 def summarize_results(raw, args, world_size, elapsed):
-    from harness import machine_info, summarize, write
-
     device = "cuda" if args.backend == "nccl" else "cpu"
     machine = machine_info(torch.device("cpu"))
     machine["device_name"] = raw["device_name"] or machine["device_name"]
@@ -196,7 +193,8 @@ def summarize_results(raw, args, world_size, elapsed):
                          "gradients": "ResNet-50 shapes, fp32, 25,557,032 values in 161 tensors",
                          "bucket_cap_mb": args.bucket_cap_mb, "compression": args.compression,
                          "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads},
-              "cases": records, "elapsed_s": elapsed}
+              "cases": records, "elapsed_s": elapsed,
+              "backends_used": {r["name"]: {"pack": r["info_pack_backend"]} for r in records if r["info_pack_backend"]}}
     result["paths"] = write(result, args.out)
     return result
 
