@@ -38,7 +38,9 @@ def inputs() -> list:
 
     items += [("python", f"{sys.prefix} {sys.version.split()[0]}"),
               ("torch", f"{torch.__version__} cuda {torch.version.cuda}"),
-              ("nvcc on PATH", shutil.which("nvcc") or "<none>")]
+              ("nvcc on PATH", shutil.which("nvcc") or "<none>"),
+              # TORCH_CUDA_ARCH_LIST unset: the archs follow the visible GPUs (fusedmf/_build.py)
+              ("GPUs visible", str(torch.cuda.device_count()))]
     return items
 
 
