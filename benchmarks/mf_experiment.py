@@ -238,7 +238,7 @@ def plot(results, path) -> bool:
             steps = range(1, len(r["loss"]) + 1)
             axes[0][col].plot(steps, r["loss"], label=label)
             axes[1][col].plot(steps, r["train_error"], label=label)
-        axes[0][col].set_title(f"{name}: global batch fixed, per-rank BN")
+        axes[0][col].set_title(f"{name} (measured): global batch fixed, per-rank BN")
         axes[0][col].set_ylabel("training loss")
         axes[1][col].set_ylabel("training error")
         axes[1][col].set_xlabel("step")
