@@ -23,12 +23,9 @@ rank. Cases are interleaved round by round.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import sys
 import time
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -40,6 +37,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fusedmf import functional as F  # noqa: E402
+from fusedmf._ranks import process_group, spawn  # noqa: E402
+from harness import machine_info, summarize, write  # noqa: E402
 from fusedmf.comm import assign_buckets  # noqa: E402
 from fusedmf.models import RESNET50_NUM_PARAMS, resnet50_param_shapes  # noqa: E402
 
@@ -94,7 +93,6 @@ class TorchStylePath:
 
 def run_rank(rank, world_size, args, out_path):
     torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore", RuntimeWarning)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -132,22 +130,6 @@ def run_rank(rank, world_size, args, out_path):
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}, out_path)
 
 
-def _spawned(rank, world_size, port, args, out_path):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        run_rank(rank, world_size, args, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
@@ -167,11 +149,9 @@ def main(argv=None):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=300))
         tmp = os.path.join(args.out, ".comm_allreduce_torchrun.pt")
-        run_rank(rank, world_size, args, tmp)
-        dist.barrier()
-        dist.destroy_process_group()
+        with process_group(args.backend, timeout_s=300):
+            run_rank(rank, world_size, args, tmp)
         if rank != 0:
             return None
     else:
@@ -180,7 +160,7 @@ def main(argv=None):
         world_size = args.world_size
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
         tmp = os.path.join(args.out, f".comm_allreduce_{os.getpid()}.pt")
-        torch.multiprocessing.spawn(_spawned, args=(world_size, free_port(), args, tmp), nprocs=world_size)
+        spawn(run_rank, world_size, args, tmp, timeout_s=300)
     raw = torch.load(tmp, weights_only=False)
     os.remove(tmp)
     result = summarize_results(raw, args, world_size, time.perf_counter() - start)
@@ -189,8 +169,6 @@ def main(argv=None):
 
 
 def summarize_results(raw, args, world_size, elapsed):
-    from harness import machine_info, summarize, write
-
     device = "cuda" if args.backend == "nccl" else "cpu"
     machine = machine_info(torch.device("cpu"))
     machine["device_name"] = raw["device_name"] or machine["device_name"]
@@ -215,7 +193,8 @@ def summarize_results(raw, args, world_size, elapsed):
                          "gradients": "ResNet-50 shapes, fp32, 25,557,032 values in 161 tensors",
                          "bucket_cap_mb": args.bucket_cap_mb, "compression": args.compression,
                          "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads},
-              "cases": records, "elapsed_s": elapsed}
+              "cases": records, "elapsed_s": elapsed,
+              "backends_used": {r["name"]: {"pack": r["info_pack_backend"]} for r in records if r["info_pack_backend"]}}
     result["paths"] = write(result, args.out)
     return result
 

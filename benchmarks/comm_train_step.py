@@ -27,14 +27,11 @@ records the bucket timeline (Chrome trace next to the JSON) and the exposed comm
 from __future__ import annotations
 
 import argparse
-import datetime
 import fnmatch
 import hashlib
 import os
-import socket
 import sys
 import time
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,8 +43,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from fusedmf._ranks import process_group, spawn  # noqa: E402
 from fusedmf.comm import DistributedOptimizer, ddp_comm_hook, merge_chrome_traces, write_chrome_trace  # noqa: E402
 from fusedmf.optim import MFSGD  # noqa: E402
+from harness import build_model, machine_info, summarize, write  # noqa: E402
 
 BASELINE = "ddp/fp16_compress_hook/torch-sgd"
 CASES = ("ddp/allreduce/torch-sgd", BASELINE, "ddp/fp16_compress_hook/mfsgd",
@@ -55,12 +54,9 @@ CASES = ("ddp/allreduce/torch-sgd", BASELINE, "ddp/fp16_compress_hook/mfsgd",
 LR, MOMENTUM = 0.01, 0.9
 
 
-def build_model(width: int, depth: int, device, seed: int = 0) -> nn.Module:
+def mlp(args, device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers).to(device)
+    return build_model("mlp", width=args.width, depth=args.depth).to(device)
 
 
 def torch_sgd(params, device):
@@ -74,7 +70,7 @@ def make_case(name: str, args, device):
     """(step function, model, info) for one case on this rank."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    model = build_model(args.width, args.depth, device)
+    model = mlp(args, device)
     info = {}
     ddp_kw = dict(bucket_cap_mb=args.bucket_cap_mb, device_ids=[device.index] if device.type == "cuda" else None)
     if name.startswith("ddp/"):
@@ -125,7 +121,6 @@ def sync(device):
 
 def run_rank(rank: int, world_size: int, args, out_path: str) -> None:
     torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore", RuntimeWarning)   # reference-fallback notices; recorded in the JSON instead
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -156,7 +151,7 @@ def run_rank(rank: int, world_size: int, args, out_path: str) -> None:
     dist.all_gather_object(everyone, {"times": times, "digests": digests})
     extra = {}
     if "fusedmf/distopt-fp16/mfsgd" in names:             # untimed telemetry run: the bucket timeline
-        model = build_model(args.width, args.depth, device)
+        model = mlp(args, device)
         dopt = DistributedOptimizer(MFSGD(model.parameters(), lr=LR, momentum=MOMENTUM), compression="fp16",
                                     bucket_cap_mb=args.bucket_cap_mb, telemetry=True)
         for i in range(3):
@@ -171,33 +166,17 @@ def run_rank(rank: int, world_size: int, args, out_path: str) -> None:
                                         "layout": dopt.bucket_layout(), "backends": dopt.backends_used})
         extra["telemetry"] = traces
     info = {n: {k: v for k, v in cases[n][2].items() if isinstance(v, str)} for n in names}
-    if "fusedmf/distopt-fp16/mfsgd" in names:
-        info["fusedmf/distopt-fp16/mfsgd"]["backends"] = cases["fusedmf/distopt-fp16/mfsgd"][2]["dopt"].backends_used
+    for n in names:  # what ran in each fusedmf case (its DistributedOptimizer's or optimizer's record)
+        used = {k: v.backends_used for k, v in cases[n][2].items() if hasattr(v, "backends_used")}
+        if used:
+            info[n]["backends"] = used
     if rank == 0:
         torch.save({"per_rank": everyone, "extra": extra, "info": info,
                     "num_params": sum(p.numel() for p in cases[names[0]][1].parameters()),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}, out_path)
 
 
-def _spawned(rank, world_size, port, args, out_path):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
-    try:
-        run_rank(rank, world_size, args, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def summarize_results(raw, args, world_size, elapsed):
-    from harness import machine_info, summarize, write
-
     device = "cuda" if args.backend == "nccl" else "cpu"
     machine = machine_info(torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu"))
     if raw["device_name"]:
@@ -225,7 +204,8 @@ def summarize_results(raw, args, world_size, elapsed):
                          "bucket_cap_mb": args.bucket_cap_mb, "rounds": args.rounds,
                          "steps_per_round": args.steps_per_round, "warmup": args.warmup, "threads": args.threads,
                          "optimizer": f"SGD lr={LR} momentum={MOMENTUM}"},
-              "cases": records, "elapsed_s": elapsed}
+              "cases": records, "elapsed_s": elapsed,
+              "backends_used": {n: raw["info"][n]["backends"] for n in names if "backends" in raw["info"].get(n, {})}}
     tel = raw["extra"].get("telemetry")
     if tel:
         result["telemetry"] = [{"rank": i, "summary": t["summary"], "last_step": t["last"], "buckets": t["layout"],
@@ -294,11 +274,9 @@ def main(argv=None):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:          # torchrun
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
         tmp = os.path.join(args.out, ".comm_train_step_torchrun.pt")
-        run_rank(rank, world_size, args, tmp)
-        dist.barrier()
-        dist.destroy_process_group()
+        with process_group(args.backend, timeout_s=args.pg_timeout):
+            run_rank(rank, world_size, args, tmp)
         if rank != 0:
             return None
     else:
@@ -306,7 +284,7 @@ def main(argv=None):
             raise SystemExit("--backend nccl runs under torchrun (one process per GPU)")
         world_size = args.world_size
         args.threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
-        torch.multiprocessing.spawn(_spawned, args=(world_size, free_port(), args, tmp), nprocs=world_size)
+        spawn(run_rank, world_size, args, tmp, timeout_s=args.pg_timeout)
     raw = torch.load(tmp, weights_only=False)
     os.remove(tmp)
     result = summarize_results(raw, args, world_size, time.perf_counter() - start)

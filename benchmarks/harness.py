@@ -48,12 +48,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-
-# one definition of the statistics and CPU name, shared with fusedmf's own bench modules
-from fusedmf.bench._common import _cpu_model, quantile, summarize  # noqa: E402,F401
+import torch.nn as nn
 
 __all__ = ["Case", "Unavailable", "run", "run_pair", "measure_copy_bandwidth", "machine_info", "summarize",
-           "time_cpu", "time_cuda", "speedup", "progress"]
+           "quantile", "time_cpu", "time_cuda", "speedup", "progress", "PhaseTimer", "sync", "write_json",
+           "build_model", "torchrun_env", "REPO"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout this harness sits in
 
 SCHEMA_VERSION = 1
 
@@ -114,6 +115,23 @@ class _PlainProgress:
 
 
 # ---------------------------------------------------------------------------------------- statistics
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(repeats_s: Sequence[float]) -> dict:
+    """median, p20, p80, min, max and count of the repeats (seconds)."""
+    s = sorted(repeats_s)
+    return {"median_s": quantile(s, 0.5), "p20_s": quantile(s, 0.2), "p80_s": quantile(s, 0.8),
+            "min_s": s[0] if s else math.nan, "max_s": s[-1] if s else math.nan, "n": len(s)}
+
+
 # ---------------------------------------------------------------------------------------- timers
 def time_cpu(fn: Callable[[], Any], *, warmup: int, repeats: int, min_repeat_s: float = 2e-3) -> dict:
     """Per-call seconds of a synchronous callable: warm-up, then ``repeats`` timed repeats.
@@ -261,6 +279,60 @@ def _git(repo_dir: str) -> dict:
             "branch": _run_cmd(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=repo_dir)}
 
 
+def _rel(path: str) -> str:
+    """``path`` relative to the checkout when it lies inside it (results must not carry machine paths)."""
+    full = os.path.realpath(path)
+    root = os.path.realpath(REPO)
+    if full == root:
+        return "."
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+
+
+def command(argv: Optional[Sequence[str]] = None) -> str:
+    """The command that produced a result, as it would be typed in the checkout: ``python`` for the
+    interpreter (its path is ``machine["python_executable"]``), ``-m torch.distributed.run ...`` for a
+    torchrun rank, and every argument that names a path inside the checkout relative to it."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0] in ("-m", "-c"):
+        pass
+    elif argv:
+        argv[0] = _rel(argv[0])
+        mod = {"fusedmf/bench/__main__.py": ["-m", "fusedmf.bench"]}.get(argv[0])
+        if mod:
+            argv[:1] = mod
+    args = []
+    for a in argv:
+        if "=" in a and a.startswith("--"):
+            k, v = a.split("=", 1)
+            args.append(f"{k}={_rel(v) if os.path.isabs(v) else v}")
+        else:
+            args.append(_rel(a) if os.path.isabs(a) else a)
+    prefix = ["python"]
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        prefix += ["-m", "torch.distributed.run", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', '?')}"]
+    return shlex.join(prefix + args)
+
+
+def _available_backends() -> dict:
+    try:
+        import fusedmf
+
+        return {k: bool(v.available) for k, v in fusedmf.available_backends().items()}
+    except Exception as exc:  # a benchmark of torch alone still records where it ran
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _pkg_version(name: str) -> Optional[str]:
     try:
         from importlib.metadata import version
@@ -271,13 +343,16 @@ def _pkg_version(name: str) -> Optional[str]:
 
 
 def machine_info(device: torch.device) -> dict:
-    """Everything needed to tell where and how a number was produced."""
+    """Everything needed to tell where and how a number was produced (provenance: the git commit and
+    whether the tree was dirty, the command with paths relative to the checkout, versions, machine).
+    Every result carries it as ``result["machine"]``, next to its own ``result["backends_used"]``."""
     device = torch.device(device)
-    repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo_dir = REPO
     info = {
         "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": shlex.join([sys.executable] + sys.argv),
-        "cwd": os.getcwd(),
+        "command": command(),
+        "cwd": _rel(os.getcwd()),
+        "python_executable": sys.executable,
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -292,7 +367,9 @@ def machine_info(device: torch.device) -> dict:
         "mem_total_gib": _mem_total_gib(),
         "loadavg_at_start": _loadavg(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-                                            "TRITON_INTERPRET", "FUSEDMF_JIT") if k in os.environ},
+                                            "TRITON_INTERPRET", "FUSEDMF_JIT", "FUSEDMF_CUDA", "FUSEDMF_CUDA_EMU")
+                if k in os.environ},
+        "backends_available": _available_backends(),
         "git": _git(repo_dir),
         "device": str(device),
     }
@@ -364,6 +441,8 @@ def _run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> di
         rec["setup_s"] = time.perf_counter() - t0
         timing = _time(fn, device, warmup, repeats)
         rec["case_wall_s"] = time.perf_counter() - t0
+        used = getattr(fn, "backends_used", None)  # what ran, reported by the setup's callable
+        rec["backends_used"] = used() if callable(used) else None
     except Unavailable as exc:
         rec.update(status="skipped", reason=str(exc))
         return rec
@@ -516,6 +595,8 @@ def run(bench: str, cases: Sequence[Case], *, device, repeats: int, warmup: int,
         "elapsed_s": None,
         **(extra or {}),
     }
+    result.setdefault("backends_used", {r["name"]: r["backends_used"] for r in records
+                                        if r.get("backends_used") is not None})
     result["contended"] = _contention(machine, device)
     if analyze is not None:
         result.update(analyze(result))
@@ -565,7 +646,16 @@ def _write_partial(path: str, state: dict) -> None:
         json.dump({**state, "partial": True}, f, indent=1, default=_json_default)
 
 
+def _check_schema(result: dict) -> None:
+    """One report schema: every result says what it measured, where and how (machine: provenance), and
+    which fusedmf backends actually ran (a fallback to the reference must show in the record)."""
+    missing = [k for k in ("bench", "machine", "config", "backends_used") if k not in result]
+    if missing:
+        raise ValueError(f"benchmark result lacks {missing} (see benchmarks/harness.py: _check_schema)")
+
+
 def write(result: dict, out_dir: str) -> dict:
+    _check_schema(result)
     os.makedirs(out_dir, exist_ok=True)
     base = _base_path(out_dir, result["bench"], result["config"]["device"], result["machine"]["utc"])
     paths = {"json": base + ".json", "csv": base + ".csv"}
@@ -643,3 +733,78 @@ def format_table(result: dict) -> str:
             lines.append(f"  ! {r['name']}: {r['reason']}")
     lines.append(f"wrote {result['paths']['json']} and .csv ({result['elapsed_s']:.1f} s)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- training-step drivers
+def sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Marks on the host clock (CPU) or CUDA events (GPU), read after one synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list = []
+
+    def mark(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list:
+        sync(self.device)
+        if self.device.type == "cuda":
+            return [a.elapsed_time(b) * 1e-3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def build_model(name: str, num_classes: int = 1000, *, width: Optional[int] = None,
+                depth: Optional[int] = None) -> nn.Module:
+    """Every benchmark's model, by name: "resnet18" / "resnet50" / "resnet<depth>"; "small" (one basic
+    block per stage, base width ``width`` or 16) and "tiny" (width 8) for CPUs; "mlp" (``depth``
+    Linear(width, width) + ReLU layers). Seed with torch.manual_seed before calling for a fixed init."""
+    from fusedmf.models import resnet
+
+    if name == "mlp":
+        if not width or not depth:
+            raise ValueError(f"build_model('mlp') needs width and depth, got width={width!r}, depth={depth!r}")
+        layers: list = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*layers)
+    if name in ("small", "tiny"):
+        return resnet(blocks=(1, 1, 1, 1), width=width or (16 if name == "small" else 8), bottleneck=False,
+                      num_classes=num_classes)
+    if name.startswith("resnet") and name[len("resnet"):].isdigit():
+        return resnet(int(name[len("resnet"):]), num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r} (resnet18, resnet50, resnet<depth>, small, tiny, mlp)")
+
+
+def torchrun_env() -> Optional[dict]:
+    """rank / world size / local rank when started by torchrun with more than one rank, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world <= 1:
+        return None
+    return {"rank": int(os.environ["RANK"]), "world_size": world,
+            "local_rank": int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world))}
+
+
+def write_json(result: dict, out_dir: str, stem: str, *, timestamp: bool = True) -> str:
+    """``<out_dir>/<stem>_<utc>.json`` (``<stem>.json`` without ``timestamp``) for the benchmarks that
+    are not lists of :class:`Case`; the same schema as :func:`write`."""
+    _check_schema(result)
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = "_" + result["machine"]["utc"].replace("-", "").replace(":", "") if timestamp else ""
+    path = os.path.join(out_dir, f"{stem}{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=_json_default)
+        f.write("\n")
+    return path

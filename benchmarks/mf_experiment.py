@@ -43,21 +43,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as Fnn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE):  # run from a checkout: this checkout's fusedmf, and the harness beside us
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 from fusedmf import MFAdam, MFSGD, mf  # noqa: E402
+from harness import build_model, machine_info, progress, write_json  # noqa: E402
 from fusedmf.data.cifar10 import CIFAR10FormatError, load_cifar10  # noqa: E402
 from fusedmf.models.resnet import resnet  # noqa: E402
 from fusedmf.noise import GradientNoiseScale  # noqa: E402
@@ -93,12 +94,6 @@ def load_data(n: int, n_test: int, data_dir, seed: int):
         source = "synthetic"
     mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
     return (x - mean) / std, y, (xt - mean) / std, yt, source
-
-
-def build_model(name: str, width: int):
-    if name == "small":
-        return resnet(blocks=(1, 1, 1, 1), width=width, bottleneck=False, num_classes=10)
-    return resnet(int(name[len("resnet"):]), num_classes=10)
 
 
 def mf_rule(rule: str, k: int, global_batch: int, ramp_steps: int, noise=None):
@@ -156,7 +151,7 @@ def train(opt_name: str, rule: str, k: int, data, args, device) -> dict:
     x, y, xt, yt = data
     b = args.batch // k
     torch.manual_seed(args.seed)  # the same initial weights for every run
-    model = build_model(args.model, args.width).to(device)
+    model = build_model(args.model, 10, width=args.width).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -207,6 +202,7 @@ def train(opt_name: str, rule: str, k: int, data, args, device) -> dict:
     accuracy = evaluate(model, xt, yt, device, args) if math.isfinite(losses[-1]) else None
     tail = min(10, len(losses))
     return dict(optimizer=opt_name, rule=rule, world_size=k, per_rank_batch=b, schedule=repr(schedule),
+                backends_used=dict(opt.backends_used),
                 mf_first=mfs[0], mf_last=mfs[-1], mf=mfs, loss=losses, train_error=errors,
                 final_loss_mean10=sum(losses[-tail:]) / tail, final_train_error_mean10=sum(errors[-tail:]) / tail,
                 test_accuracy=accuracy, effective_lr=eff or None, noise_scale=noise_scale or None,
@@ -242,7 +238,7 @@ def plot(results, path) -> bool:
             steps = range(1, len(r["loss"]) + 1)
             axes[0][col].plot(steps, r["loss"], label=label)
             axes[1][col].plot(steps, r["train_error"], label=label)
-        axes[0][col].set_title(f"{name}: global batch fixed, per-rank BN")
+        axes[0][col].set_title(f"{name} (measured): global batch fixed, per-rank BN")
         axes[0][col].set_ylabel("training loss")
         axes[1][col].set_ylabel("training error")
         axes[1][col].set_xlabel("step")
@@ -314,7 +310,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     jobs = [(name, rule, k) for name in args.optimizers for rule in args.rules for k in args.world_sizes
             if not (rule == "horizon_comp" and name == "adam")]
-    for name, rule, k in _progress(jobs):
+    for name, rule, k in progress(jobs, total=len(jobs), desc="mf_experiment"):
         r = train(name, rule, k, (x, y, xt, yt), args, device)
         results.append(r)
         ns = r["noise_scale"][-1] if r["noise_scale"] else None
@@ -324,30 +320,19 @@ def main(argv=None) -> dict:
               f"{'-' if r['test_accuracy'] is None else format(r['test_accuracy'], '.3f')}"
               f"{'' if ns is None else f', B_simple {ns:.3g}'}  {r['wall_s']:.1f}s", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    record = dict(
-        benchmark="mf_experiment",
-        measured="training loss and error vs MF at fixed global batch B split over K simulated ranks with "
-                 "per-rank batch-norm statistics (the only way K changes the averaged gradient)",
-        data=source, device=str(device), command=" ".join([sys.executable] + sys.argv),
-        config={k: v for k, v in vars(args).items()},
-        machine=dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
-                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
-        total_wall_s=time.perf_counter() - t0, results=results,
-    )
-    json_path = os.path.join(args.out, "mf_experiment.json")
-    with open(json_path, "w") as f:
-        json.dump(record, f, indent=1)
+    record = {
+        "schema": 1, "bench": "mf_experiment",
+        "measured": "training loss and error vs MF at fixed global batch B split over K simulated ranks with "
+                    "per-rank batch-norm statistics (the only way K changes the averaged gradient)",
+        "data": source, "machine": machine_info(device),
+        "config": {k: v for k, v in vars(args).items()},
+        "backends_used": {f"{r['optimizer']}/{r['rule']}/K={r['world_size']}": r["backends_used"] for r in results},
+        "total_wall_s": time.perf_counter() - t0, "results": results,
+    }
+    json_path = write_json(record, args.out, "mf_experiment", timestamp=False)
     png = os.path.join(args.out, "mf_experiment.png")
     print(f"wrote {json_path}" + (f" and {png}" if plot(results, png) else " (no matplotlib: no PNG)"))
     return record
-
-
-def _progress(jobs):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return jobs
-    return tqdm(jobs, desc="mf_experiment", disable=not sys.stderr.isatty())
 
 
 if __name__ == "__main__":

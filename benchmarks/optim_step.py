@@ -164,18 +164,33 @@ def fusedmf_case(rule: str, backend: str, prec: Precision, device: torch.device,
         _require(backend)
         params, grads = model_tensors(shapes, prec, device)
         if not functional:
-            return _stepper(_fusedmf_optimizer(rule, params, backend), prec, device)
+            opt = _fusedmf_optimizer(rule, params, backend)
+            step = _stepper(opt, prec, device)
+
+            def stepped():
+                step()
+
+            stepped.backends_used = lambda: {"update": dict(opt.backends_used)}  # what ran (harness records it)
+            return stepped
         # fusedmf.functional directly, state built by hand: the class's per-step Python cost is the gap
         state = lambda seed, bound: _random_list(shapes, torch.float32, device, seed, bound)  # noqa: E731
         masters = [p.float() for p in params] if prec.master else []
+        ran = {}
         if rule == "sgd":
             bufs = state(2, 1e-2)
-            return lambda: fusedmf.functional.mf_sgd(params, grads, bufs, master_params=masters, lr=SGD_LR,
-                                                     momentum=SGD_MOMENTUM, backend=backend)
-        m, v = state(2, 1e-2), [t.abs_() for t in state(3, 1e-4)]
-        return lambda: fusedmf.functional.mf_adam(params, grads, m, v, master_params=masters, lr=ADAM_LR,
-                                                  beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], eps=1e-8, step=10,
-                                                  beta1_product=ADAM_BETAS[0] ** 10, backend=backend)
+
+            def call():
+                ran[rule] = fusedmf.functional.mf_sgd(params, grads, bufs, master_params=masters, lr=SGD_LR,
+                                                      momentum=SGD_MOMENTUM, backend=backend)
+        else:
+            m, v = state(2, 1e-2), [t.abs_() for t in state(3, 1e-4)]
+
+            def call():
+                ran[rule] = fusedmf.functional.mf_adam(params, grads, m, v, master_params=masters, lr=ADAM_LR,
+                                                       beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], eps=1e-8, step=10,
+                                                       beta1_product=ADAM_BETAS[0] ** 10, backend=backend)
+        call.backends_used = lambda: {"functional": dict(ran)}
+        return call
 
     return Case(name, setup, BYTES_PER_PARAM[(rule, prec.master)] * sum(math.prod(s) for s in shapes),
                 info={"rule": rule, "impl": impl, "backend": backend, "precision": prec.tag},

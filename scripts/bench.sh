@@ -5,8 +5,25 @@
 # training throughput, measured + predicted scaling efficiency (spawned gloo ranks on a CPU; torchrun +
 # NCCL over the GPUs on a machine with several), and the MF experiment.
 # JSON/CSV (Chrome traces, PNG plots) go under benchmarks/out/; each prints its table.
+#
+#   bash scripts/bench.sh --results NAME   # regenerate every committed CPU result, at the sizes the
+#                                          # README quotes, into benchmarks/results/NAME/ with one log
+#                                          # per benchmark (run it on a quiet machine, then commit)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+if [ "${1:-}" = "--results" ]; then
+  NAME="${2:?usage: bash scripts/bench.sh --results NAME}"
+  OUT="benchmarks/results/$NAME"
+  mkdir -p "$OUT/scaling" "$OUT/mf_experiment"
+  run() { local log="$1"; shift; echo "[fusedmf] $* > $log"; "$PY" "$@" 2>&1 | tee "$log"; }
+  run "$OUT/optim_step.log" benchmarks/optim_step.py --device cpu --out "$OUT"
+  run "$OUT/comm_allreduce.log" benchmarks/comm_allreduce.py --out "$OUT"
+  run "$OUT/comm_train_step.log" benchmarks/comm_train_step.py --out "$OUT"
+  run "$OUT/scaling.log" benchmarks/scaling.py --world-sizes 2 4 --out "$OUT/scaling"
+  run "$OUT/mf_experiment/mf_experiment.log" benchmarks/mf_experiment.py --world-sizes 1 8 \
+    --rules const horizon noise --mf-values 0.99 --steps 100 --out "$OUT/mf_experiment"
+  exit 0
+fi
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
   "$PY" benchmarks/optim_step.py --device cuda

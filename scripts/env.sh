@@ -24,7 +24,8 @@ else
     python3 -m venv .venv
   fi
   PY="$ROOT/.venv/bin/python"
-  if ! has_torch "$PY" || ! "$PY" -c "import ninja, pybind11, triton, pytest, matplotlib, tqdm, setuptools, wheel" 2>/dev/null; then
+  # one interpreter start for both checks: importing torch is most of a set-up that has nothing to do
+  if ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, matplotlib, tqdm, setuptools, wheel; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
     echo "[fusedmf] installing torch==$TORCH_VERSION (CUDA build) and the build/test tools into .venv"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q "torch==$TORCH_VERSION" ninja pybind11 triton pytest numpy matplotlib tqdm "setuptools>=64" wheel
@@ -34,10 +35,26 @@ export PY
 
 # Build the extension (CPU kernels always; CUDA kernels when nvcc and a CUDA torch are present,
 # or required with FUSEDMF_CUDA=1). Editable, so tests and benchmarks see the checkout.
+# Skipped when nothing it depends on changed since the last build in this checkout: the digest of
+# scripts/build_stamp.py (csrc/, _build.py, setup.py, the build's environment variables, torch,
+# the interpreter) is recorded in build/fusedmf-build.stamp after each successful build. A checkout
+# that is already installed rebuilds with `setup.py build_ext --inplace` (ninja in build/: only what
+# changed is recompiled); a new one is installed with pip (editable).
+STAMP="$ROOT/build/fusedmf-build.stamp"
 if [ "${FUSEDMF_SKIP_BUILD:-0}" != "1" ]; then
-  echo "[fusedmf] building fusedmf._C (FUSEDMF_CUDA=${FUSEDMF_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
-  start=$(date +%s)
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 
-  echo "[fusedmf] build done in $(( $(date +%s) - start )) s"
-  "$PY" -c "import fusedmf; [print(f'  {k:9s} {v!r}') for k, v in fusedmf.available_backends().items()]"
+  if "$PY" scripts/build_stamp.py check "$STAMP"; then
+    echo "[fusedmf] fusedmf._C is up to date (sources, build flags and torch unchanged since the last build here): build skipped"
+  else
+    echo "[fusedmf] building fusedmf._C (FUSEDMF_CUDA=${FUSEDMF_CUDA:-auto}, FUSEDMF_CUDA_EMU=${FUSEDMF_CUDA_EMU:-0}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+    start=$(date +%s)
+    rm -f "$STAMP"
+    if (cd / && "$PY" -c "import fusedmf, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(fusedmf.__file__), '$ROOT/fusedmf') else 1)" 2>/dev/null); then
+      "$PY" setup.py -q build_ext --inplace     # an editable install of this checkout: ninja rebuilds what changed
+    else
+      "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+    fi
+    "$PY" scripts/build_stamp.py write "$STAMP"
+    echo "[fusedmf] build done in $(( $(date +%s) - start )) s"
+    "$PY" -c "import fusedmf; [print(f'  {k:9s} {v!r}') for k, v in fusedmf.available_backends().items()]"
+  fi
 fi

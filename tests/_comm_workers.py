@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from fusedmf._ranks import free_port, process_group
 from fusedmf.comm import DistributedOptimizer, ddp_comm_hook
 from fusedmf.optim import MFAdam, MFSGD
 
@@ -39,11 +40,6 @@ def fallback_warnings_are_errors() -> None:
     warnings.filterwarnings("error", message=".*are not dense; the reference backend", category=RuntimeWarning)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dumps(obj) -> bytes:
     buf = io.BytesIO()
@@ -56,24 +52,29 @@ def _loads(data: bytes):
 
 
 def _child(fn_name, rank, world_size, port, pg_timeout, kwargs, queue):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    """One rank: run ``fn``, leave the group (fusedmf._ranks: no gloo thread left behind), then report
+    once. A teardown that leaves gloo's threads running turns the rank's result into an error."""
     torch.set_num_threads(1)
     fallback_warnings_are_errors()          # NOTE [compiled backends ran] in tests/test_comm.py
+    report = None
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=pg_timeout))
-        module, _, name = fn_name.rpartition(":")   # workers of other files: "module:function"
-        fn = getattr(importlib.import_module(module), name) if module else globals()[name]
-        result = fn(rank, world_size, **kwargs)
-        queue.put((rank, "ok", _dumps(result)))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
+        with process_group("gloo", rank=rank, world_size=world_size, port=port, timeout_s=pg_timeout, barrier=False):
             try:
-                dist.destroy_process_group()
+                module, _, name = fn_name.rpartition(":")   # workers of other files: "module:function"
+                fn = getattr(importlib.import_module(module), name) if module else globals()[name]
+                report = (rank, "ok", _dumps(fn(rank, world_size, **kwargs)))
+            except BaseException:
+                report = (rank, "error", traceback.format_exc())
+            try:
+                dist.barrier()  # every rank is past its last collective before any tears down
             except Exception:
-                pass
+                pass  # a peer that died (on purpose or not) reports itself; the thread check below still runs
+    except BaseException:
+        failure = traceback.format_exc()
+        if report is not None and report[1] == "error":
+            failure = f"{report[2]}\n--- and then, leaving the process group:\n{failure}"
+        report = (rank, "error", failure)
+    queue.put(report)
 
 
 _CTX = None

@@ -4,11 +4,14 @@
 the torchrun mode of both (``python -m torch.distributed.run --nproc-per-node 2 --standalone``)."""
 
 import glob
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
@@ -32,11 +35,14 @@ def test_throughput_quick(tmp_path):
     cases = {r["name"]: r for r in res["cases"]}
     assert {"torch-sgd-foreach/b2", "mfsgd/b2", "torch-sgd-fused/b4", "mfsgd/b4"} <= set(cases)
     for r in res["cases"]:
-        assert r["status"] in ("ok", "skipped"), r
-        if r["status"] == "ok":
-            assert r["images_per_s"] > 0 and len(r["repeats_s"]) == 3
-            parts = r["forward_median_s"] + r["backward_median_s"] + r["optimizer_median_s"]
-            assert 0 < parts < 3 * r["median_s"]
+        if r["case"] in ("ddp-torch-sgd", "ddp-fp16hook-torch-sgd", "distopt-mfsgd"):   # torchrun only
+            assert r["status"] == "skipped" and "torchrun" in r["reason"], r
+            continue
+        assert r["status"] == "ok", r              # torch 2.11 has fused SGD on CPU: every case runs here
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=1e-12)
+        assert len(r["repeats_s"]) == 3
+        parts = r["forward_median_s"] + r["backward_median_s"] + r["optimizer_median_s"]
+        assert 0 < parts < 3 * r["median_s"]
     assert cases["mfsgd/b2"]["status"] == "ok"
     tl = res["timeline"]["timeline"]
     assert tl["forward_s"] > 0 and tl["backward_s"] > 0 and tl["optimizer_s"] > 0
@@ -69,7 +75,9 @@ def _check_prediction(p: dict, point: dict, n: int) -> None:
 
 
 def _check_point(pt: dict, n: int, batch: int, steps: int) -> None:
-    assert pt["n"] == n and _finite_pos(pt["step_s"]) and _finite_pos(pt["efficiency"]) and pt["efficiency"] < 2
+    # no bound on the value: E(N) is a timing, and a shared machine's load can put it anywhere (a run
+    # measured E(2) = 2.75 while other processes slowed the world-size-1 steps); its definition is checked
+    assert pt["n"] == n and _finite_pos(pt["step_s"]) and _finite_pos(pt["efficiency"])
     assert _finite_pos(pt["throughput_img_s"]) and _finite_pos(pt["avg_single_gpu_time_per_sample_s"])
     assert abs(pt["avg_single_gpu_time_per_sample_s"] - pt["step_s"] / batch) < 1e-12
     assert len(pt["per_rank_s"]) == n and all(len(ts) == steps for ts in pt["per_rank_s"])
@@ -105,7 +113,10 @@ def test_scaling_quick_world_sizes_2_and_4(tmp_path):
     assert tg["targets"] == {"8": 0.98, "64": 0.975}
     assert all(0 < e <= 1 for by in tg["by_timeline"].values() for s in by.values() for e in s.values())
     assert "predicted for N=2" in out and "predicted for N=4" in out and "E(64)" in out
-    assert len(res["paths"]["plots"]) == 2 or res.get("plots_skipped")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert res["plots_skipped"] and not res["paths"].get("plots")
+    else:                                           # matplotlib is there: both plots must have been drawn
+        assert len(res["paths"]["plots"]) == 2 and all(os.path.getsize(p) > 0 for p in res["paths"]["plots"])
 
 
 def test_scaling_torchrun(tmp_path):
@@ -120,6 +131,7 @@ def test_scaling_torchrun(tmp_path):
     assert len(pts[0]["per_rank_s"]) == 1 and pts[0]["ranks"][0]["rank"] == 0      # world size 1: rank 0 alone
     assert len(pts[0]["repeats_s"]) == c["steps"] and all(_finite_pos(t) for t in pts[0]["repeats_s"])
     _check_point(pts[1], 2, c["batch_per_rank"], c["steps"])
+    assert abs(pts[1]["efficiency"] - pts[0]["step_s"] / pts[1]["step_s"]) < 1e-12
     (p,) = res["predictions"]
     _check_prediction(p, pts[1], 2)
     assert "rank 0" in p["timeline_from"] and res["measured_timeline"]["timeline"] == p["timeline_used"]
@@ -150,7 +162,10 @@ def test_throughput_torchrun(tmp_path):
             assert abs(parts - r["repeats_s"][i]) < 1e-9 and r["exposed_comm_s"][i] >= 0
             assert r["backward_compute_s"][i] <= r["backward_s"][i]
         assert _finite_pos(r["exposed_comm_median_s"]) or r["exposed_comm_median_s"] == 0.0
-        assert r["vs_no_comm"] > 0 and r["speedup_vs_ddp_fp16hook"] > 0
+        no_comm = next(x for x in res["cases"] if x["case"] == r["no_comm_case"])
+        ddp16 = recs["ddp-fp16hook-torch-sgd"]
+        assert r["vs_no_comm"] == pytest.approx(no_comm["median_s"] / r["median_s"], rel=1e-12)
+        assert r["speedup_vs_ddp_fp16hook"] == pytest.approx(ddp16["median_s"] / r["median_s"], rel=1e-12)
     assert recs["distopt-mfsgd"]["no_comm_case"] == "mfsgd"
     assert recs["ddp-fp16hook-torch-sgd"]["info_comm"] == "DDP + fp16_compress_hook"
     for name in ("torch-sgd-foreach", "mfsgd"):

@@ -72,7 +72,8 @@ def test_torch_cases_timed(quick_run):
     for name in TORCH_CASES:
         assert name in recs, f"missing case {name}"
         _assert_timed(recs[name], repeats)
-    assert recs["sgd/torch-foreach/fp32"]["speedup"] > 0  # vs torch fused SGD, same run
+    r = recs["sgd/torch-foreach/fp32"]           # vs its baseline (torch fused SGD), same run: ratio of medians
+    assert r["speedup"] == pytest.approx(recs[r["baseline"]]["median_s"] / r["median_s"], rel=1e-12)
 
 
 def test_fusedmf_cases_timed_or_skipped_with_reason(quick_run):
@@ -137,12 +138,16 @@ def test_harness_records_skips_errors_and_pairs(tmp_path):
     recs = {r["name"]: r for r in res["cases"]}
     for name in ("add", "mul"):
         _assert_timed(recs[name], 3)
-    assert recs["mul"]["speedup"] > 0 and recs["mul"]["check"] == {"ok": True}
+    assert recs["mul"]["speedup"] == pytest.approx(recs["add"]["median_s"] / recs["mul"]["median_s"], rel=1e-12)
+    assert recs["mul"]["check"] == {"ok": True}
     assert (recs["missing"]["status"], recs["missing"]["reason"]) == ("skipped", "no such backend here")
     assert (recs["declared"]["status"], recs["declared"]["reason"]) == ("skipped", "not on this device")
     assert recs["broken"]["status"] == "error" and "boom" in recs["broken"]["reason"]
     ok_pair, skipped_pair = res["pairs"]
-    assert ok_pair["status"] == "ok" and ok_pair["speedup"] > 0 and len(ok_pair["a_s"]) == 3
+    assert ok_pair["status"] == "ok" and len(ok_pair["a_s"]) == len(ok_pair["b_s"]) == 3
+    # the median of the per-round ratios b/a (interleaved), not the ratio of the medians
+    ratios = sorted(b / a for a, b in zip(ok_pair["a_s"], ok_pair["b_s"]))
+    assert ok_pair["speedup"] == pytest.approx(ratios[1], rel=1e-12)
     assert skipped_pair["status"] == "skipped" and "no such backend here" in skipped_pair["reason"]
     with open(res["paths"]["csv"]) as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}

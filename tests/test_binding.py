@@ -1,6 +1,7 @@
 """fusedmf._C on CPU tensors, against fusedmf.functional.reference: the binding's own contract.
 
-What is checked here (the backend matrix through fusedmf.functional lives in test_functional.py):
+What is checked here (the backend matrix through fusedmf.functional lives in test_mixed_precision.py,
+test_optim_vs_torch.py and test_overflow.py):
 - mf_sgd_ / mf_adam_ for every (param, grad, master) dtype combination, with momentum off, heavy
   ball, dampening and Nesterov, L2 and decoupled weight decay, inv_grad_scale, a first step whose
   momentum buffers hold NaN garbage, several steps, over one call holding tensors of shape [1],
@@ -24,7 +25,13 @@ import warnings
 import pytest
 import torch
 
-C = pytest.importorskip("fusedmf._C", reason="fusedmf._C is not built (pip install --no-build-isolation -e .)")
+from conftest import require_backend  # noqa: E402
+
+try:  # the binding suite obeys FUSEDMF_REQUIRE_BACKENDS like every other: "cpu" required -> a failure
+    require_backend("cpu")
+except pytest.skip.Exception as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+import fusedmf._C as C  # noqa: E402
 
 K = torch.ops.fusedmf  # the kernels, registered as torch ops by importing fusedmf._C
 

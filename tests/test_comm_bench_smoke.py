@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,7 +43,11 @@ def test_comm_train_step_quick(tmp_path):
     for name, r in cases.items():
         assert r["status"] == "ok" and r["replicas_identical"], f"{name}: {r['reason']}"
         assert len(r["repeats_s"]) == 4 and len(r["per_rank_s"]) == 2
-    assert result["comparisons"]["distopt fp16 vs DDP fp16_compress_hook (speedup, same run)"] > 0
+    base, ours = cases["ddp/fp16_compress_hook/torch-sgd"], cases["fusedmf/distopt-fp16/mfsgd"]
+    assert result["comparisons"]["distopt fp16 vs DDP fp16_compress_hook (speedup, same run)"] == \
+        pytest.approx(base["median_s"] / ours["median_s"], rel=1e-12)
+    used = result["backends_used"]["fusedmf/distopt-fp16/mfsgd"]["dopt"]    # the compiled kernels ran, no fallback
+    assert (used["pack"], set(used["update"]), used["non_finite_check"]) == ("cpu", {"cpu"}, "cpu"), used
     tel = result["telemetry"][0]
     assert tel["summary"]["steps"] == 3 and tel["last_step"]["bytes_sent"] > 0
     trace = glob.glob(os.path.join(str(tmp_path), "*_trace.json"))

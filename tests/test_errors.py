@@ -1,6 +1,7 @@
 """Bad input: a clear error naming what was wrong, and nothing modified (params, state, groups)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -102,18 +103,30 @@ def test_mixed_devices_in_one_tensor_list():
     assert not params[0].any()
 
 
-def test_unavailable_backend_names_the_reason():
+def test_unavailable_backend_names_the_reason(monkeypatch):
+    """Asking for a backend that is not there raises one error carrying its reason, before anything is
+    modified. Checked on every machine: a CUDA machine has cuda, so "cuda" is marked unavailable with a
+    known reason (what available_backends() reports for a build without CUDA kernels)."""
     status = fusedmf.available_backends()
     assert set(status) == {"reference", "cpu", "cuda", "triton"}
     for name, st in status.items():
         assert st.detail, f"{name} has no description"
-    if not status["cuda"].available:
-        p = torch.randn(3, requires_grad=True)
-        opt = MFSGD([p], lr=0.1, backend="cuda")
-        p.grad = torch.ones(3)
-        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .+"):
+    reason = "fusedmf._C was built without CUDA kernels (test)"
+    fake = dict(status, cuda=fusedmf._backends.BackendStatus(False, reason))
+    monkeypatch.setattr(fusedmf._backends, "available_backends", lambda: fake)
+    device = "cuda" if status["cuda"].available else "cpu"
+    p = torch.randn(3, device=device, requires_grad=True)
+    p0 = p.detach().clone()
+    opt = MFSGD([p], lr=0.1, momentum=0.9, backend="cuda")
+    p.grad = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: " + re.escape(reason)):
+        opt.step()
+    assert opt.state[p] == {} and torch.equal(p.detach(), p0) and p.grad is not None
+    if not status["cuda"].available:  # and the real reason, where this machine really lacks cuda
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: " + re.escape(status["cuda"].detail)):
             opt.step()
-        assert opt.state[p] == {} and p.grad is not None
+        assert opt.state[p] == {} and torch.equal(p.detach(), p0)
 
 
 def test_params_without_grad_are_skipped():

@@ -1,11 +1,15 @@
-"""fusedmf.bench.lab_model: what the network lab adds to the predictor, on hand-computed schedules."""
+"""benchmarks/lab_model.py: what the network lab adds to the predictor, on hand-computed schedules."""
 
 import math
 
 import pytest
 
-from fusedmf.bench.lab_model import (LabFit, cpu_share, fit_ring, interpolate_fit, launch_order, predict_lab,
-                                     recommend_cap, with_pack_time)
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from lab_model import (LabFit, cpu_share, fit_ring, interpolate_fit, launch_order, predict_lab,  # noqa: E402
+                       recommend_cap, with_pack_time)
 from fusedmf.bench.predictor import Bucket, ParamGrad, Timeline, ring_allreduce_time, simulate
 
 

@@ -1,10 +1,11 @@
-"""Benchmark tooling that ships with the package: the scaling predictor and the ``python -m fusedmf.bench`` CLI.
+"""Scaling tools that ship with the package: the timeline recorder, the scaling predictor, and the
+``python -m fusedmf.bench`` CLI.
 
-:mod:`fusedmf.bench.predictor` turns a measured single-GPU timeline (forward, backward with the time
-each gradient bucket becomes ready, optimizer) into a predicted step time and scaling efficiency for
-N GPUs under a ring-allreduce network model. :mod:`fusedmf.bench.throughput` and
-:mod:`fusedmf.bench.scaling` hold the measurement logic that ``benchmarks/throughput.py`` and
-``benchmarks/scaling.py`` wrap (fusedmf never imports ``benchmarks/``).
+:mod:`fusedmf.bench.timeline` records one training step's gradient-ready timeline;
+:mod:`fusedmf.bench.predictor` turns such a timeline (forward, backward with the time each gradient
+bucket becomes ready, optimizer) into a predicted step time and scaling efficiency for N GPUs under a
+ring-allreduce network model. The benchmark drivers and their harness live in ``benchmarks/``
+(fusedmf never imports it); ``python -m fusedmf.bench throughput|scaling`` runs them from the checkout.
 """
 
 from .predictor import (
@@ -24,7 +25,8 @@ from .predictor import (
     ring_allreduce_time,
     simulate,
 )
+from .timeline import record_timeline
 
 __all__ = ["Network", "NETWORKS", "Timeline", "ParamGrad", "Bucket", "Prediction", "ring_allreduce_time",
            "allreduce_time", "make_buckets", "ddp_buckets", "fusedmf_buckets", "simulate", "predict",
-           "efficiency_curve", "recommend_bucket_cap"]
+           "efficiency_curve", "recommend_bucket_cap", "record_timeline"]

@@ -1,5 +1,9 @@
 """``python -m fusedmf.bench {throughput,scaling,predict}``: small defaults, results under benchmarks/out/.
 
+``predict`` is part of the package; ``throughput`` and ``scaling`` run the drivers of the source
+checkout (benchmarks/throughput.py, benchmarks/scaling.py, with the same arguments): the benchmarks
+and their harness live in benchmarks/, which fusedmf never imports.
+
     python -m fusedmf.bench throughput --quick            # single-process training throughput + timeline
     python -m fusedmf.bench scaling --quick               # 2 gloo ranks vs 1, predictor error, curves
     python -m fusedmf.bench scaling --quick --world-sizes 2 4
@@ -15,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
-from . import predictor, scaling, throughput
+from . import predictor
 
 
 def _predict(argv):
@@ -54,9 +59,21 @@ def _predict(argv):
     return out
 
 
-def _out(sub):
-    root = os.getcwd()
-    return os.path.join(root, "benchmarks", "out", sub)
+def _driver(name: str, rest: list) -> int:
+    """Hand over to benchmarks/<name>.py of the checkout this package was installed from (editable)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "benchmarks", f"{name}.py")
+    if not os.path.exists(script):
+        print(f"python -m fusedmf.bench {name}: the benchmark drivers live in the source checkout's benchmarks/ "
+              f"folder ({script} does not exist); install fusedmf from a clone with `pip install -e .`",
+              file=sys.stderr)
+        return 2
+    argv = [sys.executable, script] + list(rest)
+    if os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)  # same process (and torchrun environment), the driver's own __main__
+    return subprocess.call(argv)
 
 
 def main(argv=None):
@@ -66,16 +83,11 @@ def main(argv=None):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "throughput":
-        throughput.main(rest, default_out=_out("throughput"))
-    elif cmd == "scaling" and "--netns" in rest:         # ranks in the network lab (scaling_netns.py)
-        from . import scaling_netns
-
-        scaling_netns.main([a for a in rest if a != "--netns"], default_out=_out("scaling_netns"))
-    elif cmd == "scaling":
-        scaling.main(rest, default_out=_out("scaling"))
-    else:
-        _predict(rest)
+    if cmd == "scaling" and "--netns" in rest:         # ranks in the network lab (scaling_netns.py)
+        return _driver("scaling_netns", [a for a in rest if a != "--netns"])
+    if cmd in ("throughput", "scaling"):
+        return _driver(cmd, rest)
+    _predict(rest)
     return 0
 
 

@@ -43,7 +43,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
-from .predictor import Bucket, Network, ParamGrad, Prediction, Timeline, simulate
+from fusedmf.bench.predictor import Bucket, Network, ParamGrad, Prediction, Timeline, simulate
 
 __all__ = ["LabFit", "fit_ring", "launch_order", "cpu_share", "predict_lab", "buckets_for", "with_pack_time", "recommend_cap", "interpolate_fit", "broadcast_time", "fit_line"]
 
@@ -85,7 +85,7 @@ def fit_ring(times: Dict[int, float], cpu: Dict[int, float], n: int, dtype: str,
     ``launch_s``: the measured time of the asynchronous call itself (added to each bucket's launch)."""
     if n < 2 or len(times) < 2:
         raise ValueError(f"a ring fit needs n >= 2 ranks and >= 2 sizes, got n={n}, sizes={sorted(times)}")
-    from .scaling import fit_ring as ring_fit          # the one t = a + b·S -> (α, B) fit
+    from scaling import fit_ring as ring_fit          # the one t = a + b·S -> (α, B) fit
 
     xs = [float(s) for s in sorted(times)]
     ys = [times[int(s)] for s in xs]
@@ -169,7 +169,7 @@ def predict_lab(tl: Timeline, buckets: Sequence[Bucket], n: int, fit: LabFit, *,
 def buckets_for(tl: Timeline, impl_kind: str, *, cap_mb: float, wire_bytes: int) -> List[Bucket]:
     """The buckets a configuration forms from the timeline's gradients, in index (launch) order:
     DistributedOptimizer counts its cap in payload bytes, DDP in the fp32 gradients' bytes."""
-    from .predictor import ddp_buckets, fusedmf_buckets
+    from fusedmf.bench.predictor import ddp_buckets, fusedmf_buckets
 
     if impl_kind == "ddp":
         return ddp_buckets(tl.params, cap_mb=cap_mb, fp16_hook=wire_bytes == 2)

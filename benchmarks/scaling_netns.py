@@ -70,9 +70,9 @@ def _build(cfg: dict, spec: dict, group, *, plain: bool):
     import torch
     import torch.nn as nn
 
-    from ..comm import DistributedOptimizer
-    from ..optim import MFSGD
-    from .throughput import build_model
+    from fusedmf.comm import DistributedOptimizer
+    from fusedmf.optim import MFSGD
+    from harness import build_model
 
     torch.manual_seed(0)
     model = build_model(spec["model"], spec["num_classes"])
@@ -125,7 +125,7 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
     import torch.distributed as dist
     import torch.nn as nn
 
-    from ..data import synthetic_imagenet
+    from fusedmf.data import synthetic_imagenet
 
     module, params, step, zero_grad, dopt, hook_recs, info = _build(cfg, spec, group, plain=plain)
     x, y = synthetic_imagenet(spec["batch"], "cpu", image_size=spec["image_size"], num_classes=spec["num_classes"],
@@ -215,7 +215,7 @@ def _fit_allreduces(spec: dict, rank: int) -> dict:
 
 
 def worker(spec_path: str) -> None:
-    """One rank (``python -m fusedmf.bench.scaling_netns --worker SPEC``), started by the driver in its namespace."""
+    """One rank (``python benchmarks/scaling_netns.py --worker SPEC``), started by the driver in its namespace."""
     import datetime
     import warnings
 
@@ -267,7 +267,7 @@ def worker(spec_path: str) -> None:
 
 
 def _recommend(spec: dict, fit_raw: dict, n: int) -> dict:
-    from .lab_model import recommend_cap
+    from lab_model import recommend_cap
 
     fits = fit_networks({0: fit_raw}, n)
     tl = _timeline_from(spec["recommend_from"])
@@ -279,14 +279,14 @@ def _recommend(spec: dict, fit_raw: dict, n: int) -> dict:
 # ============================================================================ analysis (driver side)
 def _median(xs: Sequence[float]) -> float:
     """The median of the values that are not None (NaN if none)."""
-    from ._common import quantile
+    from harness import quantile
 
     return quantile([x for x in xs if x is not None], 0.5)
 
 
 def fit_networks(fit_by_rank: Dict[int, dict], n: int) -> dict:
     """Per payload dtype, the ring fit over rank 0's medians (lab_model.fit_ring)."""
-    from .lab_model import fit_ring
+    from lab_model import fit_ring
 
     out = {}
     for dtype, sizes in fit_by_rank[0].items():
@@ -300,7 +300,7 @@ def fit_networks(fit_by_rank: Dict[int, dict], n: int) -> dict:
 def ws1_timeline(run: dict, t1_s: float) -> dict:
     """A world-size-1 timeline (as a dict) from one rank's timed steps: median phases, each param's ready time
     (median over the steps, scaled onto the median backward), pack / compress seconds per payload byte."""
-    from .lab_model import fit_line
+    from lab_model import fit_line
 
     rows = run["rows"]
     fwd, bwd, opt = (_median([r[k] for r in rows]) for k in ("forward_s", "backward_s", "optimizer_s"))
@@ -323,7 +323,7 @@ def ws1_timeline(run: dict, t1_s: float) -> dict:
 
 
 def _timeline_from(d: dict):
-    from .predictor import ParamGrad, Timeline
+    from fusedmf.bench.predictor import ParamGrad, Timeline
 
     return Timeline(forward_s=d["forward_s"], backward_s=d["backward_s"], optimizer_s=d["optimizer_s"],
                     params=[ParamGrad(**p) for p in d["params"]], source="loaded world-size-1 timeline (lab)")
@@ -344,7 +344,7 @@ def _wire(cfg: dict) -> tuple:
 def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
     """lab_model's prediction of configuration ``name`` (``cfg``: its cap) on links with ring fits ``fits``
     (payload dtype -> LabFit)."""
-    from .lab_model import buckets_for, predict_lab, with_pack_time
+    from lab_model import buckets_for, predict_lab, with_pack_time
 
     tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
     tl = _timeline_from(tl_d)
@@ -389,7 +389,7 @@ def analyse(state: dict) -> List[dict]:
 def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> dict:
     """E predicted on a log grid between the measured rates, the ring fit interpolated between the two nearest
     measured rates (lab_model.interpolate_fit); the recommended cap re-chosen at every grid rate."""
-    from .lab_model import interpolate_fit, recommend_cap
+    from lab_model import interpolate_fit, recommend_cap
 
     bws = sorted(float(b) for b in state["bandwidths"])
     if len(bws) < 2:
@@ -449,7 +449,7 @@ def checks(points: List[dict]) -> dict:
 def estimate_duration(state: dict, args, numel: int) -> float:
     """Seconds the per-bandwidth phases should take: timed steps predicted by the lab model on the nominal rate
     (B = the link rate, α = 0.2 ms), the fit's allreduces, and a start-up of the ranks per rate."""
-    from .lab_model import LabFit
+    from lab_model import LabFit
 
     total = 0.0
     n = state["world_size"]
@@ -476,7 +476,7 @@ def choose_model(args, n: int, log) -> dict:
     """Model, image size and batch whose backward ~ the fp32 ring allreduce of its grads at the middle rate."""
     import torch
 
-    from .throughput import build_model
+    from harness import build_model
 
     bws = sorted(args.bandwidths)
     ref = math.exp(sum(math.log(b) for b in bws) / len(bws))
@@ -515,8 +515,8 @@ def choose_model(args, n: int, log) -> dict:
 def _probe_backward_per_sample(model_name: str, size: int, probe_batch: int) -> dict:
     import torch.nn as nn
 
-    from ..data import synthetic_imagenet
-    from .throughput import build_model
+    from fusedmf.data import synthetic_imagenet
+    from harness import build_model
 
     model = build_model(model_name, 10)
     x, y = synthetic_imagenet(probe_batch, "cpu", image_size=size, num_classes=10)
@@ -550,7 +550,7 @@ def _launch(lab, spec: dict, workdir: str, log, port: int) -> List[dict]:
     spec = dict(spec, out_prefix=os.path.join(workdir, f"out_{spec['tag']}"))
     with open(path, "w") as f:
         json.dump(spec, f)
-    argv = [sys.executable, "-m", "fusedmf.bench.scaling_netns", "--worker", path]
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", path]
     logs = [os.path.join(workdir, f"log_{spec['tag']}_rank{r}.txt") for r in range(lab.n)]
     procs = []
     for r in range(lab.n):
@@ -587,9 +587,9 @@ def _launch(lab, spec: dict, workdir: str, log, port: int) -> List[dict]:
 def run(args) -> dict:
     import torch
 
-    from . import netlab
-    from ._common import machine_info, now_tag
-    from .lab_model import cpu_share
+    from fusedmf.bench import netlab
+    from harness import machine_info
+    from lab_model import cpu_share
 
     reason = netlab.lab_unavailable_reason()
     if reason is not None:
@@ -607,8 +607,8 @@ def run(args) -> dict:
     args.steps = args.steps or (2 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
-    machine = machine_info("cpu")
-    stem = os.path.join(args.out, f"scaling_netns_{now_tag(machine['utc'])}")
+    machine = machine_info(torch.device("cpu"))
+    stem = os.path.join(args.out, f"scaling_netns_{machine['utc'].replace('-', '').replace(':', '')}")
     log_f = open(stem + ".log", "w")
     start = time.perf_counter()
 
@@ -646,7 +646,7 @@ def run(args) -> dict:
             log(f"removed stale lab namespaces: {lab.stale_removed}")
         # 3. loaded world-size-1 timelines
         res = _launch(lab, dict(spec0, phase="loaded", tag="loaded"), workdir, log, port=29400)
-        commands.append(shlex.join(lab.command(0, [sys.executable, "-m", "fusedmf.bench.scaling_netns", "--worker",
+        commands.append(shlex.join(lab.command(0, [sys.executable, os.path.abspath(__file__), "--worker",
                                                    "<spec.json>"])) + "  (one per rank, in its namespace)")
         for key, run0 in res[0]["configs"].items():
             loaded = _median([row["step_s"] for row in run0["rows"]])
