@@ -246,6 +246,8 @@ def summarize(raw, args, world_size, elapsed):
                                    "warmup_steps": args.warmup_steps, "lr": args.train_lr,
                                    "resnet_width": args.resnet_width, "train_samples": args.train_samples,
                                    "test_samples": args.test_samples}},
+              # what ran, per LocalSGD case (the torch and DistributedOptimizer baselines report their own ops)
+              "backends_used": {n: repr(b) for n, b in per_rank[0]["backends"].items()},
               "cases": records, "comparisons": comparisons,
               "training": {"final_loss_mean_last10": {k: sum(v[-10:]) / len(v[-10:]) for k, v in train["losses"].items()},
                            "test_accuracy": train["accuracy"], "bytes_per_step": train["bytes_per_step"],

@@ -317,6 +317,20 @@ def plot(record: dict, path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ main
+def _backends_used(results) -> dict:
+    """{run: backends_used} over the nested results (each run records its optimizer's backends_used)."""
+    out, todo = {}, [("", results)]
+    while todo:
+        name, node = todo.pop()
+        if isinstance(node, dict) and "backends_used" in node:
+            out[name or "run"] = node["backends_used"]
+        elif isinstance(node, dict):
+            todo.extend((f"{name}/{k}" if name else str(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((f"{name}[{i}]", v) for i, v in enumerate(node))
+    return out
+
+
 def observations(results, sweep_n) -> list:
     """Plain-language lines computed from the results (nothing here is written before the run)."""
     lines = []
@@ -429,6 +443,7 @@ def main(argv=None) -> dict:
         what_this_can_and_cannot_show=caveats, observations=notes,
         data=source, machine=machine, config=dict(vars(args)),
         backends={k: repr(v) for k, v in fusedmf.available_backends().items()},
+        backends_used=_backends_used(results),   # what ran, per run (available backends: just above)
         total_wall_s=time.perf_counter() - t0, results=results,
     )
     os.makedirs(args.out, exist_ok=True)

@@ -1,9 +1,19 @@
 """Rank functions for tests/test_rank_lifecycle.py (a module of its own: spawned children import it)."""
 
+import importlib.util
+import os
+
 import torch
 import torch.distributed as dist
 
-from fusedmf import _ranks
+# fusedmf._ranks loaded by file path, not through the fusedmf package: importing fusedmf registers
+# its ops' fake kernels through torch.library, which imports torch._dynamo, and the late-import case
+# below needs a process where dynamo is not imported yet (_ranks itself imports only the stdlib).
+_spec = importlib.util.spec_from_file_location(
+    "_fusedmf_ranks_standalone",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fusedmf", "_ranks.py"))
+_ranks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ranks)
 
 
 def _work(world_size):
@@ -36,7 +46,9 @@ def dynamo_after_init(rank, world_size, port, queue):
     import os
     import sys
 
-    assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported before the group: nothing to show"
+    if "torch._dynamo" in sys.modules:
+        queue.put((rank, "error", "torch._dynamo was imported before the group: nothing to show"))
+        return
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     _work(world_size)
