@@ -20,6 +20,14 @@
 
 #include "tensor_lists.h"
 
+// Every kernel launch goes through FUSEDMF_LAUNCH(grid, block, smem, stream, kernel)(args...):
+// under nvcc it is exactly `kernel<<<grid, block, smem, stream>>>(args...)`; the host emulation of
+// these sources (backend "cuda_emu", FUSEDMF_CUDA_EMU) defines it first to run the kernel's
+// blocks and threads on the CPU. Variadic so that a template kernel's commas need no parentheses.
+#ifndef FUSEDMF_LAUNCH
+#define FUSEDMF_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace fusedmf {
 namespace cuda {
 
@@ -89,7 +97,7 @@ cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStrea
   int loc_block = 0;   // blocks in meta
   cudaError_t status = cudaSuccess;
   auto launch = [&] {
-    multi_tensor_kernel<kDepth, Op><<<loc_block, kBlockSize, 0, stream>>>(meta, op);
+    FUSEDMF_LAUNCH(loc_block, kBlockSize, 0, stream, multi_tensor_kernel<kDepth, Op>)(meta, op);
     const cudaError_t e = cudaGetLastError();
     if (status == cudaSuccess) status = e;
     loc_block = 0;
