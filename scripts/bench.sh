@@ -8,20 +8,29 @@
 #
 #   bash scripts/bench.sh --results NAME   # regenerate every committed CPU result, at the sizes the
 #                                          # README quotes, into benchmarks/results/NAME/ with one log
-#                                          # per benchmark (run it on a quiet machine, then commit)
+#                                          # per benchmark (run it on a quiet machine, then commit);
+#                                          # the network lab's sweep too when this machine can host it (root)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ "${1:-}" = "--results" ]; then
   NAME="${2:?usage: bash scripts/bench.sh --results NAME}"
   OUT="benchmarks/results/$NAME"
-  mkdir -p "$OUT/scaling" "$OUT/mf_experiment"
+  mkdir -p "$OUT/scaling" "$OUT/mf_experiment" "$OUT/local_sgd"
   run() { local log="$1"; shift; echo "[fusedmf] $* > $log"; "$PY" "$@" 2>&1 | tee "$log"; }
   run "$OUT/optim_step.log" benchmarks/optim_step.py --device cpu --out "$OUT"
   run "$OUT/comm_allreduce.log" benchmarks/comm_allreduce.py --out "$OUT"
   run "$OUT/comm_train_step.log" benchmarks/comm_train_step.py --out "$OUT"
+  run "$OUT/local_sgd/local_sgd.log" benchmarks/local_sgd.py --out "$OUT/local_sgd"
   run "$OUT/scaling.log" benchmarks/scaling.py --world-sizes 2 4 --out "$OUT/scaling"
   run "$OUT/mf_experiment/mf_experiment.log" benchmarks/mf_experiment.py --world-sizes 1 8 \
     --rules const horizon noise --mf-values 0.99 --steps 100 --out "$OUT/mf_experiment"
+  if why=$("$PY" -m fusedmf.bench.netlab --check 2>&1); then
+    mkdir -p "$OUT/scaling_netns"
+    run "$OUT/scaling_netns/scaling_netns.log" -m fusedmf.bench scaling --netns --bandwidths 0.1 0.3 1 3 10 \
+      --out "$OUT/scaling_netns"
+  else
+    echo "[fusedmf] network lab not run (python -m fusedmf.bench.netlab --check): $why"
+  fi
   exit 0
 fi
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
