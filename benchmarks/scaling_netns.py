@@ -12,6 +12,8 @@ ring parameters fitted on the same links. Configurations (``--impls``):
     distopt-fp16-rec                           the same (fp16) at the cap the lab model recommends at that rate
     ddp                                        torch DDP defaults (25 MB fp32 buckets), torch.optim.SGD
     ddp-fp16hook                               torch DDP + fp16_compress_hook
+    localsgd-H16                               LocalSGD(MFSGD, period=16), fp16 averages of the weights every
+                                               16th step, no warm-up (the local phase of post-local SGD)
 
 Phases (every one inside the lab's namespaces except the first):
 1. model choice (here, with the ranks' thread count): unless --model/--batch say otherwise, the candidate
@@ -51,8 +53,9 @@ IMPLS = {
     "distopt-fp16-rec": {"kind": "distopt", "compression": "fp16", "cap_mb": "recommended"},
     "ddp": {"kind": "ddp", "hook": None, "cap_mb": 25.0},
     "ddp-fp16hook": {"kind": "ddp", "hook": "fp16", "cap_mb": 25.0},
+    "localsgd-H16": {"kind": "localsgd", "compression": "fp16", "cap_mb": 25.0, "period": 16},
 }
-PLAIN = {"distopt": "mfsgd", "ddp": "torch-sgd"}          # the no-wrapper single-rank step of each kind
+PLAIN = {"distopt": "mfsgd", "ddp": "torch-sgd", "localsgd": "mfsgd"}          # the no-wrapper single-rank step of each kind
 WIRE = {"fp16": 2, "bf16": 2, "none": 4}
 FIT_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "none": "float32"}
 LR, MOMENTUM = 0.1, 0.9
@@ -70,7 +73,7 @@ def _build(cfg: dict, spec: dict, group, *, plain: bool):
     import torch
     import torch.nn as nn
 
-    from fusedmf.comm import DistributedOptimizer
+    from fusedmf.comm import DistributedOptimizer, LocalSGD
     from fusedmf.optim import MFSGD
     from harness import build_model
 
@@ -87,6 +90,12 @@ def _build(cfg: dict, spec: dict, group, *, plain: bool):
                                     bucket_cap_mb=cfg["cap_mb"], telemetry=True,
                                     telemetry_history=spec["warmup"] + spec["steps"] + 2)
         return model, params, dopt.step, dopt.zero_grad, dopt, None, {"optimizer": "DistributedOptimizer(MFSGD)"}
+    if kind == "localsgd":
+        lopt = LocalSGD(MFSGD(params, lr=LR, momentum=MOMENTUM), period=cfg["period"], warmup_steps=0,
+                        process_group=group, compression=cfg["compression"], bucket_cap_mb=cfg["cap_mb"],
+                        module=model, telemetry=True, telemetry_history=spec["warmup"] + _steps_of(cfg, spec) + 2)
+        return model, params, lopt.step, lopt.zero_grad, None, None, {
+            "optimizer": f"LocalSGD(MFSGD, period={cfg['period']})", "localsgd": lopt}
     try:
         opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, fused=True)
         info["torch_sgd"] = "fused"
@@ -118,6 +127,15 @@ def _build(cfg: dict, spec: dict, group, *, plain: bool):
     return ddp, params, opt.step, opt.zero_grad, None, records, info
 
 
+def _steps_of(cfg: dict, spec: dict, *, plain: bool = False) -> int:
+    """Timed steps of a configuration: LocalSGD's a whole number of periods (at least one), so that the window
+    holds as many averages as any other window of that length (its step time is the mean over the window)."""
+    if plain or cfg.get("kind") != "localsgd":
+        return spec["steps"]
+    h = cfg["period"]
+    return max(1, -(-spec["steps"] // h)) * h
+
+
 def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, rank: int) -> dict:
     """Warm-up + timed steps of one configuration on this rank; per step forward / backward / optimizer, each
     param's gradient-ready time (after backward's start), the exposed communication and the bucket timeline."""
@@ -128,6 +146,7 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
     from fusedmf.data import synthetic_imagenet
 
     module, params, step, zero_grad, dopt, hook_recs, info = _build(cfg, spec, group, plain=plain)
+    lopt = info.pop("localsgd", None)
     x, y = synthetic_imagenet(spec["batch"], "cpu", image_size=spec["image_size"], num_classes=spec["num_classes"],
                               seed=100 + rank)
     loss_fn = nn.CrossEntropyLoss()
@@ -135,7 +154,7 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
     handles = [p.register_post_accumulate_grad_hook(lambda _p, i=i: ready.__setitem__(i, time.perf_counter()))
                for i, p in enumerate(params)]
     rows = []
-    for it in range(spec["warmup"] + spec["steps"]):
+    for it in range(spec["warmup"] + _steps_of(cfg, spec, plain=plain)):
         if barrier:                                # every rank starts the step together
             dist.barrier()
         if hook_recs is not None:
@@ -157,6 +176,7 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
         exposed = (t2 - last_grad)                             # DDP waits for its allreduces inside backward
         if dopt is not None:
             tel = dopt.telemetry.last()
+            row["bytes_sent"] = tel.bytes_sent
             row["exposed_comm_s"] = tel.exposed_comm_s if tel.exposed_comm_s is not None else 0.0
             row["wait_in_step_s"] = (tel.wait_end - tel.step_start) if tel.wait_end and tel.step_start else None
             o = tel.backward_start if tel.backward_start is not None else t1
@@ -168,6 +188,10 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
             row["telemetry_backward_start_s"] = o - t1
         else:
             row["exposed_comm_s"] = max(exposed, 0.0) if not plain else 0.0
+            if lopt is not None and lopt.telemetry is not None and lopt.telemetry.last() is not None:
+                last = lopt.telemetry.last()
+                row["bytes_sent"] = last.bytes_sent                     # 0 on a local step
+                row["exposed_comm_s"] = last.average_s or 0.0           # the average runs after the update
             if hook_recs is not None:
                 row["buckets"] = [{"bucket": r["bucket"], "bytes": r["bytes"], "ready_s": r["ready"] - t1,
                                    "packed_s": r["start"] - t1, "start_s": r["start"] - t1,
@@ -316,7 +340,10 @@ def ws1_timeline(run: dict, t1_s: float) -> dict:
     if packs and (len({nb for nb, _ in packs}) == 1 or pack_fixed < 0 or pack_per_byte < 0):
         # one size, or a noisy line: the time per byte over all buckets
         pack_fixed, pack_per_byte = 0.0, max(sum(t for _, t in packs) / sum(nb for nb, _ in packs), 0.0)
+    sent = [r["bytes_sent"] for r in rows if r.get("bytes_sent")]
     return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt,
+            "step_s": step_time(run["config"], [r["step_s"] for r in rows]),
+            "average_bytes": max(sent) if sent else 0,        # LocalSGD: the payload of one model average
             "params": [{"numel": n, "ready_s": r} for n, r in zip(run["numel"], ready)],
             "t1_s": t1_s, "pack_s_per_byte": pack_per_byte, "pack_fixed_s": pack_fixed,
             "buffer_broadcast_bytes": run["buffer_bytes"] if run["config"]["kind"] == "ddp" else 0}
@@ -329,9 +356,24 @@ def _timeline_from(d: dict):
                     params=[ParamGrad(**p) for p in d["params"]], source="loaded world-size-1 timeline (lab)")
 
 
+def step_time(cfg: dict, steps: Sequence[float]) -> float:
+    """The step time of a configuration from its timed steps: the median, except LocalSGD's mean over whole
+    periods (its one averaging step in H is what it pays for communication; a median would drop it)."""
+    if cfg.get("kind") == "localsgd":
+        xs = [x for x in steps if x is not None]
+        return sum(xs) / len(xs) if xs else float("nan")
+    return _median(steps)
+
+
 def _slowest(per_rank: List[dict]) -> List[float]:
     n = min(len(r["rows"]) for r in per_rank)
     return [max(r["rows"][i]["step_s"] for r in per_rank) for i in range(n)]
+
+
+def _mean_bytes(rows: List[dict]) -> Optional[float]:
+    """Payload bytes allreduced per step (mean over the timed steps; telemetry of the fusedmf wrappers)."""
+    xs = [r["bytes_sent"] for r in rows if r.get("bytes_sent") is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def _wire(cfg: dict) -> tuple:
@@ -347,6 +389,8 @@ def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
     from lab_model import buckets_for, predict_lab, with_pack_time
 
     tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
+    if cfg["kind"] == "localsgd":
+        return _predict_localsgd(state, cfg, tl_d, fits[_wire(cfg)[1]])
     tl = _timeline_from(tl_d)
     wire, _ = _wire(cfg)
     b = with_pack_time(buckets_for(tl, cfg["kind"], cap_mb=cfg["cap_mb"], wire_bytes=wire), tl_d["pack_s_per_byte"],
@@ -354,6 +398,20 @@ def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
     return predict_lab(tl, b, state["world_size"], fits[_wire(cfg)[1]], t1_s=state["t1_alone_s"][PLAIN[cfg["kind"]]],
                        share=state["cpu_share"], forward_comm_bytes=tl_d.get("buffer_broadcast_bytes", 0),
                        forward_fit=fits["float32"])
+
+
+def _predict_localsgd(state: dict, cfg: dict, tl_d: dict, fit) -> dict:
+    """LocalSGD's step at N: its world-size-1 step at the N-rank load (local update; every H-th step the pack
+    and apply of the average, which run at world size 1 too) plus, once per period, the ring allreduce of
+    the average's payload, one per bucket. Nothing overlaps backward: the average runs after the update."""
+    payload = tl_d["average_bytes"]
+    cap = cfg["cap_mb"] * 2 ** 20
+    nb = max(1, math.ceil(payload / cap)) if payload else 0
+    comm = nb * fit.intercept_s + fit.slope_s_per_B * payload if state["world_size"] > 1 else 0.0
+    step = tl_d["step_s"] + comm / cfg["period"]
+    return {"step_s": step, "E": state["t1_alone_s"][PLAIN["localsgd"]] / step, "exposed_comm_s": comm / cfg["period"],
+            "backward_cpu_stretch_s": 0.0, "num_buckets": nb, "schedule": [],
+            "average": {"payload_bytes": payload, "allreduce_s": comm, "period": cfg["period"]}}
 
 
 def analyse(state: dict) -> List[dict]:
@@ -365,7 +423,7 @@ def analyse(state: dict) -> List[dict]:
             cfg = per_rank[0]["config"]
             t1 = state["t1_alone_s"][PLAIN[cfg["kind"]]]
             steps = _slowest(per_rank)
-            tn = _median(steps)
+            tn = step_time(cfg, steps)
             dtype = _wire(cfg)[1]
             pred = _predict(state, name, cfg, res["fits"])
             r0 = per_rank[0]["rows"]
@@ -374,14 +432,15 @@ def analyse(state: dict) -> List[dict]:
                 "E_measured": t1 / tn, "E_predicted": pred["E"], "error": pred["E"] - t1 / tn,
                 "T1_s": t1, "TN_s": tn, "TN_predicted_s": pred["step_s"], "TN_repeats_s": steps,
                 "bucket_cap_mb": cfg["cap_mb"], "payload_dtype": dtype,
-                "exposed_comm_s": _median([max(r["exposed_comm_s"] for r in rows) for rows in
-                                           zip(*[p["rows"] for p in per_rank])]),
+                "exposed_comm_s": step_time(cfg, [max(r["exposed_comm_s"] for r in rows) for rows in
+                                                  zip(*[p["rows"] for p in per_rank])]),
                 "exposed_comm_predicted_s": pred["exposed_comm_s"],
                 "backward_cpu_stretch_predicted_s": pred["backward_cpu_stretch_s"],
                 "phases_rank0_s": {k: _median([r[k] for r in r0]) for k in
                                    ("forward_s", "backward_s", "optimizer_s", "backward_compute_s")},
                 "buckets_rank0_last_step": r0[-1].get("buckets"),
                 "predicted_schedule": pred["schedule"], "num_buckets_predicted": pred["num_buckets"],
+                "bytes_per_step_rank0": _mean_bytes(r0),
                 "info": per_rank[0]["info"]})
     return points
 
@@ -649,9 +708,10 @@ def run(args) -> dict:
         commands.append(shlex.join(lab.command(0, [sys.executable, os.path.abspath(__file__), "--worker",
                                                    "<spec.json>"])) + "  (one per rank, in its namespace)")
         for key, run0 in res[0]["configs"].items():
-            loaded = _median([row["step_s"] for row in run0["rows"]])
+            loaded = step_time(run0["config"], [row["step_s"] for row in run0["rows"]])
             state["loaded"][key] = {"step_s_rank0": loaded,
-                                    "step_s_per_rank": [_median([x["step_s"] for x in rr["configs"][key]["rows"]])
+                                    "step_s_per_rank": [step_time(run0["config"], [x["step_s"] for x in
+                                                                                   rr["configs"][key]["rows"]])
                                                         for rr in res]}
             if key.startswith("plain:"):
                 log(f"T(1) at the {n}-rank load, {key[6:]}: {loaded * 1e3:.1f} ms "

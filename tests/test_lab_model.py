@@ -108,3 +108,32 @@ def test_forward_broadcast_adds_to_forward_only_with_peers():
     p = predict_lab(tl, [], 2, fit, t1_s=1.15, share=0.0, forward_comm_bytes=50_000)
     assert p["forward_broadcast_s"] == pytest.approx(2e-3 + 0.05) and p["step_s"] == pytest.approx(1.15 + 0.052)
     assert predict_lab(tl, [], 1, fit, t1_s=1.15, share=0.0, forward_comm_bytes=50_000)["forward_broadcast_s"] == 0.0
+
+
+def test_localsgd_step_is_its_local_step_plus_one_average_per_period():
+    """LocalSGD in the network lab: the loaded world-size-1 step (local updates, the pack and apply of every
+    H-th step) plus one ring allreduce per bucket of the average's payload, spread over the period; its step
+    time is the mean over whole periods, where every other configuration's is the median."""
+    import scaling_netns as sn
+
+    fit = LabFit("float16", 2, alpha_s=1e-3, bw_Bps=1e8, intercept_s=2e-3, slope_s_per_B=1e-8,
+                 cpu_s_per_byte=0.0, points={}, cpu_points={}, max_rel_residual=0.0)
+    payload = 30 * 2 ** 20                                  # two 25 MB buckets
+    state = {"world_size": 2, "t1_alone_s": {"mfsgd": 0.100},
+             "timelines": {"localsgd-H16": {"step_s": 0.120, "average_bytes": payload}}}
+    cfg = sn.IMPLS["localsgd-H16"]
+    pred = sn._predict(state, "localsgd-H16", cfg, {"float16": fit})
+    comm = 2 * 2e-3 + 1e-8 * payload                       # by hand: 0.3186 s per average
+    assert pred["num_buckets"] == 2
+    assert pred["step_s"] == pytest.approx(0.120 + comm / 16, rel=1e-12)
+    assert pred["E"] == pytest.approx(0.100 / (0.120 + comm / 16), rel=1e-12)
+    assert pred["exposed_comm_s"] == pytest.approx(comm / 16, rel=1e-12)
+    # alone, nothing is sent
+    alone = sn._predict(dict(state, world_size=1), "localsgd-H16", cfg, {"float16": fit})
+    assert alone["step_s"] == pytest.approx(0.120)
+    # the statistic: mean for LocalSGD (the averaging step counts), median for the rest
+    steps = [1.0] * 15 + [17.0]
+    assert sn.step_time(cfg, steps) == pytest.approx(2.0)
+    assert sn.step_time(sn.IMPLS["distopt-fp16"], steps) == 1.0
+    assert sn._steps_of(cfg, {"steps": 10}) == 16 and sn._steps_of(cfg, {"steps": 17}) == 32
+    assert sn._steps_of(sn.IMPLS["ddp"], {"steps": 10}) == 10

@@ -154,7 +154,7 @@ def test_scaling_netns_quick_smoke(tmp_path):
     """The driver end to end (tiny model, 2 steps, two rates, three configurations): it runs, writes the JSON,
     the log and the plot, every point has a finite measured and predicted E, and the lab is gone."""
     cmd = [sys.executable, "-m", "fusedmf.bench", "scaling", "--netns", "--quick", "--bandwidths", "0.5", "2",
-           "--impls", "distopt-fp16-rec", "ddp-fp16hook", "--out", str(tmp_path)]
+           "--impls", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
@@ -164,18 +164,22 @@ def test_scaling_netns_quick_smoke(tmp_path):
         "python -m fusedmf.bench scaling --netns --quick")
     pts = res["points"]
     assert {(p["bandwidth_gbps"], p["impl"]) for p in pts} == {
-        (b, i) for b in (0.5, 2.0) for i in ("distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook")}
+        (b, i) for b in (0.5, 2.0) for i in ("distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16")}
+    by = {(p["bandwidth_gbps"], p["impl"]): p for p in pts}
+    for bw in (0.5, 2.0):   # LocalSGD (H = 16): one average in 16 steps -> >= 10x fewer bytes than DistributedOptimizer
+        assert by[(bw, "distopt-fp16")]["bytes_per_step_rank0"] >= 10 * by[(bw, "localsgd-H16")]["bytes_per_step_rank0"] > 0
     for p in pts:
         assert p["world_size"] == 2 and math.isfinite(p["E_measured"]) and p["E_measured"] > 0
         assert math.isfinite(p["E_predicted"]) and p["E_predicted"] > 0
         assert p["error"] == p["E_predicted"] - p["E_measured"]
-        assert p["buckets_rank0_last_step"] and all(b["end_s"] >= b["start_s"] for b in p["buckets_rank0_last_step"])
+        assert p["impl"] == "localsgd-H16" or p["buckets_rank0_last_step"]
+        assert all(b["end_s"] >= b["start_s"] for b in p["buckets_rank0_last_step"] or [])
     for bw in ("0.5", "2"):
         nets = res["fitted"][bw]["networks"]
         assert set(nets) == {"float16", "bfloat16", "float32"} and all(d["bw_Bps"] > 0 for d in nets.values())
         assert res["fitted"][bw]["recommended_cap"]["best_cap_mb"] in [p["bucket_cap_mb"] for p in pts
                                                                     if p["impl"] == "distopt-fp16-rec"]
-    assert set(res["predicted_curves"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook"}
+    assert set(res["predicted_curves"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16"}
     assert (tmp_path / path.name.replace(".json", "_E.png")).stat().st_size > 0
     assert "predictor |E_pred - E_meas|" in (tmp_path / path.name.replace(".json", ".log")).read_text()
     # the driver has exited: a namespace of its lab would be one whose owner is gone
