@@ -201,7 +201,10 @@ def _timed_steps(cfg: dict, spec: dict, group, *, plain: bool, barrier: bool, ra
         h.remove()
     if dopt is not None:
         dopt.remove_hooks()
+    owner = getattr(step, "__self__", None)          # the optimizer (or wrapper) whose step() was timed
+    used = getattr(owner, "backends_used", None)
     out = {"config": cfg, "plain": plain, "info": info, "rows": rows, "numel": [p.numel() for p in params],
+           "backends_used": dict(used) if used else {"update": f"torch.optim.SGD ({info.get('torch_sgd', '?')})"},
            "layout": dopt.bucket_layout() if dopt is not None else None,
            # DDP (broadcast_buffers=True, its default) broadcasts these from rank 0 in every forward
            "buffer_bytes": sum(b.numel() * b.element_size() for b in module.buffers())}
@@ -751,6 +754,8 @@ def run(args) -> dict:
             f"{p['exposed_comm_s'] * 1e3:.1f} ms (predicted {p['exposed_comm_predicted_s'] * 1e3:.1f})")
     result = {
         "schema": 1, "bench": "scaling_netns", "machine": machine, "commands": commands,
+        "backends_used": {name: runs[0].get("backends_used") for name, runs in
+                          next(iter(state["bandwidths"].values()))["runs"].items()} if state["bandwidths"] else {},
         "provenance": {"git_commit": machine["git"]["commit"], "command": command, "cwd_relative": True},
         "config": {"ranks": n, "threads_per_rank": threads, "bandwidths_gbps": sorted(args.bandwidths),
                    "impls": list(args.impls), "steps": args.steps, "warmup": args.warmup, "quick": args.quick,

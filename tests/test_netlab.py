@@ -179,6 +179,10 @@ def test_scaling_netns_quick_smoke(tmp_path):
         assert set(nets) == {"float16", "bfloat16", "float32"} and all(d["bw_Bps"] > 0 for d in nets.values())
         assert res["fitted"][bw]["recommended_cap"]["best_cap_mb"] in [p["bucket_cap_mb"] for p in pts
                                                                     if p["impl"] == "distopt-fp16-rec"]
+    assert set(res["backends_used"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16"}
+    for name in ("distopt-fp16", "localsgd-H16"):       # the fused update ran on the compiled CPU kernels
+        assert res["backends_used"][name]["update"].get("cpu", 0) > 0, res["backends_used"][name]
+    assert res["backends_used"]["ddp-fp16hook"]["update"].startswith("torch.optim.SGD")
     assert set(res["predicted_curves"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16"}
     assert (tmp_path / path.name.replace(".json", "_E.png")).stat().st_size > 0
     assert "predictor |E_pred - E_meas|" in (tmp_path / path.name.replace(".json", ".log")).read_text()
