@@ -175,3 +175,11 @@ def test_model_packs_like_the_launcher(packing_binary, case):
         for depth in (1, 2, 4, 5):
             model = [len(b) for b in lm.pack_launches(numels, depth, lm.arg_bytes_for_driver(driver))]
             assert table[(f"driver{driver}", depth)] == model, (case, driver, depth)
+
+
+def test_chunk_apply_covers_every_element_once_with_two_iterations_in_flight(packing_binary):
+    """chunk_apply's aligned (unrolled), unaligned and tail paths on full, odd and tiny chunks."""
+    proc = subprocess.run([packing_binary, "coverage"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "coverage failures 0" in proc.stdout
+    assert "aligned vector loads in flight 2" in proc.stdout  # kUnroll iterations loaded before computing

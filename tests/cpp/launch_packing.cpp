@@ -1,17 +1,24 @@
-// Host-only build of the launcher's packing loop (csrc/cuda/multi_tensor_apply.cuh) with a launch
-// that records instead of running: tests/test_launch_model.py compares what it packs with
-// benchmarks/launch_model.py's replay of the same loop. Needs only the CUDA runtime headers (no
-// GPU, no nvcc): the device-side names the header mentions are declared here, never called.
+// Host-only build of csrc/cuda/multi_tensor_apply.cuh, for tests/test_launch_model.py:
+//   - the launcher's packing loop with a launch that records instead of running, to compare with
+//     benchmarks/launch_model.py's replay of the same loop;
+//   - `launch_packing coverage`: chunk_apply run thread after thread of one block (it has no
+//     barrier) with an Op that counts, so that every element of a chunk is loaded, computed and
+//     stored exactly once on the aligned (unrolled), unaligned and tail paths, and the aligned loop
+//     issues two iterations' loads before it computes either (NOTE [ILP-4]).
+// Needs only the CUDA runtime headers (no GPU, no nvcc): the device-side names the header mentions
+// are declared here as plain host code.
 //
-// stdin: numels, one per line. stdout: for each (argument limit, depth), one line
+// Packing mode: stdin: numels, one per line. stdout: for each (argument limit, depth), one line
 //   "<arg_bytes> <depth> <blocks of launch 1> <blocks of launch 2> ..."
 // then "driver<version> <depth> <blocks>..." for multi_tensor_apply's own choice under a stubbed
-// cudaDriverGetVersion; and each block's element count is checked against the tensor it names (exit 1 on a mismatch).
+// cudaDriverGetVersion. Each block's element count is checked against the tensor it names (exit 1
+// on a mismatch).
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 // cuda_runtime_api.h gives these meanings for nvcc (attributes g++ would reject or ignore): here
@@ -102,7 +109,87 @@ void run(const fusedmf::TensorLists& lists, const std::vector<int64_t>& expected
 }
 }  // namespace packing_test
 
+namespace coverage_test {
+using fusedmf::cuda::kIlp;
+using fusedmf::cuda::kUnroll;
+
+int failures = 0;
+void fail(const char* what, int64_t n, bool aligned, unsigned threads, int64_t i) {
+  if (failures++ < 10)
+    std::fprintf(stderr, "coverage: %s (n=%lld aligned=%d threads=%u element %lld)\n", what,
+                 static_cast<long long>(n), aligned, threads, static_cast<long long>(i));
+}
+
+struct CountOp {
+  int64_t n;
+  bool is_aligned;
+  unsigned threads;
+  std::vector<int>* computed;
+  std::vector<int>* stored;
+  int* loads_in_a_row;   // vector loads since this thread's last compute
+  int* max_in_a_row;     // the most vector loads issued before a compute
+  struct Frag {
+    int64_t idx[kIlp];
+  };
+  bool aligned() const { return is_aligned; }
+  void load_vec(Frag& f, int64_t i) const {
+    for (int k = 0; k < kIlp; ++k) f.idx[k] = i + k;
+    ++*loads_in_a_row;
+  }
+  void store_vec(const Frag& f, int64_t i) const {
+    for (int k = 0; k < kIlp; ++k) store(f, k, i + k);
+  }
+  void load(Frag& f, int k, int64_t i) const { f.idx[k] = i; }
+  void store(const Frag& f, int k, int64_t i) const {
+    if (f.idx[k] != i) fail("stored from the wrong lane", n, is_aligned, threads, i);
+    if (i < 0 || i >= n) return fail("store out of range", n, is_aligned, threads, i);
+    ++(*stored)[i];
+  }
+  void compute(Frag& f, int k) const {
+    if (*loads_in_a_row > *max_in_a_row) *max_in_a_row = *loads_in_a_row;
+    *loads_in_a_row = 0;
+    const int64_t i = f.idx[k];
+    if (i < 0 || i >= n) return fail("compute out of range", n, is_aligned, threads, i);
+    ++(*computed)[i];
+  }
+};
+
+// Returns the most vector loads a thread issued back to back before computing.
+int run(int64_t n, bool aligned, unsigned threads) {
+  std::vector<int> computed(n), stored(n);
+  int max_in_a_row = 0;
+  blockDim.x = threads;
+  for (unsigned t = 0; t < threads; ++t) {
+    threadIdx.x = t;
+    int loads_in_a_row = 0;
+    const CountOp op{n, aligned, threads, &computed, &stored, &loads_in_a_row, &max_in_a_row};
+    CountOp::Frag f[kUnroll];
+    fusedmf::cuda::chunk_apply(op, n, f);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (computed[i] != 1) fail("computed other than once", n, aligned, threads, i);
+    if (stored[i] != 1) fail("stored other than once", n, aligned, threads, i);
+  }
+  return max_in_a_row;
+}
+
 int main() {
+  const int64_t chunk = fusedmf::cuda::kChunkSize;
+  const unsigned block = fusedmf::cuda::kBlockSize;
+  // full chunks, an odd number of vectors per thread, a tail of 1..3, fewer elements than threads
+  const int64_t sizes[] = {chunk, chunk - 1, chunk - 3, 3 * 2048 + 4 * 7, 3 * 2048 + 5, 2048 + 2, 513, 511, 4, 3, 1, 0};
+  for (int64_t n : sizes)
+    for (bool aligned : {true, false})
+      for (unsigned threads : {block, 64u}) run(n, aligned, threads);
+  const int in_flight = run(chunk, true, block);
+  std::printf("coverage failures %d\n", failures);
+  std::printf("aligned vector loads in flight %d\n", in_flight);
+  return failures == 0 ? 0 : 1;
+}
+}  // namespace coverage_test
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "coverage") return coverage_test::main();
   std::vector<int64_t> numels;
   long long n;
   while (std::scanf("%lld", &n) == 1) numels.push_back(n);
