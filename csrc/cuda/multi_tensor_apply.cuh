@@ -32,8 +32,9 @@
 #endif
 
 // 32 KiB kernel arguments need nvcc >= 12.1 to compile them (and sm_70+, which every nvcc that
-// builds this project targets: CUDA 13 supports sm_75 and newer only).
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+// builds this project targets: CUDA 13 supports sm_75 and newer only). A host emulation without
+// the toolkit's headers (no CUDART_VERSION) has no compile-time limit: the driver version decides.
+#if !defined(CUDART_VERSION) || CUDART_VERSION >= 12010
 #define FUSEDMF_LARGE_KERNEL_ARGS 1
 #else
 #define FUSEDMF_LARGE_KERNEL_ARGS 0
