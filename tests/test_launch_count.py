@@ -53,13 +53,13 @@ def _state(rule: str, seed: int = 0):
     return {"params": params, "grads": grads, "master": master if mixed else None, "bufs": bufs}
 
 
-def _step(rule: str, st: dict) -> str:
+def _step(rule: str, st: dict, backend: str = "cuda_emu") -> str:
     if rule.startswith("mf_sgd"):
         return F.mf_sgd(st["params"], st["grads"], st["bufs"][0], master_params=st["master"], lr=0.1, momentum=0.9,
-                        weight_decay=1e-4, backend="cuda_emu")
+                        weight_decay=1e-4, backend=backend)
     return F.mf_adam(st["params"], st["grads"], st["bufs"][0], st["bufs"][1], master_params=st["master"], lr=1e-3,
                      beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled_weight_decay=True, step=3,
-                     beta1_product=0.9 ** 3, backend="cuda_emu")
+                     beta1_product=0.9 ** 3, backend=backend)
 
 
 def _launches_of_one_step(rule: str, driver: int):
@@ -91,12 +91,14 @@ def test_resnet50_launch_counts_and_identical_results(rule):
     assert new_count == expected_new, f"{rule}: {new_count} launches with a 12.1 driver"
     assert old_count == expected_old, f"{rule}: {old_count} launches with the 4 KiB fallback"
 
-    lists = ("params", "grads", "master")
-    for name in lists:
-        if new_state[name] is None:
-            continue
-        for a, b in zip(new_state[name], old_state[name]):
-            assert torch.equal(a, b), f"{rule}: {name} differ between 32 KiB and 4 KiB launches"
-    for i in range(2):
-        for a, b in zip(new_state["bufs"][i], old_state["bufs"][i]):
-            assert torch.equal(a, b), f"{rule}: state {i} differs between 32 KiB and 4 KiB launches"
+    cpu_state = _state(rule)  # the same inputs, stepped by the CPU backend: the bit-for-bit spec here
+    assert _step(rule, cpu_state, backend="cpu") == "cpu"
+    for other, label in ((old_state, "the 4 KiB launches"), (cpu_state, "backend cpu")):
+        for name in ("params", "grads", "master"):
+            if new_state[name] is None:
+                continue
+            for a, b in zip(new_state[name], other[name]):
+                assert torch.equal(a, b), f"{rule}: {name} differ between the 32 KiB launch and {label}"
+        for i in range(2):
+            for a, b in zip(new_state["bufs"][i], other["bufs"][i]):
+                assert torch.equal(a, b), f"{rule}: state {i} differs between the 32 KiB launch and {label}"
