@@ -50,7 +50,7 @@ struct DeltaOp {
     DeltaChunk<S, O> c{static_cast<const S*>(base[kDeltaSource]) + begin,
                        static_cast<const float*>(base[kDeltaConsensus]) + begin,
                        static_cast<O*>(base[kDeltaOut]) + begin, scale};
-    typename DeltaChunk<S, O>::Frag f;
+    typename DeltaChunk<S, O>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 };
@@ -99,7 +99,7 @@ struct ApplyOp {
     float* master = kMaster ? static_cast<float*>(base[kAvgMaster]) + begin : nullptr;
     Chunk c{static_cast<const A*>(base[kAvgIn]) + begin, static_cast<float*>(base[kAvgConsensus]) + begin, master,
             static_cast<P*>(base[kAvgParam]) + begin};
-    typename Chunk::Frag f;
+    typename Chunk::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 };

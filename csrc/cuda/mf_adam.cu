@@ -67,6 +67,9 @@ struct AdamChunk {
 
 template <class P, class G, bool kUseMaster>
 struct AdamOp {
+  // 2 x 512 threads per SM, 64 registers each (benchmarks/launch_model.py): without the bound the two
+  // iterations in flight take ~80 registers, one block per SM; with 3 (40 registers) ptxas spills.
+  static constexpr int kMinBlocksPerSm = 2;
   const float* scalars;
   const float* inv_grad_scale;
   const float* found_inf;
@@ -81,7 +84,7 @@ struct AdamOp {
     c.exp_avg_sq = static_cast<float*>(base[kExpAvgSq]) + begin;
     c.s = AdamScalars::load(scalars);
     c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
-    typename AdamChunk<P, G, kUseMaster>::Frag f;
+    typename AdamChunk<P, G, kUseMaster>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 };

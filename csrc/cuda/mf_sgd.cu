@@ -70,6 +70,9 @@ struct SgdChunk {
 
 template <class P, class G, bool kUseMaster, bool kUseMomentum>
 struct SgdOp {
+  // 3 x 512 threads per SM, 40 registers each (benchmarks/launch_model.py): without the bound the two
+  // iterations in flight take up to 64 registers, 2 blocks per SM; with 4 (32 registers) ptxas spills.
+  static constexpr int kMinBlocksPerSm = 3;
   const float* scalars;
   const float* inv_grad_scale;
   const float* found_inf;
@@ -84,7 +87,7 @@ struct SgdOp {
     c.s = SgdScalars::load(scalars);
     c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
     c.first_step = c.s.first_step != 0.0f;
-    typename SgdChunk<P, G, kUseMaster, kUseMomentum>::Frag f;
+    typename SgdChunk<P, G, kUseMaster, kUseMomentum>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 };

@@ -5,7 +5,8 @@
 // The launcher packs the pointers and sizes of up to kMaxTensors tensors and the (tensor, chunk)
 // pair of up to kMaxBlocks blocks into a struct passed by value as a kernel argument (no device
 // allocation, no host-to-device copy, so a step can be captured in a CUDA graph), and launches
-// whenever that struct is full. Differences from apex, each a reported bug there:
+// whenever that struct is full. How many fit is NOTE [launch limits] (launch_limits.h): 32 KiB of
+// arguments on a CUDA >= 12.1 driver (ResNet-50's 161 tensors in one launch), else 4 KiB. Differences from apex, each a reported bug there:
 //   - sizes and offsets are int64 (apex: int), so a tensor above 2^31 elements is not corrupted;
 //     only the chunk index is int32 (tensors up to 2^31 chunks = 1.4e14 elements, else an error);
 //   - zero-size tensors never enter the struct, and whatever is pending at the end is always
@@ -17,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tensor_lists.h"
 
@@ -26,57 +28,102 @@
 // blocks and threads on the CPU. Variadic so that a template kernel's commas need no parentheses.
 #ifndef FUSEDMF_LAUNCH
 #define FUSEDMF_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define FUSEDMF_LAUNCH_IS_CUDA 1
 #endif
+
+// 32 KiB kernel arguments need nvcc >= 12.1 to compile them (and sm_70+, which every nvcc that
+// builds this project targets: CUDA 13 supports sm_75 and newer only). A host emulation without
+// the toolkit's headers (no CUDART_VERSION) has no compile-time limit: the driver version decides.
+#if !defined(CUDART_VERSION) || CUDART_VERSION >= 12010
+#define FUSEDMF_LARGE_KERNEL_ARGS 1
+#else
+#define FUSEDMF_LARGE_KERNEL_ARGS 0
+#endif
+
+#include "cuda/launch_limits.h"
 
 namespace fusedmf {
 namespace cuda {
 
 constexpr int kBlockSize = 512;
-constexpr int64_t kChunkSize = 65536;  // elements per block: 128 per thread, 32 iterations of ILP-4
-constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunkSize = 65536;  // elements per block: 128 per thread, 16 rounds of 2 x ILP-4
 constexpr int kIlp = 4;
+constexpr int kUnroll = 2;  // aligned iterations whose loads are in flight together (NOTE [ILP-4])
 
-// Tensors per launch, by depth (number of lists), so that the metadata stays under the classic
-// 4 KiB kernel-argument limit (sm_70+ with CUDA >= 12.1 allows 32 KiB; 4 KiB works everywhere).
-template <int kDepth>
-struct MaxTensors;
-template <>
-struct MaxTensors<1> {
-  static constexpr int value = 110;
-};
-template <>
-struct MaxTensors<2> {
-  static constexpr int value = 96;
-};
-template <>
-struct MaxTensors<4> {
-  static constexpr int value = 48;
-};
-template <>
-struct MaxTensors<5> {
-  static constexpr int value = 36;
-};
+// Kernel-argument limits (NOTE [launch limits]): the classic one, and the one of CUDA >= 12.1
+// drivers on sm_70+.
+constexpr int kSmallArgs = 4096;
+constexpr int kLargeArgs = 32764;
 
-template <int kDepth>
+// Tensors and blocks per launch, by argument limit and depth (number of lists): the rows of
+// launch_limits.h, the one description that benchmarks/launch_model.py also reads.
+template <int kArgBytes, int kDepth>
+struct LaunchLimit;
+#define FUSEDMF_DEFINE_LAUNCH_LIMIT(arg_bytes, depth, max_tensors, max_blocks) \
+  template <>                                                                 \
+  struct LaunchLimit<arg_bytes, depth> {                                      \
+    static constexpr int kMaxTensors = max_tensors;                           \
+    static constexpr int kMaxBlocks = max_blocks;                             \
+  };
+FUSEDMF_LAUNCH_LIMITS(FUSEDMF_DEFINE_LAUNCH_LIMIT)
+#undef FUSEDMF_DEFINE_LAUNCH_LIMIT
+
+template <int kArgBytes, int kDepth>
 struct TensorListMeta {
-  static constexpr int kMaxTensors = MaxTensors<kDepth>::value;
+  static constexpr int kMaxTensors = LaunchLimit<kArgBytes, kDepth>::kMaxTensors;
+  static constexpr int kMaxBlocks = LaunchLimit<kArgBytes, kDepth>::kMaxBlocks;
+  // One byte per block while it can name every tensor, else two.
+  using TensorIndex = std::conditional_t<(kMaxTensors <= 256), uint8_t, uint16_t>;
+  static_assert(kMaxTensors <= 65536, "block_to_tensor is at most uint16");
   void* ptrs[kDepth][kMaxTensors];  // ptrs[slot][t]: nullptr for an absent list
   int64_t numels[kMaxTensors];
   int32_t block_to_chunk[kMaxBlocks];
-  uint8_t block_to_tensor[kMaxBlocks];
+  TensorIndex block_to_tensor[kMaxBlocks];
 };
-static_assert(sizeof(TensorListMeta<1>) <= 4000, "kernel argument over 4 KiB");
-static_assert(sizeof(TensorListMeta<2>) <= 4000, "kernel argument over 4 KiB");
-static_assert(sizeof(TensorListMeta<4>) <= 4000, "kernel argument over 4 KiB");
-static_assert(sizeof(TensorListMeta<5>) <= 4000, "kernel argument over 4 KiB");
-static_assert(MaxTensors<5>::value <= 256 && MaxTensors<1>::value <= 256 && MaxTensors<2>::value <= 256,
-              "block_to_tensor is uint8");
+// The Op argument sits beside the struct: at most 96 bytes of it under the 4 KiB limit, 316 under
+// 32 KiB (multi_tensor_apply checks the sum for each Op).
+#define FUSEDMF_CHECK_META_SIZE(arg_bytes, depth, max_tensors, max_blocks)                     \
+  static_assert(sizeof(TensorListMeta<arg_bytes, depth>) <= (arg_bytes == kSmallArgs ? 4000 : 32448), \
+                "TensorListMeta over its kernel-argument limit");
+FUSEDMF_LAUNCH_LIMITS(FUSEDMF_CHECK_META_SIZE)
+#undef FUSEDMF_CHECK_META_SIZE
+
+// Whether this process may pass 32 KiB kernel arguments: a CUDA >= 12.1 driver
+// (cudaDriverGetVersion() >= 12010). Queried once and cached under nvcc; under an emulated
+// launch (FUSEDMF_LAUNCH defined by the includer) queried every time, so that the emulator's
+// settable driver version takes effect at once.
+inline bool driver_allows_large_args() {
+  int version = 0;
+  return cudaDriverGetVersion(&version) == cudaSuccess && version >= 12010;
+}
+inline bool large_kernel_args() {
+#if !FUSEDMF_LARGE_KERNEL_ARGS
+  return false;
+#elif defined(FUSEDMF_LAUNCH_IS_CUDA)
+  static const bool allowed = driver_allows_large_args();
+  return allowed;
+#else
+  return driver_allows_large_args();
+#endif
+}
+
+// Minimum resident blocks per SM that an Op asks of __launch_bounds__ (its static member
+// kMinBlocksPerSm; 1, no constraint, when it has none): ptxas then caps registers per thread at
+// 65536 / (kBlockSize * kMinBlocksPerSm).
+template <class Op, class = void>
+struct MinBlocksPerSm {
+  static constexpr int value = 1;
+};
+template <class Op>
+struct MinBlocksPerSm<Op, std::void_t<decltype(Op::kMinBlocksPerSm)>> {
+  static constexpr int value = Op::kMinBlocksPerSm;
+};
 
 // One block per chunk; `op(base, begin, n)` updates elements [begin, begin + n) of the tensor
 // whose data pointers (one per list) are base[0..kDepth).
-template <int kDepth, class Op>
-__global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const __grid_constant__ TensorListMeta<kDepth> meta,
-                                                                  const Op op) {
+template <int kArgBytes, int kDepth, class Op>
+__global__ void __launch_bounds__(kBlockSize, MinBlocksPerSm<Op>::value)
+    multi_tensor_kernel(const __grid_constant__ TensorListMeta<kArgBytes, kDepth> meta, const Op op) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numels[t] - begin;
@@ -87,17 +134,19 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const __grid_c
   op(base, begin, n);
 }
 
-// Launches `op` over every non-empty tensor of `lists` (slots 0 .. kDepth-1). See NOTE [multi-tensor launch].
-template <int kDepth, class Op>
-cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStream_t stream) {
-  using Meta = TensorListMeta<kDepth>;
+// The packing loop of one argument limit. See NOTE [multi-tensor launch].
+template <int kArgBytes, int kDepth, class Op>
+cudaError_t multi_tensor_apply_with(const TensorLists& lists, const Op& op, cudaStream_t stream) {
+  using Meta = TensorListMeta<kArgBytes, kDepth>;
+  static_assert((sizeof(Meta) + alignof(Op) - 1) / alignof(Op) * alignof(Op) + sizeof(Op) <= kArgBytes,
+                "kernel arguments (TensorListMeta + Op) over the launch limit");
   constexpr int64_t kMaxChunks = int64_t{1} << 31;
   Meta meta;
   int loc_tensor = 0;  // tensors in meta
   int loc_block = 0;   // blocks in meta
   cudaError_t status = cudaSuccess;
   auto launch = [&] {
-    FUSEDMF_LAUNCH(loc_block, kBlockSize, 0, stream, multi_tensor_kernel<kDepth, Op>)(meta, op);
+    FUSEDMF_LAUNCH(loc_block, kBlockSize, 0, stream, multi_tensor_kernel<kArgBytes, kDepth, Op>)(meta, op);
     const cudaError_t e = cudaGetLastError();
     if (status == cudaSuccess) status = e;
     loc_block = 0;
@@ -112,12 +161,12 @@ cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStrea
     meta.numels[loc_tensor] = numel;
     ++loc_tensor;
     for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[loc_block] = static_cast<uint8_t>(loc_tensor - 1);
+      meta.block_to_tensor[loc_block] = static_cast<typename Meta::TensorIndex>(loc_tensor - 1);
       meta.block_to_chunk[loc_block] = static_cast<int32_t>(c);
       ++loc_block;
       const bool last_chunk = c == chunks - 1;
       const bool tensors_full = loc_tensor == Meta::kMaxTensors && last_chunk;
-      const bool blocks_full = loc_block == kMaxBlocks;
+      const bool blocks_full = loc_block == Meta::kMaxBlocks;
       if (tensors_full || blocks_full) {
         launch();
         if (last_chunk) {
@@ -133,6 +182,16 @@ cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStrea
   }
   if (loc_block > 0) launch();  // always flush what is pending
   return status;
+}
+
+// Launches `op` over every non-empty tensor of `lists` (slots 0 .. kDepth-1), with 32 KiB kernel
+// arguments where the driver allows them (one launch for ResNet-50's 161 tensors), else 4 KiB.
+template <int kDepth, class Op>
+cudaError_t multi_tensor_apply(const TensorLists& lists, const Op& op, cudaStream_t stream) {
+#if FUSEDMF_LARGE_KERNEL_ARGS
+  if (large_kernel_args()) return multi_tensor_apply_with<kLargeArgs, kDepth>(lists, op, stream);
+#endif
+  return multi_tensor_apply_with<kSmallArgs, kDepth>(lists, op, stream);
 }
 
 // ---- loads and stores of 1 or kIlp elements, converted to / from float -------------------------
@@ -165,9 +224,12 @@ __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
 // NOTE [ILP-4]
 // Each thread moves kIlp elements per iteration. When every pointer of the chunk is aligned to
 // kIlp elements, they move as one vector access per list (16 B for fp32, 8 B for 16-bit types) on
-// consecutive elements; otherwise (views at odd offsets) as kIlp scalar accesses blockDim.x
-// apart, still coalesced, loaded all before any is used (apex's ILP scheme). Both paths and the
-// chunk's tail call the same update_math.h function on registers.
+// consecutive elements, kUnroll iterations at a time: the loads of both iterations are issued
+// before either is computed, so each thread keeps twice the bytes in flight (memory latency, not
+// bandwidth, bounds a launch of few blocks: benchmarks/launch_model.py). Otherwise (views at odd
+// offsets) as kIlp scalar accesses blockDim.x apart, still coalesced, loaded all before any is used
+// (apex's ILP scheme). Every path and the chunk's tail call the same update_math.h function on
+// registers, once per element, so the unrolling changes no result.
 //
 // An Op used with chunk_apply provides:
 //   struct Frag                                       registers of kIlp elements
@@ -177,39 +239,53 @@ __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
 //   void load(Frag&, int k, int64_t i) const          element i into lane k
 //   void store(const Frag&, int k, int64_t i) const
 //   void compute(Frag&, int k) const                  the update of lane k
-// `f` lives across iterations (a reduction can keep its state there).
+// `f` (kUnroll frags) lives across iterations: a reduction keeps its state in every frag, starts
+// each at its identity, and combines f[0] .. f[kUnroll-1] after chunk_apply (the aligned loop
+// feeds them all; the unaligned path and the tail feed f[0]).
 template <class Op>
-__device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op::Frag& f) {
+__device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op::Frag (&f)[kUnroll]) {
+  static_assert(kUnroll == 2, "the aligned loop below is written for two iterations in flight");
   const int64_t stride = static_cast<int64_t>(blockDim.x) * kIlp;
   if (op.aligned()) {
     const int64_t n_vec = n - n % kIlp;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp; i < n_vec; i += stride) {
-      op.load_vec(f, i);
+    int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp;
+    for (; i + stride < n_vec; i += kUnroll * stride) {  // both vectors inside n_vec
+      op.load_vec(f[0], i);
+      op.load_vec(f[1], i + stride);
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) op.compute(f, k);
-      op.store_vec(f, i);
+      for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) op.compute(f[1], k);
+      op.store_vec(f[0], i);
+      op.store_vec(f[1], i + stride);
     }
-    for (int64_t i = n_vec + threadIdx.x; i < n; i += blockDim.x) {  // fewer than kIlp left
-      op.load(f, 0, i);
-      op.compute(f, 0);
-      op.store(f, 0, i);
+    if (i < n_vec) {  // an odd number of vectors: the last one alone
+      op.load_vec(f[0], i);
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);
+      op.store_vec(f[0], i);
+    }
+    for (int64_t j = n_vec + threadIdx.x; j < n; j += blockDim.x) {  // fewer than kIlp left
+      op.load(f[0], 0, j);
+      op.compute(f[0], 0);
+      op.store(f[0], 0, j);
     }
   } else {
     for (int64_t i0 = 0; i0 < n; i0 += stride) {
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.load(f, k, i);
+        if (i < n) op.load(f[0], k, i);
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.compute(f, k);
+        if (i < n) op.compute(f[0], k);
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.store(f, k, i);
+        if (i < n) op.store(f[0], k, i);
       }
     }
   }

@@ -17,8 +17,8 @@ struct NonFiniteChunk {
   const T* x;
 
   struct Frag {
-    bool bad;  // sticky over the thread's iterations
-    float sq;  // this thread's sum of squares
+    bool bad;  // sticky over the thread's iterations (of this frag)
+    float sq;  // this frag's part of the thread's sum of squares
   };
 
   __device__ void take(Frag& f, T v) const {
@@ -53,11 +53,11 @@ struct NonFiniteOp {
     __syncthreads();
     if (already_set) return;
     NonFiniteChunk<T, kSumsq> c{static_cast<const T*>(base[0]) + begin};
-    typename NonFiniteChunk<T, kSumsq>::Frag f{false, 0.0f};
+    typename NonFiniteChunk<T, kSumsq>::Frag f[kUnroll] = {{false, 0.0f}, {false, 0.0f}};
     chunk_apply(c, n, f);
-    if (__syncthreads_or(f.bad) && threadIdx.x == 0) *found_inf = 1.0f;
+    if (__syncthreads_or(f[0].bad || f[1].bad) && threadIdx.x == 0) *found_inf = 1.0f;
     if constexpr (kSumsq) {
-      const float total = block_sum(f.sq);
+      const float total = block_sum(f[0].sq + f[1].sq);
       if (threadIdx.x == 0) atomicAdd(sumsq, total);
     }
   }

@@ -25,7 +25,7 @@ struct PackChunk {
 
   struct Frag {
     float x[kIlp];
-    float sq;  // this thread's sum of squares, across iterations
+    float sq;  // this frag's part of the thread's sum of squares, across iterations
   };
 
   __device__ bool aligned() const { return ilp_aligned(grad) && ilp_aligned(out); }
@@ -47,11 +47,11 @@ struct PackOp {
   __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
     using Chunk = PackChunk<G, O, kSumsq>;
     Chunk c{static_cast<const G*>(base[kGrad]) + begin, static_cast<O*>(base[kPackOut]) + begin, scale};
-    typename Chunk::Frag f;
-    f.sq = 0.0f;
+    typename Chunk::Frag f[kUnroll];
+    for (auto& frag : f) frag.sq = 0.0f;
     chunk_apply(c, n, f);
     if constexpr (kSumsq) {
-      const float total = block_sum(f.sq);
+      const float total = block_sum(f[0].sq + f[1].sq);
       if (threadIdx.x == 0) atomicAdd(sumsq, total);
     }
   }

@@ -91,7 +91,7 @@ struct Smega2Op {
     c.accumulator = static_cast<float*>(base[kGradAccumulator]) + begin;
     c.s = s;
     c.inv_grad_scale = inv;
-    typename Smega2Chunk<P, G, kUseMaster, kCycleEnd>::Frag f;
+    typename Smega2Chunk<P, G, kUseMaster, kCycleEnd>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 
@@ -154,7 +154,7 @@ struct EstimateOp {
     c.accumulator = kReadAccumulator ? static_cast<const float*>(base[kGradAccumulator]) + begin : nullptr;
     c.out = static_cast<O*>(base[kEstimateOut]) + begin;
     c.s = s;
-    typename EstimateChunk<W, O, kReadAccumulator>::Frag f;
+    typename EstimateChunk<W, O, kReadAccumulator>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 
