@@ -359,7 +359,9 @@ def main(argv=None) -> int:
         record = {"bench": "codegen", "machine": machine_info(torch.device("cpu")),
                   "tools": {n: _run([p, "--version"]).strip().splitlines()[-1] for n, p in tools().items()},
                   "extension": os.path.relpath(a.so or extension_path(), ROOT), "block_size": BLOCK_SIZE,
-                  "reg_ceiling": REG_CEILING, "kernels": rows}
+                  "reg_ceiling": REG_CEILING,
+                  "backends_used": ["cuda: the sm_90 SASS of fusedmf._C, read (not executed)"],
+                  "kernels": rows}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {a.json}")
