@@ -357,7 +357,8 @@ def main(argv=None) -> int:
         from harness import machine_info  # noqa: PLC0415
 
         record = {"bench": "codegen", "machine": machine_info(torch.device("cpu")),
-                  "tools": {n: _run([p, "--version"]).strip().splitlines()[-1] for n, p in tools().items()},
+                  "tools": {n: next((ln for ln in _run([p, "--version"]).splitlines() if "release" in ln), "?").strip()
+                            for n, p in tools().items()},
                   "extension": os.path.relpath(a.so or extension_path(), ROOT), "block_size": BLOCK_SIZE,
                   "reg_ceiling": REG_CEILING,
                   "backends_used": ["cuda: the sm_90 SASS of fusedmf._C, read (not executed)"],
