@@ -140,3 +140,43 @@ def test_registers_fit_one_block_per_sm(kernels):
     bad = [f"{k.family} {k.op}: {k.regs} registers" for k in kernels
            if k.regs is None or k.regs > codegen.REG_CEILING]
     assert not bad, f"over {codegen.REG_CEILING} registers per thread:\n  " + _fail_list(bad)
+
+
+# ---- the parsers, on fixed text (run everywhere, tools or not) ----------------------------------
+
+_SASS = """\
+	.section	.text._Z1kv,"ax",@progbits
+_Z1kv:
+	//## File "{src}", line 2 inlined at "{src}", line 9
+	//## File "{src}", line 9
+        /*0000*/                   FFMA R1, R2, R3, R4 ;
+	//## File "{src}", line 3
+        /*0010*/                   FFMA R5, R2, R3, R4 ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0030*/                   STL [R1], R5 ;
+$__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath:
+	//## File "{src}", line 3
+        /*0040*/                   FFMA R6, R2, R3, R4 ;
+"""
+
+
+def test_parsers_on_fixed_text(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text("x\n  return __fmaf_rn(a, b, c);\n  return a * b + c;\n"
+                   "  const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);\n" + "y\n" * 6)
+    instrs = codegen.parse_disassembly(_SASS.format(src=src))["_Z1kv"]
+    assert [(i.opcode, i.line) for i in instrs] == [("FFMA", 2), ("FFMA", 3), ("LDG.E.128", 3), ("STL", 3),
+                                                    ("FFMA", None)]
+    k = codegen.Kernel("_Z1kv", "void fusedmf::cuda::multi_tensor_kernel<1, x>()", "pack", instrs=instrs)
+    # line 2 asks for the fma, the slow path is the toolkit's: only line 3's FFMA is a contraction
+    assert [i.offset for i in codegen.contracted_ffma(k)] == [0x10]
+    assert [i.opcode for i in codegen.local_accesses(k)] == ["STL"]
+    assert codegen.vector_accesses(k) == {}  # line 3 is no Pack access
+    res = codegen.parse_res_usage(" Function _Z1kv:\n  REG:88 STACK:8 SHARED:0 LOCAL:0 CONSTANT[0]:4049\n")
+    assert res == {"_Z1kv": (88, 8, 0, 0)}
+    k.regs = 88
+    assert k.blocks_per_sm() == 1
+    k.regs = 64
+    assert k.blocks_per_sm() == 2
+    k.regs = 31
+    assert k.blocks_per_sm() == 4
