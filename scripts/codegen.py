@@ -36,11 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # Threads per block of every multi-tensor kernel (csrc/cuda/multi_tensor_apply.cuh kBlockSize, also
 # its __launch_bounds__) and the sm_90 register file: 64 K 32-bit registers and at most 2048
 # resident threads per SM, registers allocated per warp in units of 256 (8 per thread).
-BLOCK_SIZE = 512
+def _block_size() -> int:
+    m = re.search(r"constexpr int kBlockSize = (\d+);", (ROOT / "csrc/cuda/multi_tensor_apply.cuh").read_text())
+    return int(m.group(1)) if m else 512
+
+
+BLOCK_SIZE = _block_size()
 SM90_REGS_PER_SM = 65536
 SM90_MAX_THREADS_PER_SM = 2048
 REG_ALLOC_UNIT = 8
-# One block per SM is the floor (a kernel above it cannot launch with 512 threads).
+# One block per SM is the floor (a kernel above it cannot launch with BLOCK_SIZE threads): 128 at 512.
 REG_CEILING = SM90_REGS_PER_SM // BLOCK_SIZE  # 128
 
 # Source lines whose FFMA is the source's own fused multiply-add, not nvcc's contraction: madd()
