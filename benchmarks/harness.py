@@ -15,7 +15,10 @@ Timing
 - GPU: CUDA events around each call, the L2 cache flushed (a buffer larger than L2 overwritten)
   before each repeat, one ``torch.cuda.synchronize()`` before the events are read. The back-to-back
   wall time per call is measured as well (``wall_s``): when it exceeds the event median, the case
-  is bound by the host (launch overhead, Python), which events alone would hide.
+  is bound by the host (launch overhead, Python), which events alone would hide. Device time
+  (events around CUDA-graph replay of the captured step: ``device_median_s``) and host time (wall
+  time of the Python call: ``host_median_s``) are reported separately, NOTE [device and host time];
+  on the CPU host time is the median and device time is None, with ``device_time_reason``.
 - Statistics: median, p20, p80 of the repeats (linear interpolation); every raw repeat is kept.
 - GB/s = ``bytes_per_call / median``; "% copy" compares it with the device-copy bandwidth measured
   by ``dst.copy_(src)`` on large tensors in the same run (read + write counted), before and after
@@ -168,8 +171,10 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def time_cuda(fn: Callable[[], Any], *, warmup: int, repeats: int, flush_l2: bool = True,
-              device: Optional[torch.device] = None) -> dict:
-    """Per-call seconds from CUDA events around each call, L2 flushed before each repeat.
+              device: Optional[torch.device] = None, host_clock: Callable[[], float] = time.perf_counter,
+              graph_timer: Optional[Callable[..., dict]] = None) -> dict:
+    """Per-call seconds from CUDA events around each call, L2 flushed before each repeat, and the
+    step's device and host time separately (NOTE [device and host time]).
 
     Also returns ``wall_s``: host wall time per call for ``repeats`` back-to-back calls (no flush),
     synchronised at both ends. wall_s well above the event median means the case is host-bound.
@@ -195,14 +200,95 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int, repeats: int, flush_l2: boo
         fn()
     torch.cuda.synchronize(device)
     wall = (time.perf_counter() - t0) / repeats
+    host = time_host_calls(fn, repeats=repeats, clock=host_clock, sync=lambda: torch.cuda.synchronize(device))
+    dev = (graph_timer or time_graph_replay)(fn, repeats=repeats, device=device, flush=flush)
     return {"repeats_s": out, "calls_per_repeat": 1, "wall_s": wall,
-            "timer": "cuda events" + (" + L2 flush" if flush_l2 else "")}
+            "timer": "cuda events around the Python call" + (" + L2 flush" if flush_l2 else ""),
+            **host_fields(host), **dev}
+
+
+# NOTE [device and host time]
+# CUDA events recorded around a Python call (time_cuda's repeats_s, the "event span") count the host
+# time spent inside the call whenever the device waits for it: a launch-bound step looks slow on the
+# device, and a fast kernel hides behind slow Python. So the step is also timed two more ways:
+#   device time  CUDA-graph replay of the captured step, events around g.replay(): the launches only,
+#                no Python in between (device_repeats_s / device_median_s); None with device_time_reason
+#                when the step cannot be captured (CPU-side work inside it, a sync) or on the CPU;
+#   host time    wall time of the Python call itself, started on an idle stream and not waiting for
+#                the device (host_repeats_s / host_median_s): what the host spends to issue one step.
+# The target (performance.md) is host time below device time: the host stays ahead of the device.
+# On the CPU a step is synchronous: its wall time is both (repeats_s, host_*), device time is None.
+def time_host_calls(fn: Callable[[], Any], *, repeats: int, clock: Callable[[], float] = time.perf_counter,
+                    sync: Optional[Callable[[], None]] = None) -> list:
+    """Seconds of each Python call of ``fn`` on ``clock``, ``sync()`` (if given) before each call and
+    after it, outside the timed span."""
+    out = []
+    for _ in range(repeats):
+        if sync is not None:
+            sync()
+        t0 = clock()
+        fn()
+        out.append(clock() - t0)
+    if sync is not None:
+        sync()
+    return out
+
+
+def host_fields(host_repeats_s: Sequence[float]) -> dict:
+    return {"host_repeats_s": list(host_repeats_s), "host_median_s": summarize(host_repeats_s)["median_s"],
+            "host_timer": "time.perf_counter around the Python call"}
+
+
+def no_device_time(reason: str) -> dict:
+    return {"device_repeats_s": None, "device_median_s": None, "device_timer": None, "device_time_reason": reason}
+
+
+def time_graph_replay(fn: Callable[[], Any], *, repeats: int, device: torch.device,
+                      flush: Optional[torch.Tensor] = None) -> dict:
+    """Device seconds per step: ``fn`` captured once in a CUDA graph, events around each replay."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # capture wants warm-up on a side stream (torch.cuda.graphs docs)
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # the step cannot be captured: say so, do not guess a number
+        torch.cuda.synchronize(device)
+        return no_device_time(f"the step could not be captured in a CUDA graph: {type(exc).__name__}: {exc}")
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        if flush is not None:
+            flush.fill_(i)
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    out = [a.elapsed_time(b) * 1e-3 for a, b in zip(starts, ends)]
+    del graph
+    return {"device_repeats_s": out, "device_median_s": summarize(out)["median_s"],
+            "device_timer": "cuda events around CUDA-graph replay of the step" + (" + L2 flush" if flush is not None
+                                                                                    else ""),
+            "device_time_reason": None}
 
 
 def _time(fn, device: torch.device, warmup: int, repeats: int) -> dict:
     if device.type == "cuda":
         return time_cuda(fn, warmup=warmup, repeats=repeats, device=device)
-    return time_cpu(fn, warmup=warmup, repeats=repeats)
+    return cpu_timing(time_cpu(fn, warmup=warmup, repeats=repeats))
+
+
+def cpu_timing(timing: dict) -> dict:
+    """time_cpu's result with the host / device fields of NOTE [device and host time]: a CPU step is
+    synchronous, so its host time is its time (repeats_s unchanged) and there is no device time."""
+    return {**timing, **host_fields(timing["repeats_s"]),
+            **no_device_time("CPU: the step runs synchronously on the host; its time is host time")}
 
 
 # ---------------------------------------------------------------------------------------- copy bandwidth
@@ -457,6 +543,8 @@ def _run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> di
     rec.update(stats)
     rec.update(timing)
     rec["gbps"] = case.bytes_per_call / stats["median_s"] / 1e9 if stats["median_s"] > 0 else None
+    dev = rec.get("device_median_s")
+    rec["device_gbps"] = case.bytes_per_call / dev / 1e9 if dev else None
     return rec
 
 
@@ -612,7 +700,12 @@ def run(bench: str, cases: Sequence[Case], *, device, repeats: int, warmup: int,
 # ---------------------------------------------------------------------------------------- output
 _CSV_FIELDS = ("name", "status", "median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy_bw", "pct_rmw_bw", "baseline",
                "speedup",
-               "bytes_per_call", "n", "calls_per_repeat", "wall_ms", "reason")
+               "bytes_per_call", "n", "calls_per_repeat", "wall_ms", "device_median_ms", "device_gbps",
+               "host_median_ms", "device_time_reason", "reason")
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1e3
 
 
 def _csv_row(r: dict) -> dict:
@@ -622,6 +715,8 @@ def _csv_row(r: dict) -> dict:
            "pct_rmw_bw": r.get("pct_rmw_bw"),
            "baseline": r.get("baseline"), "speedup": r.get("speedup"), "bytes_per_call": r.get("bytes_per_call"),
            "n": r.get("n"), "calls_per_repeat": r.get("calls_per_repeat"), "wall_ms": ms("wall_s"),
+           "device_median_ms": ms("device_median_s"), "device_gbps": r.get("device_gbps"),
+           "host_median_ms": ms("host_median_s"), "device_time_reason": r.get("device_time_reason"),
            "reason": r.get("reason")}
     row.update({k: v for k, v in r.items() if k.startswith("info_")})
     return row
@@ -697,8 +792,11 @@ def format_table(result: dict) -> str:
     if rows:
         width = max(len(r["name"]) for r in rows)
         show_wall = any(r.get("wall_s") is not None for r in rows)
+        # NOTE [device and host time]: only where a device ran (on the CPU both are the median)
+        show_dev = any(r.get("device_median_s") is not None or r.get("wall_s") is not None for r in rows)
         header = (f"{'case':<{width}}  {'median ms':>9}  {'p20-p80 ms':>17}  {'GB/s':>7}  {'%copy':>6}  {'%rmw':>6}  "
-                  f"{'speedup':>7}" + ("  wall ms" if show_wall else ""))
+                  f"{'speedup':>7}" + ("  wall ms" if show_wall else "")
+                  + ("  device ms  host ms" if show_dev else ""))
         lines += [header, "-" * len(header)]
         for r in rows:
             spread = f"{r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f}"
@@ -708,7 +806,13 @@ def format_table(result: dict) -> str:
                 f"{r['name']:<{width}}  {r['median_s'] * 1e3:>9.3f}  {spread:>17}  {_fmt(r.get('gbps'), '7.2f'):>7}  "
                 f"{_fmt(r.get('pct_copy_bw'), '6.1f'):>6}  {_fmt(r.get('pct_rmw_bw'), '6.1f'):>6}  "
                 f"{(_fmt(r.get('speedup'), '.2f') + 'x') if r.get('speedup') else '-':>7}"
-                + (f"  {_fmt(None if wall is None else wall * 1e3, '7.3f'):>7}" if show_wall else "") + flag)
+                + (f"  {_fmt(None if wall is None else wall * 1e3, '7.3f'):>7}" if show_wall else "")
+                + (f"  {_fmt(_ms(r.get('device_median_s')), '9.3f'):>9}  {_fmt(_ms(r.get('host_median_s')), '7.3f'):>7}"
+                   if show_dev else "") + flag)
+        if show_dev:
+            lines.append("median = CUDA events around the Python call; device = events around CUDA-graph replay of the "
+                         "step (launches only; - where it cannot be captured, see device_time_reason); host = wall "
+                         "time of the Python call on an idle stream")
         lines.append("GB/s = bytes the operation must move / median; speedup = the baseline's median / this median "
                      "(baseline: " + ", ".join(sorted({r['baseline'] for r in rows if r.get('baseline')})) + ")")
     for p in result.get("pairs", []):

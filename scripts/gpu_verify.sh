@@ -101,6 +101,23 @@ stage_tests() {
 stage_optim() {
   ensure_built || return 1
   x "$PY" "$ROOT/benchmarks/optim_step.py" --device cuda --out "$OUTDIR"
+  # device time (CUDA-graph replay) against host time (the Python call) per case, NOTE [device and host
+  # time] in benchmarks/harness.py: performance.md's target is host below device (the host stays ahead)
+  local oj
+  oj="$(latest "$OUTDIR"/optim_step_cuda_2*.json)"
+  [ -n "$oj" ] && x "$PY" - "$oj" <<'PYEOF'
+import json, sys
+cases = json.load(open(sys.argv[1]))["cases"]
+print(f"{'case':44s} {'events ms':>9s} {'device ms':>9s} {'host ms':>8s}  host<device")
+for r in cases:
+    if r.get("median_s") is None:
+        continue
+    d, h = r.get("device_median_s"), r.get("host_median_s")
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.3f}"
+    verdict = "?" if d is None or h is None else ("yes" if h < d else "NO")
+    print(f"{r['name']:44s} {ms(r['median_s']):>9s} {ms(d):>9s} {ms(h):>8s}  {verdict}"
+          + (f"  ({r['device_time_reason']})" if d is None else ""))
+PYEOF
 }
 
 stage_comm() {
