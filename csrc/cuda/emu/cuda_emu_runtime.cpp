@@ -24,6 +24,44 @@
 #include <stdexcept>
 #include <vector>
 
+// A fiber switch: glibc's swapcontext makes two sigprocmask system calls per switch, which made
+// the emulation of a 21M-element step take seconds; on x86-64 a switch saves and restores only
+// the callee-saved registers and the SSE/x87 control words (the System V ABI's preserved state).
+// Opt-in (-DFUSEDMF_EMU_FAST_SWITCH_X86) until it passes the whole suite: it crashed in a
+// 1024-thread block_sum (tests/test_cuda_emu.py), not yet understood; ucontext is the default.
+#if defined(__x86_64__) && defined(FUSEDMF_EMU_FAST_SWITCH_X86)
+#define FUSEDMF_EMU_FAST_SWITCH 1
+extern "C" void fusedmf_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl fusedmf_emu_switch
+  .type fusedmf_emu_switch, @function
+fusedmf_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fusedmf_emu_switch, .-fusedmf_emu_switch
+)");
+#endif
+
 namespace fusedmf_emu {
 
 thread_local uint3 tl_thread_idx{0, 0, 0};
@@ -47,7 +85,11 @@ enum class State { kReady, kBlocked, kDone };
 enum class Wait { kNone, kBlock, kWarp };
 
 struct Fiber {
+#ifdef FUSEDMF_EMU_FAST_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t ctx;
+#endif
   std::unique_ptr<char[]> stack;
   State state = State::kReady;
   Wait wait = Wait::kNone;
@@ -65,7 +107,11 @@ struct Fiber {
 
 struct BlockRun {
   std::vector<Fiber> fibers;
+#ifdef FUSEDMF_EMU_FAST_SWITCH
+  void* scheduler_sp = nullptr;
+#else
   ucontext_t scheduler;
+#endif
   int current = -1;
   BlockBody body = nullptr;
   void* ctx = nullptr;
@@ -89,12 +135,54 @@ void set_coords(int tid) {
   tl_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
 }
 
-void fiber_entry() {
+// From fiber `f` to the scheduler, and from the scheduler into fiber `f`.
+void to_scheduler(BlockRun& run, Fiber& f) {
+#ifdef FUSEDMF_EMU_FAST_SWITCH
+  fusedmf_emu_switch(&f.sp, run.scheduler_sp);
+#else
+  swapcontext(&f.ctx, &run.scheduler);
+#endif
+}
+void to_fiber(BlockRun& run, Fiber& f) {
+#ifdef FUSEDMF_EMU_FAST_SWITCH
+  fusedmf_emu_switch(&run.scheduler_sp, f.sp);
+#else
+  swapcontext(&run.scheduler, &f.ctx);
+#endif
+}
+
+[[noreturn]] void fiber_entry() {
   BlockRun* run = tl_run;
   const int tid = run->current;
   run->body(run->ctx);
   run->fibers[tid].state = State::kDone;
-  swapcontext(&run->fibers[tid].ctx, &run->scheduler);
+  to_scheduler(*run, run->fibers[tid]);
+  __builtin_unreachable();  // a finished fiber is never resumed
+}
+
+void init_fiber(Fiber& f, char* stack, size_t bytes) {
+#ifdef FUSEDMF_EMU_FAST_SWITCH
+  // What fusedmf_emu_switch pops: the control words, six zeroed registers, then fiber_entry as
+  // the return address; above it a null slot where fiber_entry's own return address would be,
+  // so that fiber_entry starts with the stack alignment of a called function (rsp % 16 == 8).
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;                                            // fiber_entry's "return address"
+  *--sp = reinterpret_cast<uint64_t>(&fiber_entry);     // popped by ret
+  for (int r = 0; r < 6; ++r) *--sp = 0;                // rbp rbx r12 r13 r14 r15
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--sp = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = bytes;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_entry), 0);
+#endif
 }
 
 // Called on a fiber: record an error, go back to the scheduler and never return.
@@ -104,14 +192,14 @@ void fiber_entry() {
   Fiber& f = run->fibers[run->current];
   f.state = State::kBlocked;
   f.wait = Wait::kNone;
-  swapcontext(&f.ctx, &run->scheduler);
+  to_scheduler(*run, f);
   __builtin_unreachable();
 }
 
 void suspend(Fiber& f) {
   BlockRun* run = tl_run;
   const int tid = run->current;
-  swapcontext(&f.ctx, &run->scheduler);
+  to_scheduler(*run, f);
   tl_run->current = tid;  // back on this fiber
   set_coords(tid);
 }
@@ -243,14 +331,7 @@ void run_block(BlockRun& run, const dim3& block_idx, uint64_t launch_id, int n) 
   run.fibers.resize(n);
   run.error.clear();
   while (static_cast<int>(tl_stacks.size()) < n) tl_stacks.emplace_back(new char[kStackBytes]);
-  for (int t = 0; t < n; ++t) {
-    Fiber& f = run.fibers[t];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = tl_stacks[t].get();
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
-  }
+  for (int t = 0; t < n; ++t) init_fiber(run.fibers[t], tl_stacks[t].get(), kStackBytes);
   const std::vector<int> order =
       order_of(n, launch_id * 0x10001ull + block_idx.x + (uint64_t{block_idx.y} << 32) + (uint64_t{block_idx.z} << 48));
   for (;;) {
@@ -259,7 +340,7 @@ void run_block(BlockRun& run, const dim3& block_idx, uint64_t launch_id, int n) 
       if (run.fibers[t].state != State::kReady) continue;
       run.current = t;
       set_coords(t);
-      swapcontext(&run.scheduler, &run.fibers[t].ctx);
+      to_fiber(run, run.fibers[t]);
       ran = true;
       if (!run.error.empty()) fail(run.error);
     }
