@@ -3,6 +3,7 @@
     pip install --no-build-isolation .             # FUSEDMF_CUDA=auto: CUDA iff nvcc + CUDA torch
     FUSEDMF_CUDA=0 pip install --no-build-isolation .   # CPU kernels only
     FUSEDMF_CUDA=1 pip install --no-build-isolation .   # CUDA kernels required
+    FUSEDMF_CUDA_EMU=1 ...                          # also csrc/cuda on the host: backend "cuda_emu" (tests, CI)
     TORCH_CUDA_ARCH_LIST="9.0" ...                 # archs to build (default 9.0 when no GPU is visible)
 
 --no-build-isolation: torch comes from the environment (the extension must match the torch it
@@ -35,7 +36,8 @@ def get_extensions():
     except build.CudaUnavailable as exc:  # FUSEDMF_CUDA=1 that cannot be honoured: say why, no traceback
         sys.exit(f"error: {exc}")
     print(f"fusedmf: building fusedmf._C with {'CPU and CUDA' if cuda else 'CPU-only'} kernels"
-          + ("" if cuda else f" ({build.cuda_missing() or 'FUSEDMF_CUDA=0'})"))
+          + ("" if cuda else f" ({build.cuda_missing() or 'FUSEDMF_CUDA=0'})")
+          + (", plus the emulated CUDA kernels (FUSEDMF_CUDA_EMU=1)" if build.with_cuda_emu() else ""))
     extension = CUDAExtension if cuda else CppExtension
     return [extension(**build.extension_kwargs(cuda))]
 

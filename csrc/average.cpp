@@ -21,6 +21,10 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#ifdef FUSEDMF_WITH_CUDA_EMU
+#include "cuda/emu/emu_api.h"
+#endif
+
 namespace fusedmf {
 namespace average {
 namespace {
@@ -202,6 +206,7 @@ std::vector<Named> apply_lists(const TensorList& averages, const TensorList& con
           {"masters", &masters, kAvgMaster, true, true}};
 }
 
+template <bool kEmu = false>
 void pack_delta_(at::TensorList sources_, at::TensorList consensus_, at::TensorList out_, double scale) {
   constexpr const char* op = "pack_delta_";
   const TensorList sources = sources_.vec(), consensus = consensus_.vec(), out = out_.vec();
@@ -210,6 +215,12 @@ void pack_delta_(at::TensorList sources_, at::TensorList consensus_, at::TensorL
   check_distinct(op, lists[2], lists);
   const Prepared p = prepare(lists);
   const float scale32 = static_cast<float>(scale);  // what torch.mul(fp32 tensor, scale) multiplies by
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  if (kEmu) {
+    cuda_emu_api::check_launch(op, cuda_emu_api::pack_delta(p.lists, dtype_of(sources), dtype_of(out), scale32));
+    return;
+  }
+#endif
   if (device.is_cpu()) {
     cpu_pack_delta(p.lists, dtype_of(sources), dtype_of(out), scale32);
     return;
@@ -222,6 +233,7 @@ void pack_delta_(at::TensorList sources_, at::TensorList consensus_, at::TensorL
 #endif
 }
 
+template <bool kEmu = false>
 void apply_average_(at::TensorList averages_, at::TensorList consensus_, at::TensorList masters_,
                     at::TensorList params_, bool update_consensus) {
   constexpr const char* op = "apply_average_";
@@ -231,6 +243,12 @@ void apply_average_(at::TensorList averages_, at::TensorList consensus_, at::Ten
   const at::Device device = check(op, lists);
   for (size_t k : {size_t{0}, size_t{2}, size_t{3}}) check_distinct(op, lists[k], lists);
   const Prepared p = prepare(lists);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  if (kEmu) {
+    cuda_emu_api::check_launch(op, cuda_emu_api::apply_average(p.lists, dtype_of(averages), dtype_of(params), update_consensus));
+    return;
+  }
+#endif
   if (device.is_cpu()) {
     cpu_apply_average(p.lists, dtype_of(averages), dtype_of(params), update_consensus);
     return;
@@ -264,22 +282,34 @@ void apply_average_no_cuda(at::TensorList, at::TensorList, at::TensorList, at::T
 }  // namespace average
 }  // namespace fusedmf
 
+// The signatures, shared by the CPU/CUDA ops and the cuda_emu_ ops.
+#define FUSEDMF_SCHEMA_PACK_DELTA "(Tensor[] sources, Tensor[] consensus, Tensor(a!)[] out, float scale) -> ()"
+#define FUSEDMF_SCHEMA_APPLY_AVERAGE                                                          \
+  "(Tensor[] averages, Tensor(a!)[] consensus, Tensor(b!)[] masters, Tensor(c!)[] params, " \
+  "bool update_consensus) -> ()"
+
 TORCH_LIBRARY_FRAGMENT(fusedmf, m) {
-  m.def("pack_delta_(Tensor[] sources, Tensor[] consensus, Tensor(a!)[] out, float scale) -> ()");
-  m.def(
-      "apply_average_(Tensor[] averages, Tensor(a!)[] consensus, Tensor(b!)[] masters, Tensor(c!)[] params, "
-      "bool update_consensus) -> ()");
+  m.def("pack_delta_" FUSEDMF_SCHEMA_PACK_DELTA);
+  m.def("apply_average_" FUSEDMF_SCHEMA_APPLY_AVERAGE);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.def("cuda_emu_pack_delta_" FUSEDMF_SCHEMA_PACK_DELTA);
+  m.def("cuda_emu_apply_average_" FUSEDMF_SCHEMA_APPLY_AVERAGE);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fusedmf, CPU, m) {
-  m.impl("pack_delta_", &fusedmf::average::pack_delta_);
-  m.impl("apply_average_", &fusedmf::average::apply_average_);
+  m.impl("pack_delta_", &fusedmf::average::pack_delta_<>);
+  m.impl("apply_average_", &fusedmf::average::apply_average_<>);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.impl("cuda_emu_pack_delta_", &fusedmf::average::pack_delta_<true>);
+  m.impl("cuda_emu_apply_average_", &fusedmf::average::apply_average_<true>);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fusedmf, CUDA, m) {
 #ifdef FUSEDMF_WITH_CUDA
-  m.impl("pack_delta_", &fusedmf::average::pack_delta_);
-  m.impl("apply_average_", &fusedmf::average::apply_average_);
+  m.impl("pack_delta_", &fusedmf::average::pack_delta_<>);
+  m.impl("apply_average_", &fusedmf::average::apply_average_<>);
 #else
   m.impl("pack_delta_", &fusedmf::average::pack_delta_no_cuda);
   m.impl("apply_average_", &fusedmf::average::apply_average_no_cuda);
@@ -289,4 +319,8 @@ TORCH_LIBRARY_IMPL(fusedmf, CUDA, m) {
 TORCH_LIBRARY_IMPL(fusedmf, Meta, m) {
   m.impl("pack_delta_", &fusedmf::average::pack_delta_fake);
   m.impl("apply_average_", &fusedmf::average::apply_average_fake);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.impl("cuda_emu_pack_delta_", &fusedmf::average::pack_delta_fake);
+  m.impl("cuda_emu_apply_average_", &fusedmf::average::apply_average_fake);
+#endif
 }

@@ -23,6 +23,10 @@
 
 #include "cuda/launch.h"
 #endif
+#ifdef FUSEDMF_WITH_CUDA_EMU
+#include "cuda/emu/cuda_emu_runtime.h"
+#include "cuda/emu/emu_api.h"
+#endif
 
 #define FUSEDMF_STRINGIFY_(...) #__VA_ARGS__
 #define FUSEDMF_STRINGIFY(...) FUSEDMF_STRINGIFY_(__VA_ARGS__)
@@ -238,6 +242,16 @@ void check_launch(const char* op, cudaError_t e) {
 }
 #endif
 
+// Which kernels a CPU call runs: the CPU loops, or csrc/cuda's kernels emulated on the host
+// (backend "cuda_emu", ops fusedmf::cuda_emu_<rule>). Both run after the same validation.
+enum class CpuKernels { kCpu, kCudaEmu };
+
+#ifdef FUSEDMF_WITH_CUDA_EMU
+#define FUSEDMF_RUN_EMU(op, call) cuda_emu_api::check_launch(op, cuda_emu_api::call)
+#else
+#define FUSEDMF_RUN_EMU(op, call) TORCH_CHECK(false, "fusedmf.", op, ": built without FUSEDMF_CUDA_EMU=1")
+#endif
+
 // Validates the lists, the scalar vector and the AMP tensors of one update call; returns the
 // device, or nullopt for an empty call (then only the scalar vector's dtype and length are checked).
 std::optional<at::Device> check_update_call(const char* op, const std::vector<NamedList>& lists,
@@ -262,6 +276,7 @@ std::optional<at::Device> check_update_call(const char* op, const std::vector<Na
 
 // ---------------------------------------------------------------------------------------------
 
+template <CpuKernels kKernels>
 void mf_sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
              TensorList master_params, const at::Tensor& scalars, const OptTensor& inv_grad_scale,
              const OptTensor& found_inf) {
@@ -278,6 +293,11 @@ void mf_sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
       master_params.empty() ? std::nullopt : std::optional<at::ScalarType>(master_params[0].scalar_type()));
   check_state_dtype(op, lists[2], "momentum buffers");
   const Prepared p = prepare(lists);
+  if (device->is_cpu() && kKernels == CpuKernels::kCudaEmu) {
+    FUSEDMF_RUN_EMU(op, mf_sgd(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
+                               data_or_null(found_inf)));
+    return;
+  }
   if (device->is_cpu()) {
     cpu::mf_sgd(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
                 data_or_null(found_inf));
@@ -291,6 +311,7 @@ void mf_sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
 #endif
 }
 
+template <CpuKernels kKernels>
 void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
               TensorList exp_avg_sqs, TensorList master_params, const at::Tensor& scalars,
               const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
@@ -309,6 +330,11 @@ void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
   check_state_dtype(op, lists[2], "Adam states");
   check_state_dtype(op, lists[3], "Adam states");
   const Prepared p = prepare(lists);
+  if (device->is_cpu() && kKernels == CpuKernels::kCudaEmu) {
+    FUSEDMF_RUN_EMU(op, mf_adam(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
+                                data_or_null(found_inf)));
+    return;
+  }
   if (device->is_cpu()) {
     cpu::mf_adam(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
                  data_or_null(found_inf));
@@ -322,6 +348,7 @@ void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
 #endif
 }
 
+template <CpuKernels kKernels>
 void non_finite_check_(TensorList tensors, const at::Tensor& found_inf, const OptTensor& sumsq) {
   constexpr const char* op = "non_finite_check_";
   std::optional<at::Device> device;
@@ -343,6 +370,10 @@ void non_finite_check_(TensorList tensors, const at::Tensor& found_inf, const Op
   TORCH_CHECK_TYPE(to_dtype(tensors[0].scalar_type(), &dtype), "fusedmf.", op, ": tensors[0] has dtype ",
                    dtype_name(tensors[0].scalar_type()), "; supported: float32, float16, bfloat16");
   const Prepared p = prepare({{"tensors", tensors, 0, false}});
+  if (device->is_cpu() && kKernels == CpuKernels::kCudaEmu) {
+    FUSEDMF_RUN_EMU(op, non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(), sq));
+    return;
+  }
   if (device->is_cpu()) {
     cpu::non_finite_check(p.lists, dtype, found_inf.data_ptr<float>(), sq);
     return;
@@ -358,6 +389,7 @@ void non_finite_check_(TensorList tensors, const at::Tensor& found_inf, const Op
 // rounded up to kPackAlignBytes. Grads may mix fp32/fp16/bf16 (a bucket can hold params of several
 // dtypes, and zero slots of the buffer's dtype); a grad that is not dense is packed from a copy
 // laid out as torch.empty_like(grad), the slot order of the reference.
+template <CpuKernels kKernels>
 void pack_(TensorList grads, const at::Tensor& out, double scale, const OptTensor& sumsq) {
   constexpr const char* op = "pack_";
   TORCH_CHECK_VALUE(out.defined(), "fusedmf.", op, ": out is None");
@@ -436,14 +468,15 @@ void pack_(TensorList grads, const at::Tensor& out, double scale, const OptTenso
   lists.ptrs[kGrad] = src.data();
   lists.ptrs[kPackOut] = dst.data();
   const float scale32 = static_cast<float>(scale);  // what torch.mul(fp32 tensor, scale) multiplies by
-  if (device.is_cpu()) {
+  if (device.is_cpu() && kKernels == CpuKernels::kCpu) {
     cpu::pack(lists, grad_dtypes.data(), out_dtype, scale32, sq);
     return;
   }
-#ifdef FUSEDMF_WITH_CUDA
   // One multi-tensor launch per grad dtype present (one in the usual uniform bucket): the
   // launcher's lists carry one dtype each. The other dtypes' tensors are masked out as zero-size.
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+#ifdef FUSEDMF_WITH_CUDA
+  const cudaStream_t stream = device.is_cuda() ? at::cuda::getCurrentCUDAStream(device.index()).stream() : nullptr;
+#endif
   const DType order[] = {DType::F32, DType::F16, DType::BF16};
   std::vector<int64_t> group_numels(grads.size());
   for (const DType d : order) {
@@ -455,9 +488,14 @@ void pack_(TensorList grads, const at::Tensor& out, double scale, const OptTenso
     if (!any) continue;
     TensorLists group = lists;
     group.numels = group_numels.data();
+    if (device.is_cpu()) {
+      FUSEDMF_RUN_EMU(op, pack(group, d, out_dtype, scale32, sq));
+      continue;
+    }
+#ifdef FUSEDMF_WITH_CUDA
     check_launch(op, cuda::launch_pack(group, d, out_dtype, scale32, sq, stream));
-  }
 #endif
+  }
 }
 
 bool has_cuda() {
@@ -517,28 +555,50 @@ py::dict build_info() {
 // Mutated arguments are marked (a!); nothing is returned. The same signature is registered for
 // the Triton kernels as fusedmf::triton_<rule> (fusedmf/functional/_ops.py SCHEMAS, which
 // tests/test_ops.py checks against these strings).
+// The signature of each rule, shared by its CPU/CUDA op and its cuda_emu_ op (and equal to
+// fusedmf/functional/_ops.py SCHEMAS, which tests/test_ops.py checks against the registered ops).
+#define FUSEDMF_SCHEMA_MF_SGD                                                                                 \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, " \
+  "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
+#define FUSEDMF_SCHEMA_MF_ADAM                                                                               \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                \
+  "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
+#define FUSEDMF_SCHEMA_NON_FINITE_CHECK "(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()"
+#define FUSEDMF_SCHEMA_PACK "(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()"
+
 TORCH_LIBRARY(fusedmf, m) {
   m.set_python_module("fusedmf.functional._ops");  // registers the fake kernels (extension-cpp's pattern)
-  m.def(
-      "mf_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
-      "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def(
-      "mf_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def("non_finite_check_(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()");
-  m.def("pack_(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()");
+  m.def("mf_sgd_" FUSEDMF_SCHEMA_MF_SGD);
+  m.def("mf_adam_" FUSEDMF_SCHEMA_MF_ADAM);
+  m.def("non_finite_check_" FUSEDMF_SCHEMA_NON_FINITE_CHECK);
+  m.def("pack_" FUSEDMF_SCHEMA_PACK);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.def("cuda_emu_mf_sgd_" FUSEDMF_SCHEMA_MF_SGD);
+  m.def("cuda_emu_mf_adam_" FUSEDMF_SCHEMA_MF_ADAM);
+  m.def("cuda_emu_non_finite_check_" FUSEDMF_SCHEMA_NON_FINITE_CHECK);
+  m.def("cuda_emu_pack_" FUSEDMF_SCHEMA_PACK);
+#endif
 }
 
 // One function per op serves both keys: it validates, then branches on the device (a CUDA call
 // into a build without CUDA kernels gets the rebuild hint from check_device_supported, not the
 // dispatcher's "could not run" message).
-#define FUSEDMF_IMPL_ALL(m)                         \
-  m.impl("mf_sgd_", &fusedmf::mf_sgd_);                \
-  m.impl("mf_adam_", &fusedmf::mf_adam_);              \
-  m.impl("non_finite_check_", &fusedmf::non_finite_check_); \
-  m.impl("pack_", &fusedmf::pack_)
+#define FUSEDMF_IMPL_ALL(m)                                                       \
+  m.impl("mf_sgd_", &fusedmf::mf_sgd_<fusedmf::CpuKernels::kCpu>);                \
+  m.impl("mf_adam_", &fusedmf::mf_adam_<fusedmf::CpuKernels::kCpu>);              \
+  m.impl("non_finite_check_", &fusedmf::non_finite_check_<fusedmf::CpuKernels::kCpu>); \
+  m.impl("pack_", &fusedmf::pack_<fusedmf::CpuKernels::kCpu>)
 
-TORCH_LIBRARY_IMPL(fusedmf, CPU, m) { FUSEDMF_IMPL_ALL(m); }
+TORCH_LIBRARY_IMPL(fusedmf, CPU, m) {
+  FUSEDMF_IMPL_ALL(m);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  // CPU tensors only: the emulator runs csrc/cuda's kernels on host memory.
+  m.impl("cuda_emu_mf_sgd_", &fusedmf::mf_sgd_<fusedmf::CpuKernels::kCudaEmu>);
+  m.impl("cuda_emu_mf_adam_", &fusedmf::mf_adam_<fusedmf::CpuKernels::kCudaEmu>);
+  m.impl("cuda_emu_non_finite_check_", &fusedmf::non_finite_check_<fusedmf::CpuKernels::kCudaEmu>);
+  m.impl("cuda_emu_pack_", &fusedmf::pack_<fusedmf::CpuKernels::kCudaEmu>);
+#endif
+}
 TORCH_LIBRARY_IMPL(fusedmf, CUDA, m) { FUSEDMF_IMPL_ALL(m); }
 // A sparse tensor in a call dispatches here; the binding refuses it naming the tensor and its layout.
 TORCH_LIBRARY_IMPL(fusedmf, SparseCPU, m) { FUSEDMF_IMPL_ALL(m); }
@@ -579,5 +639,52 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SGD_SLOT_INDEX") = sgd;
   m.attr("ADAM_SLOT_INDEX") = adam;
   m.attr("SGD_NUM_SCALARS") = kSgdNumScalars;
+  m.def("has_cuda_emu", []() {
+#ifdef FUSEDMF_WITH_CUDA_EMU
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the emulated CUDA kernels (backend 'cuda_emu', FUSEDMF_CUDA_EMU=1).");
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  // The emulator's settings and counters (csrc/cuda/emu/cuda_emu_runtime.h), for tests.
+  m.def("_cuda_emu_launches", &fusedmf_emu::launches, "Kernel launches emulated since fusedmf._C was loaded.");
+  m.def(
+      "_cuda_emu_set_thread_order",
+      [](const std::string& order, uint64_t seed) {
+        fusedmf_emu::ThreadOrder o;
+        if (order == "forward") {
+          o = fusedmf_emu::ThreadOrder::kForward;
+        } else if (order == "reverse") {
+          o = fusedmf_emu::ThreadOrder::kReverse;
+        } else if (order == "shuffle") {
+          o = fusedmf_emu::ThreadOrder::kShuffle;
+        } else {
+          throw py::value_error("fusedmf._C._cuda_emu_set_thread_order: order must be 'forward', 'reverse' or "
+                                "'shuffle', got '" + order + "'");
+        }
+        fusedmf_emu::set_thread_order(o, seed);
+      },
+      py::arg("order"), py::arg("seed") = 0,
+      "The order in which each emulated block's threads run between barriers (NOTE [emulated block]).");
+  m.def("_cuda_emu_thread_order", []() {
+    switch (fusedmf_emu::thread_order()) {
+      case fusedmf_emu::ThreadOrder::kReverse:
+        return std::string("reverse");
+      case fusedmf_emu::ThreadOrder::kShuffle:
+        return std::string("shuffle");
+      default:
+        return std::string("forward");
+    }
+  });
+  m.def("_cuda_emu_set_param_limit", [](int64_t bytes) { fusedmf_emu::set_param_limit(static_cast<size_t>(bytes)); },
+        py::arg("bytes"), "Kernel-argument limit: 32764 (CUDA >= 12.1, sm_70+; the default) or 4096 (older drivers).");
+  m.def("_cuda_emu_param_limit", []() { return static_cast<int64_t>(fusedmf_emu::param_limit()); });
+  m.def("_cuda_emu_set_driver_version", &fusedmf_emu::set_driver_version, py::arg("version"),
+        "What the emulated cudaDriverGetVersion returns (CUDART_VERSION encoding; default 13000).");
+  m.def("_cuda_emu_driver_version", &fusedmf_emu::driver_version);
+  m.def("_cuda_emu_selftest", [](const std::string& name) { return cuda_emu_api::selftest(name.c_str()); },
+        py::arg("name"), "Runs one of the shim's test-only kernels (csrc/cuda/emu/emu_api.h).");
+#endif
   m.attr("ADAM_NUM_SCALARS") = kAdamNumScalars;
 }

@@ -23,6 +23,9 @@
 
 #include "cuda/smega2.h"
 #endif
+#ifdef FUSEDMF_WITH_CUDA_EMU
+#include "cuda/emu/emu_api.h"
+#endif
 
 namespace fusedmf {
 namespace smega2_ops {
@@ -195,7 +198,7 @@ void check_launch(const char* op, cudaError_t e) {
 
 void smega2_impl(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
                  const TensorList& grad_accumulators, const TensorList& master_params, const at::Tensor& scalars,
-                 const OptTensor& inv_grad_scale, const OptTensor& found_inf, bool meta) {
+                 const OptTensor& inv_grad_scale, const OptTensor& found_inf, bool meta, bool emu) {
   constexpr const char* op = "smega2_";
   const std::vector<NamedList> lists{{"params", &params, kParam, false, Kind::kLowOrFull},
                                      {"grads", &grads, kGrad, false, Kind::kLowOrFull},
@@ -213,6 +216,13 @@ void smega2_impl(const TensorList& params, const TensorList& grads, const Tensor
   if (!device || meta) return;
   const Prepared p = prepare(lists);
   const DType param = dtype_of(params), grad = dtype_of(grads);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  if (emu) {
+    cuda_emu_api::check_launch(op, cuda_emu_api::smega2(p.lists, param, grad, scalars.data_ptr<float>(),
+                                              data_or_null(inv_grad_scale), data_or_null(found_inf)));
+    return;
+  }
+#endif
   if (device->is_cpu()) {
     cpu::smega2(p.lists, param, grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
                 data_or_null(found_inf));
@@ -228,7 +238,7 @@ void smega2_impl(const TensorList& params, const TensorList& grads, const Tensor
 
 void smega2_estimate_impl(const TensorList& params, const TensorList& momentum_buffers,
                           const TensorList& grad_accumulators, const TensorList& master_params,
-                          const TensorList& out, const at::Tensor& scalars, bool meta) {
+                          const TensorList& out, const at::Tensor& scalars, bool meta, bool emu) {
   constexpr const char* op = "smega2_estimate_";
   const std::vector<NamedList> lists{{"params", &params, kParam, false, Kind::kLowOrFull},
                                      {"momentum_buffers", &momentum_buffers, kMomentum, false, Kind::kFp32},
@@ -242,6 +252,12 @@ void smega2_estimate_impl(const TensorList& params, const TensorList& momentum_b
   if (!device || meta) return;
   const Prepared p = prepare(lists);
   const DType param = dtype_of(params), out_dtype = dtype_of(out);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  if (emu) {
+    cuda_emu_api::check_launch(op, cuda_emu_api::smega2_estimate(p.lists, param, out_dtype, scalars.data_ptr<float>()));
+    return;
+  }
+#endif
   if (device->is_cpu()) {
     cpu::smega2_estimate(p.lists, master_params.empty() ? param : DType::F32, out_dtype, scalars.data_ptr<float>());
     return;
@@ -253,37 +269,49 @@ void smega2_estimate_impl(const TensorList& params, const TensorList& momentum_b
 #endif
 }
 
-template <bool kMeta>
+template <bool kMeta, bool kEmu = false>
 void smega2_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
              const TensorList& grad_accumulators, const TensorList& master_params, const at::Tensor& scalars,
              const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
   smega2_impl(params, grads, momentum_buffers, grad_accumulators, master_params, scalars, inv_grad_scale, found_inf,
-              kMeta);
+              kMeta, kEmu);
 }
 
-template <bool kMeta>
+template <bool kMeta, bool kEmu = false>
 void smega2_estimate_(const TensorList& params, const TensorList& momentum_buffers,
                       const TensorList& grad_accumulators, const TensorList& master_params, const TensorList& out,
                       const at::Tensor& scalars) {
-  smega2_estimate_impl(params, momentum_buffers, grad_accumulators, master_params, out, scalars, kMeta);
+  smega2_estimate_impl(params, momentum_buffers, grad_accumulators, master_params, out, scalars, kMeta, kEmu);
 }
 
 }  // namespace
 }  // namespace smega2_ops
 }  // namespace fusedmf
 
+// The signatures, shared by the CPU/CUDA ops and the cuda_emu_ ops.
+#define FUSEDMF_SCHEMA_SMEGA2                                                                                  \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] grad_accumulators, "   \
+  "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
+#define FUSEDMF_SCHEMA_SMEGA2_ESTIMATE                                    \
+  "(Tensor[] params, Tensor[] momentum_buffers, Tensor[] grad_accumulators, " \
+  "Tensor[] master_params, Tensor(a!)[] out, Tensor scalars) -> ()"
+
 TORCH_LIBRARY_FRAGMENT(fusedmf, m) {
-  m.def(
-      "smega2_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] grad_accumulators, "
-      "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def(
-      "smega2_estimate_(Tensor[] params, Tensor[] momentum_buffers, Tensor[] grad_accumulators, "
-      "Tensor[] master_params, Tensor(a!)[] out, Tensor scalars) -> ()");
+  m.def("smega2_" FUSEDMF_SCHEMA_SMEGA2);
+  m.def("smega2_estimate_" FUSEDMF_SCHEMA_SMEGA2_ESTIMATE);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.def("cuda_emu_smega2_" FUSEDMF_SCHEMA_SMEGA2);
+  m.def("cuda_emu_smega2_estimate_" FUSEDMF_SCHEMA_SMEGA2_ESTIMATE);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fusedmf, CPU, m) {
   m.impl("smega2_", &fusedmf::smega2_ops::smega2_<false>);
   m.impl("smega2_estimate_", &fusedmf::smega2_ops::smega2_estimate_<false>);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.impl("cuda_emu_smega2_", &fusedmf::smega2_ops::smega2_<false, true>);
+  m.impl("cuda_emu_smega2_estimate_", &fusedmf::smega2_ops::smega2_estimate_<false, true>);
+#endif
 }
 
 #ifdef FUSEDMF_WITH_CUDA
@@ -296,4 +324,8 @@ TORCH_LIBRARY_IMPL(fusedmf, CUDA, m) {
 TORCH_LIBRARY_IMPL(fusedmf, Meta, m) {
   m.impl("smega2_", &fusedmf::smega2_ops::smega2_<true>);
   m.impl("smega2_estimate_", &fusedmf::smega2_ops::smega2_estimate_<true>);
+#ifdef FUSEDMF_WITH_CUDA_EMU
+  m.impl("cuda_emu_smega2_", &fusedmf::smega2_ops::smega2_<true, true>);
+  m.impl("cuda_emu_smega2_estimate_", &fusedmf::smega2_ops::smega2_estimate_<true, true>);
+#endif
 }

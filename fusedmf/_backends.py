@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "cuda_emu")
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation .` in the fusedmf checkout "
     "(FUSEDMF_CUDA=1 to require the CUDA kernels), or set FUSEDMF_JIT=1 to compile it with "
@@ -54,6 +54,19 @@ def compiled_extension():
         except Exception as exc:  # a failed JIT build is reported, not raised at import
             return None, f"{import_error}; the FUSEDMF_JIT=1 build failed: {exc}"
     return None, f"{import_error}; {_BUILD_HINT}"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_emu_extension():
+    """Return (fusedmf._C or None, reason): the emulated CUDA kernels (backend "cuda_emu": csrc/cuda
+    compiled for the host, run on CPU tensors; a testing backend, never chosen by "auto")."""
+    ext, why = compiled_extension()
+    if ext is None:
+        return None, why
+    if not ext.has_cuda_emu():
+        return None, ("fusedmf._C was built without FUSEDMF_CUDA_EMU=1; rebuild with "
+                      "`FUSEDMF_CUDA_EMU=1 pip install --no-build-isolation .` to run csrc/cuda on CPU tensors")
+    return ext, ""
 
 
 def _triton_interpreting() -> bool:
@@ -120,6 +133,11 @@ def available_backends() -> dict[str, BackendStatus]:
         status["triton"] = BackendStatus(
             False, "no CUDA device is visible; set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors"
         )
+    emu, why = cuda_emu_extension()
+    status["cuda_emu"] = (
+        BackendStatus(True, "csrc/cuda kernels emulated on CPU tensors (FUSEDMF_CUDA_EMU=1 build; for tests, slow)")
+        if emu is not None else BackendStatus(False, why)
+    )
     return status
 
 
@@ -158,6 +176,8 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
         raise RuntimeError(f"fusedmf backend {backend!r} is not available: {status[backend].detail}")
     if backend == "cpu" and device.type != "cpu":
         raise RuntimeError(f"fusedmf backend 'cpu' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda_emu" and device.type != "cpu":
+        raise RuntimeError(f"fusedmf backend 'cuda_emu' runs the CUDA kernels on CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError(f"fusedmf backend 'cuda' runs on CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type == "cpu" and not _triton_interpreting():
@@ -172,6 +192,8 @@ def _resolve_meta(backend: str, dtype: Optional[torch.dtype]) -> str:
         return "cpu"
     if backend in ("cpu", "cuda") and compiled_extension()[0] is None:
         raise RuntimeError(f"fusedmf backend {backend!r} is not available: {compiled_extension()[1]}")
+    if backend == "cuda_emu" and cuda_emu_extension()[0] is None:
+        raise RuntimeError(f"fusedmf backend 'cuda_emu' is not available: {cuda_emu_extension()[1]}")
     if backend == "triton" and triton_module()[0] is None:
         raise RuntimeError(f"fusedmf backend 'triton' is not available: {triton_module()[1]}")
     return backend

@@ -9,6 +9,10 @@ One environment variable decides CUDA, FUSEDMF_CUDA:
                     /usr/local/cuda, as torch.utils.cpp_extension looks for it)
   "0"               CPU kernels only
   "1"               CUDA kernels required: fail, saying what is missing
+A second, FUSEDMF_CUDA_EMU ("0" default, "1"), adds the backend "cuda_emu": the same csrc/cuda/*.cu
+compiled for the host with g++ against the shim in csrc/cuda/emu/ (each through a one-line
+csrc/cuda/emu/<name>_emu.cpp, so both build paths compile them as C++ with the flags below), for
+tests and CI; a build without it is unchanged.
 TORCH_CUDA_ARCH_LIST picks the archs; unset and with no visible GPU, it defaults to "9.0" (the
 project's GPUs are H200s) instead of torch's list of every arch.
 """
@@ -42,6 +46,17 @@ CUDA_SOURCES = (
     "csrc/cuda/average.cu",
     "csrc/cuda/smega2.cu",
 )
+
+# The emulated CUDA kernels (FUSEDMF_CUDA_EMU=1): one wrapper per csrc/cuda/*.cu, the bridge to
+# the bindings, and the shim's runtime (fibers, barriers, launch checks).
+CUDA_EMU_SOURCES = tuple(f"csrc/cuda/emu/{Path(f).stem}_emu.cpp" for f in CUDA_SOURCES) + (
+    "csrc/cuda/emu/api_emu.cpp",
+    "csrc/cuda/emu/cuda_emu_runtime.cpp",
+)
+# Stand-ins for <cuda_runtime.h> & co. that the .cu files include, searched after every other
+# folder: where a toolkit is on the path its headers are found first and the shim has already
+# marked them as included (csrc/cuda/emu/cuda_emu.h), so either way only the shim's definitions count.
+CUDA_EMU_INCLUDE = "csrc/cuda/emu/include"
 
 DEFAULT_CUDA_ARCH_LIST = "9.0"
 
@@ -140,6 +155,14 @@ def with_cuda() -> bool:
     return missing is None
 
 
+def with_cuda_emu() -> bool:
+    """FUSEDMF_CUDA_EMU ("0" | "1"): whether to link the emulated CUDA kernels (backend "cuda_emu")."""
+    mode = os.environ.get("FUSEDMF_CUDA_EMU", "0").strip()
+    if mode not in ("0", "1"):
+        raise ValueError(f"FUSEDMF_CUDA_EMU must be '0' or '1', got {mode!r}")
+    return mode == "1"
+
+
 def configure_cuda_arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST, defaulted to 9.0 when unset and no GPU is visible; returns it ("" = torch's choice)."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -167,7 +190,7 @@ def _arch_token(archs: str) -> str:
 
 def sources(cuda: bool, root: Optional[Path] = None) -> list[str]:
     """Source files, relative to the checkout (setup.py) or absolute under `root` (JIT)."""
-    files = list(CPU_SOURCES) + (list(CUDA_SOURCES) if cuda else [])
+    files = list(CPU_SOURCES) + (list(CUDA_SOURCES) if cuda else []) + (list(CUDA_EMU_SOURCES) if with_cuda_emu() else [])
     return [str(root / f) for f in files] if root is not None else files
 
 
@@ -197,6 +220,8 @@ def define_macros(cuda: bool, cuda_archs: str = "") -> list[tuple[str, Optional[
         macros.append(("FUSEDMF_WITH_CUDA", None))
         if cuda_archs:
             macros.append(("FUSEDMF_CUDA_ARCHS", _arch_token(cuda_archs)))
+    if with_cuda_emu():
+        macros.append(("FUSEDMF_WITH_CUDA_EMU", None))
     return macros
 
 
@@ -204,8 +229,11 @@ def _macro_flags(macros) -> list[str]:
     return [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in macros]
 
 
-def extra_compile_args(cuda: bool) -> dict[str, list[str]]:
+def extra_compile_args(cuda: bool, root: Optional[Path] = None) -> dict[str, list[str]]:
     args = {"cxx": list(CXX_FLAGS)}
+    if with_cuda_emu():
+        # absolute: ninja does not run in the checkout
+        args["cxx"] += ["-idirafter", str((root or ROOT) / CUDA_EMU_INCLUDE)]
     if cuda:
         # The pip CUDA headers (cusparse.h, cublas_v2.h... that ATen/cuda/CUDAContext.h includes
         # from csrc/bindings.cpp) go *after* the toolkit's include/: that folder also holds a
@@ -234,7 +262,7 @@ def default_build_dir(cuda: bool) -> Path:
     import torch
 
     base = os.environ.get("FUSEDMF_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusedmf")
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}"
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}{'-emu' if with_cuda_emu() else ''}"
     return Path(base) / tag
 
 
@@ -251,7 +279,7 @@ def jit_build(verbose: bool = False):
     cuda = with_cuda()
     archs = configure_cuda_arch_list() if cuda else ""
     macros = _macro_flags(define_macros(cuda, archs))
-    args = extra_compile_args(cuda)
+    args = extra_compile_args(cuda, ROOT)
     build_dir = default_build_dir(cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(

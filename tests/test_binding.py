@@ -584,22 +584,56 @@ def test_non_finite_check_validation():
                     TypeError, "tensors[1] has dtype float16 but tensors[0] has dtype float32")
 
 
-# ---- CUDA kernels (need a GPU and a CUDA build; skipped otherwise, with the reason) -----------------
+# ---- CUDA kernels: on a GPU, and as backend "cuda_emu" (csrc/cuda executed on CPU tensors) ---------
+# Each test runs the same csrc/cuda source twice where it can: "cuda" needs a GPU and a CUDA build
+# (skipped otherwise, with the reason), "cuda_emu" needs a FUSEDMF_CUDA_EMU=1 build (CI has one and
+# requires it). Both must equal the CPU kernels bit for bit.
 
 needs_cuda = pytest.mark.skipif(not (C.has_cuda() and torch.cuda.is_available()),
                                 reason="needs fusedmf._C built with CUDA (FUSEDMF_CUDA=1) and a visible GPU")
 
 
-def _to(tensors, device):
-    """Copies on `device`; on CUDA every third one a view one element into its buffer, so that the
-    kernels take their scalar (unaligned) path for it."""
+def _require_emu():
+    require_backend("cuda_emu")  # skips with the reason, or fails under FUSEDMF_REQUIRE_BACKENDS
+
+
+CUDA_KINDS = [pytest.param("cuda", marks=needs_cuda), "cuda_emu"]
+
+
+class _Cuda:
+    """The CUDA kernels of one kind: where their tensors live, and their ops."""
+
+    def __init__(self, kind):
+        if kind == "cuda_emu":
+            _require_emu()
+        self.kind = kind
+        self.device = "cuda" if kind == "cuda" else "cpu"
+        prefix = "" if kind == "cuda" else "cuda_emu_"
+        for rule in ("mf_sgd_", "mf_adam_", "non_finite_check_", "pack_"):
+            setattr(self, rule, getattr(K, prefix + rule))
+
+    def sync(self):
+        if self.kind == "cuda":
+            torch.cuda.synchronize()
+
+
+@pytest.fixture(params=CUDA_KINDS)
+def gpu(request):
+    return _Cuda(request.param)
+
+
+def _to(tensors, device, misalign=None):
+    """Copies on `device` (always new memory); for the CUDA kernels (misalign, the default on a
+    CUDA device) every third one a view one element into its buffer, so that the kernels take their
+    scalar (unaligned) path for it."""
+    misalign = device == "cuda" if misalign is None else misalign
     out = []
     for i, t in enumerate(tensors):
-        if device == "cuda" and i % 3 == 1 and t.dim() == 1:
+        if misalign and i % 3 == 1 and t.dim() == 1:
             buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
             out.append(buf[1:].copy_(t))
         else:
-            out.append(t.to(device))
+            out.append(t.to(device, copy=True))
     return out
 
 
@@ -622,9 +656,8 @@ def _views_like(tensors, dtype, gen, scale=1.0, positive=False):
     return out
 
 
-@needs_cuda
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
-def test_cuda_sgd_and_adam_match_cpu_kernels(combo):
+def test_cuda_sgd_and_adam_match_cpu_kernels(gpu, combo):
     """The CUDA kernels round like the CPU kernels (NOTE [fma placement]): bit for bit."""
     param_dtype, grad_dtype, master = combo
     gen = torch.Generator().manual_seed(3)
@@ -633,48 +666,47 @@ def test_cuda_sgd_and_adam_match_cpu_kernels(combo):
     bufs = _views_like(params, F32, gen, 0.1)
     masters = [p.to(F32) for p in params] if master else []
     cpu = {"params": clone_all(params), "momentum_buffers": clone_all(bufs), "master_params": clone_all(masters)}
-    dev = {k: _to(v, "cuda") for k, v in cpu.items()}
-    grads_dev = _to(grads[1:] + grads[:1], "cuda")  # other alignments than the params'
+    dev = {k: _to(v, gpu.device, True) for k, v in cpu.items()}
+    grads_dev = _to(grads[1:] + grads[:1], gpu.device, True)  # other alignments than the params'
     grads_dev = grads_dev[-1:] + grads_dev[:-1]
     inv = torch.tensor([0.5])
     for step in range(2):
         _, vec = sgd_vector(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, first_step=step == 0)
         K.mf_sgd_(cpu["params"], grads, cpu["momentum_buffers"], cpu["master_params"], vec, inv, None)
-        K.mf_sgd_(dev["params"], grads_dev, dev["momentum_buffers"], dev["master_params"], vec.cuda(), inv.cuda(),
-                  torch.zeros(1, device="cuda"))
+        gpu.mf_sgd_(dev["params"], grads_dev, dev["momentum_buffers"], dev["master_params"], vec.to(gpu.device),
+                    inv.to(gpu.device), torch.zeros(1, device=gpu.device))
     exact = C._cpu_capability() == "avx2"
-    check_update(f"cuda mf_sgd_ {combo_id(combo)}", {k: _to(v, "cpu") for k, v in dev.items()}, cpu, master,
+    check_update(f"{gpu.kind} mf_sgd_ {combo_id(combo)}", {k: _to(v, "cpu", False) for k, v in dev.items()}, cpu, master,
                  param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
 
     exp_avgs = _views_like(params, F32, gen, 0.1)
     exp_avg_sqs = _views_like(params, F32, gen, 0.1, positive=True)
     masters = [p.to(F32) for p in params] if master else []
     cpu = {"params": clone_all(params), "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "master_params": masters}
-    dev = {k: _to(v, "cuda") for k, v in cpu.items()}
+    dev = {k: _to(v, gpu.device, True) for k, v in cpu.items()}
     _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, weight_decay=0.1,
                          decoupled_weight_decay=True)
     K.mf_adam_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"], cpu["master_params"], vec, inv, None)
-    K.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], dev["master_params"], vec.cuda(),
-               inv.cuda(), None)
-    check_update(f"cuda mf_adam_ {combo_id(combo)}", {k: _to(v, "cpu") for k, v in dev.items()}, cpu, master,
+    gpu.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], dev["master_params"],
+                 vec.to(gpu.device), inv.to(gpu.device), None)
+    check_update(f"{gpu.kind} mf_adam_ {combo_id(combo)}", {k: _to(v, "cpu", False) for k, v in dev.items()}, cpu, master,
                  param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
 
 
-@needs_cuda
-def test_cuda_found_inf_writes_nothing_and_non_finite_check():
-    params = _to(_launcher_zoo(F32), "cuda")
+def test_cuda_found_inf_writes_nothing_and_non_finite_check(gpu):
+    params = _to(_launcher_zoo(F32), gpu.device, True)
     grads = [torch.randn_like(p) for p in params]
     bufs = [torch.full_like(p, float("nan")) for p in params]
     before = {"params": clone_all(params), "bufs": clone_all(bufs)}
-    found = torch.zeros(1, device="cuda")
-    K.non_finite_check_(grads, found)
+    found = torch.zeros(1, device=gpu.device)
+    gpu.non_finite_check_(grads, found)
     assert found.item() == 0.0
     grads[-2][-1] = float("nan")  # the last non-empty tensor, an empty one after it
-    K.non_finite_check_(grads, found)
+    gpu.non_finite_check_(grads, found)
     assert found.item() == 1.0
     _, vec = sgd_vector(lr=0.1, momentum=0.9, first_step=True)
-    K.mf_sgd_(params, grads, bufs, [], vec.cuda(), None, found)
-    torch.cuda.synchronize()
+    gpu.mf_sgd_(params, grads, bufs, [], vec.to(gpu.device), None, found)
+    gpu.sync()
     assert_unchanged(before, {"params": params, "bufs": bufs})
 
 
@@ -860,20 +892,20 @@ def test_pack_rejects_bad_grads():
         K.pack_(**a)
 
 
-@needs_cuda
 @pytest.mark.parametrize("combo", PACK_COMBOS, ids=pack_id)
-def test_cuda_pack_matches_reference(combo):
+def test_cuda_pack_matches_reference(gpu, combo):
     """The launcher's zoo (several launches, a tensor of >320 chunks, unaligned grads), bit for bit."""
     grad_dtype, out_dtype = combo
-    grads = _to(_launcher_zoo(grad_dtype), "cuda")
-    grads += [torch.randn(3, 8, 5, 7, device="cuda").to(grad_dtype).contiguous(memory_format=torch.channels_last),
-              torch.randn(9, 4, device="cuda")[::2].to(grad_dtype), torch.randn(5, device="cuda").half(),
-              torch.empty(0, device="cuda")]
+    d = gpu.device
+    grads = _to(_launcher_zoo(grad_dtype), d, True)
+    grads += [torch.randn(3, 8, 5, 7, device=d).to(grad_dtype).contiguous(memory_format=torch.channels_last),
+              torch.randn(9, 4, device=d)[::2].to(grad_dtype), torch.randn(5, device=d).half(),
+              torch.empty(0, device=d)]
     mine, padding = pack_buffer(grads, out_dtype)
-    mine = mine.cuda()
+    mine = mine.to(d)
     ref = mine.clone()
-    K.pack_(grads, mine, 1 / 3)
+    gpu.pack_(grads, mine, 1 / 3)
     reference_pack_(grads, ref, 1 / 3)
-    torch.cuda.synchronize()
-    assert_bitwise(mine.cpu(), ref.cpu(), f"cuda pack_ {combo}")
+    gpu.sync()
+    assert_bitwise(mine.cpu(), ref.cpu(), f"{gpu.kind} pack_ {combo}")
     assert (mine.cpu()[padding] == PACK_SENTINEL[out_dtype]).all(), "padding written"

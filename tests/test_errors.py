@@ -108,7 +108,7 @@ def test_unavailable_backend_names_the_reason(monkeypatch):
     modified. Checked on every machine: a CUDA machine has cuda, so "cuda" is marked unavailable with a
     known reason (what available_backends() reports for a build without CUDA kernels)."""
     status = fusedmf.available_backends()
-    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    assert set(status) == {"reference", "cpu", "cuda", "triton", "cuda_emu"}
     for name, st in status.items():
         assert st.detail, f"{name} has no description"
     reason = "fusedmf._C was built without CUDA kernels (test)"

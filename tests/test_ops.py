@@ -12,7 +12,7 @@ from conftest import require_backend
 from fusedmf.functional import _ops
 from fusedmf.functional.scalars import ADAM_SLOTS, SGD_SLOTS, adam_step_scalars, sgd_step_scalars
 
-BACKENDS = ("cpu", "cuda", "triton")
+from conftest import FUSED_BACKENDS as BACKENDS  # noqa: E402
 
 
 def _device(backend):

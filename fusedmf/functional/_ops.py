@@ -38,6 +38,8 @@ OP_TABLE = {
     "cpu": (_backends.compiled_extension, ""),
     "cuda": (_backends.compiled_extension, ""),
     "triton": (_backends.triton_module, "triton_"),
+    # csrc/cuda's kernels compiled for the host (FUSEDMF_CUDA_EMU=1), registered by csrc/bindings.cpp
+    "cuda_emu": (_backends.cuda_emu_extension, "cuda_emu_"),
 }
 
 
@@ -105,8 +107,8 @@ def _loaded(backend: str):
         raise RuntimeError(f"fusedmf backend {backend!r} is not available: {why}")
     check_slot_layout(backend, dict(module.SGD_SLOT_INDEX), SGD_SLOTS, "SGD")
     check_slot_layout(backend, dict(module.ADAM_SLOT_INDEX), ADAM_SLOTS, "Adam")
-    if prefix == "":
-        register_fakes("")  # the C++ ops are defined in C++; their fakes live here
+    if loader is not _backends.triton_module:
+        register_fakes(prefix)  # the C++ ops are defined in C++; their fakes live here
     return prefix
 
 
@@ -115,6 +117,9 @@ def op(backend: str, rule: str):
     """The OpOverload that runs ``rule`` on ``backend`` (e.g. ("triton", "mf_sgd_") ->
     torch.ops.fusedmf.triton_mf_sgd_.default)."""
     prefix = _loaded(backend)
+    if not hasattr(torch.ops.fusedmf, prefix + rule):
+        raise RuntimeError(f"fusedmf backend {backend!r} has no op {prefix + rule!r}: it was built from older sources; "
+                           "rebuild it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
     return getattr(torch.ops.fusedmf, prefix + rule).default
 
 

@@ -43,6 +43,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import _backends
+from . import _ops
 
 Tensor = torch.Tensor
 
@@ -128,11 +129,7 @@ def _backend(backend: str, device: torch.device, lists: dict) -> str:
 
 
 def _op(name: str, rule: str):
-    if name == "triton":
-        _backends.triton_module()   # importing triton_kernels registers its torch ops
-        return getattr(torch.ops.fusedmf, "triton_" + rule)
-    _backends.compiled_extension()  # loading fusedmf._C registers the compiled ops
-    return getattr(torch.ops.fusedmf, rule)
+    return _ops.op(name, rule)  # the backend's torch op, by OP_TABLE's prefix
 
 
 def pack_delta(sources: Sequence[Tensor], consensus: Sequence[Tensor], out: Sequence[Tensor], *, scale: float,

@@ -16,6 +16,7 @@ import torch
 
 from .. import _backends
 # fusedmf/functional/__init__.py imports this module after defining these helpers
+from . import _ops
 from . import _check_same_device, _device_of, _scalar_vector, _scale_tensor, reference
 from .scalars import SMEGA2EstimateScalars, SMEGA2StepScalars, smega2_estimate_scalars, smega2_step_scalars
 
@@ -27,11 +28,7 @@ def _kernel(name: str, op: str):
     """The compiled or Triton kernel `op` of backend `name` (resolve() has checked it is available)."""
     if name == "triton":
         return getattr(_backends.triton_module()[0], op)
-    _backends.compiled_extension()  # loading fusedmf._C registers its torch ops
-    if not hasattr(torch.ops.fusedmf, op):
-        raise RuntimeError(f"fusedmf._C has no op {op!r}: it was built from older sources; rebuild it with "
-                           "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
-    return getattr(torch.ops.fusedmf, op)
+    return _ops.op(name, op)  # cpu, cuda, cuda_emu: the torch ops of OP_TABLE
 
 
 def smega2_call(backend: str, params, grads, momentum_buffers, grad_accumulators, master_params,
