@@ -27,11 +27,10 @@ REQUIRED = os.environ.get("FUSEDMF_REQUIRE_CODEGEN") == "1" or os.environ.get("C
 
 # Kernels allowed a stack frame, with the most bytes and local accesses seen and why. A kernel that
 # no longer needs its entry fails test_known_spills_are_current, so the list cannot go stale.
-KNOWN_LOCAL = {
-    # ptxas keeps the f16 grad's converted value alive across the CALLs of the correctly rounded
-    # division / square root slow paths (the call ABI clobbers it) in the unaligned path: 8 bytes,
-    # one STL and three LDL. Owed to issue 10 part 4 (register budget of the Adam kernels).
-    "AdamOp<float, fusedmf::f16, false>": (8, 4),
+KNOWN_LOCAL: dict = {
+    # empty since the Adam kernels got __launch_bounds__(512, 2) (issue 10 part 4): until then
+    # AdamOp<float, f16, false> kept its converted f16 grad on an 8-byte stack frame across the
+    # calls of the correctly rounded division / square root in its unaligned path
 }
 
 VECTOR = re.compile(r"(LDG|STG)\.E(\.[A-Z0-9_]+)*\.(64|128)(\.[A-Z0-9_]+)*")
