@@ -70,6 +70,17 @@ LARGE_ARGS_MIN_DRIVER = 12010  # cudaDriverGetVersion() from which the 32 KiB ro
 _LIMIT_ROW = re.compile(r"FUSEDMF_LAUNCH_LIMIT\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)")
 
 
+LAUNCHER_HEADER = os.path.join(ROOT, "csrc", "cuda", "multi_tensor_apply.cuh")
+
+
+def read_kunroll(path: str = LAUNCHER_HEADER) -> int:
+    """The launcher's kUnroll (aligned iterations whose loads are in flight together per thread)."""
+    m = re.search(r"constexpr int kUnroll = (\d+);", open(path).read())
+    if m is None:
+        raise RuntimeError(f"no 'constexpr int kUnroll = N;' in {path}")
+    return int(m.group(1))
+
+
 def launch_limits(path: str = LIMITS_HEADER) -> Dict[Tuple[int, int], Tuple[int, int]]:
     """{(arg_bytes, depth): (max_tensors, max_blocks)}: the rows of csrc/cuda/launch_limits.h."""
     with open(path) as f:
@@ -179,9 +190,10 @@ class Design:
 
 DESIGNS = {
     "before": Design("before: 4 KiB arguments, 1 iteration in flight", SMALL_ARGS, 1, "before"),
-    "after": Design("after: 32 KiB arguments, 2 iterations in flight", LARGE_ARGS, 2, "after"),
-    "after_old_driver": Design("after, driver < 12.1: 4 KiB arguments, 2 iterations in flight",
-                               SMALL_ARGS, 2, "after"),
+    "after": Design(f"after: 32 KiB arguments, {read_kunroll()} iteration(s) in flight", LARGE_ARGS, read_kunroll(),
+                    "after"),
+    "after_old_driver": Design(f"after, driver < 12.1: 4 KiB arguments, {read_kunroll()} iteration(s) in flight",
+                               SMALL_ARGS, read_kunroll(), "after"),
     # the alternative of NOTE [ILP-4] that was not chosen: 16-byte accesses for 16-bit streams
     # (8 elements per thread and iteration, one iteration in flight): the same bytes in flight as
     # unrolling by 2 for fp32 streams, more for 16-bit ones, but it needs 16-byte alignment of the

@@ -82,7 +82,7 @@ def test_fusedmf_cases_timed_or_skipped_with_reason(quick_run):
     recs = {r["name"]: r for r in data["cases"]}
     cpu = fusedmf.available_backends()["cpu"]
     assert data["backends"]["cpu"] == {"available": cpu.available, "detail": cpu.detail}
-    assert set(data["backends"]) == {"reference", "cpu", "cuda", "triton"}
+    assert set(data["backends"]) == set(fusedmf.available_backends())   # every backend, with its reason
     for name in FUSEDMF_CPU_CASES:
         assert name in recs, f"case {name} was dropped instead of recorded"
         rec = recs[name]

@@ -164,6 +164,7 @@ def test_kernel_argument_limit():
     assert C._cuda_emu_param_limit() == 32764
     assert C._cuda_emu_selftest("oversize_args") == 0.0
     C._cuda_emu_set_param_limit(4096)
+    C._cuda_emu_set_driver_version(12000)   # an old driver: the launcher falls back to its 4 KiB structs
     try:
         with pytest.raises(RuntimeError, match="kernel arguments of 5008 bytes exceed the launch limit of 4096"):
             C._cuda_emu_selftest("oversize_args")
@@ -179,6 +180,7 @@ def test_kernel_argument_limit():
         assert torch.equal(p[0].detach(), before)
     finally:
         C._cuda_emu_set_param_limit(32764)
+        C._cuda_emu_set_driver_version(13000)
 
 
 def test_settings_and_launch_counter():
@@ -194,13 +196,19 @@ def test_settings_and_launch_counter():
         assert C._cuda_emu_selftest("block_sum_256") == 256
     finally:
         C._cuda_emu_set_thread_order("forward")
-    # one launch per 320 blocks (and per 48 tensors at depth 4): 321 chunks take two
+    # 321 chunks: one launch under the 32 KiB structs of a CUDA >= 12.1 driver (2048 blocks each),
+    # two under the 4 KiB fallback (320 blocks each; csrc/cuda/launch_limits.h)
     p = [torch.nn.Parameter(torch.randn(320 * CHUNK + 1))]
     opt = MFSGD(p, lr=0.1, momentum=0.9, backend="cuda_emu")
-    p[0].grad = torch.randn_like(p[0])
-    before = C._cuda_emu_launches()
-    opt.step()
-    assert C._cuda_emu_launches() - before == 2
+    for driver, launches in ((13000, 1), (12000, 2)):
+        C._cuda_emu_set_driver_version(driver)
+        try:
+            p[0].grad = torch.randn_like(p[0])
+            before = C._cuda_emu_launches()
+            opt.step()
+            assert C._cuda_emu_launches() - before == launches, driver
+        finally:
+            C._cuda_emu_set_driver_version(13000)
 
 
 def test_auto_never_chooses_cuda_emu_and_cuda_emu_needs_cpu_tensors():

@@ -48,7 +48,13 @@ namespace cuda {
 constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;  // elements per block: 128 per thread, 16 rounds of 2 x ILP-4
 constexpr int kIlp = 4;
-constexpr int kUnroll = 2;  // aligned iterations whose loads are in flight together (NOTE [ILP-4])
+// Aligned iterations whose loads are in flight together (NOTE [ILP-4]). 1: an unroll by 2 (both
+// iterations' vectors loaded before either is computed) made nvcc 13.0 split the first iteration's
+// 128-bit store into four 32-bit stores in every kernel (tests/test_codegen.py caught it, also with
+// the stores reordered or the odd last vector predicated), so two iterations in flight are owed
+// another way (16-byte accesses for 16-bit streams, or a register layout nvcc keeps vectorised).
+// The Frag arrays stay sized by kUnroll so that a later unroll changes only this loop.
+constexpr int kUnroll = 1;
 
 // Kernel-argument limits (NOTE [launch limits]): the classic one, and the one of CUDA >= 12.1
 // drivers on sm_70+.
@@ -224,9 +230,9 @@ __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
 // NOTE [ILP-4]
 // Each thread moves kIlp elements per iteration. When every pointer of the chunk is aligned to
 // kIlp elements, they move as one vector access per list (16 B for fp32, 8 B for 16-bit types) on
-// consecutive elements, kUnroll iterations at a time: the loads of both iterations are issued
-// before either is computed, so each thread keeps twice the bytes in flight (memory latency, not
-// bandwidth, bounds a launch of few blocks: benchmarks/launch_model.py). Otherwise (views at odd
+// consecutive elements, kUnroll iterations at a time (1 for now, see kUnroll: more would keep more
+// bytes in flight per thread, and memory latency, not bandwidth, bounds a launch of few blocks:
+// benchmarks/launch_model.py). Otherwise (views at odd
 // offsets) as kIlp scalar accesses blockDim.x apart, still coalesced, loaded all before any is used
 // (apex's ILP scheme). Every path and the chunk's tail call the same update_math.h function on
 // registers, once per element, so the unrolling changes no result.
@@ -244,22 +250,12 @@ __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
 // feeds them all; the unaligned path and the tail feed f[0]).
 template <class Op>
 __device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op::Frag (&f)[kUnroll]) {
-  static_assert(kUnroll == 2, "the aligned loop below is written for two iterations in flight");
+  static_assert(kUnroll == 1, "the aligned loop below is written for one iteration in flight");
   const int64_t stride = static_cast<int64_t>(blockDim.x) * kIlp;
   if (op.aligned()) {
     const int64_t n_vec = n - n % kIlp;
     int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp;
-    for (; i + stride < n_vec; i += kUnroll * stride) {  // both vectors inside n_vec
-      op.load_vec(f[0], i);
-      op.load_vec(f[1], i + stride);
-#pragma unroll
-      for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);
-#pragma unroll
-      for (int k = 0; k < kIlp; ++k) op.compute(f[1], k);
-      op.store_vec(f[0], i);
-      op.store_vec(f[1], i + stride);
-    }
-    if (i < n_vec) {  // an odd number of vectors: the last one alone
+    for (; i < n_vec; i += kUnroll * stride) {
       op.load_vec(f[0], i);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);

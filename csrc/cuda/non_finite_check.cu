@@ -53,11 +53,18 @@ struct NonFiniteOp {
     __syncthreads();
     if (already_set) return;
     NonFiniteChunk<T, kSumsq> c{static_cast<const T*>(base[0]) + begin};
-    typename NonFiniteChunk<T, kSumsq>::Frag f[kUnroll] = {{false, 0.0f}, {false, 0.0f}};
+    typename NonFiniteChunk<T, kSumsq>::Frag f[kUnroll];
+    for (auto& frag : f) frag = {false, 0.0f};
     chunk_apply(c, n, f);
-    if (__syncthreads_or(f[0].bad || f[1].bad) && threadIdx.x == 0) *found_inf = 1.0f;
+    bool bad = false;
+    float sq = 0.0f;
+    for (const auto& frag : f) {  // the kUnroll frags of this thread, in order
+      bad = bad || frag.bad;
+      sq += frag.sq;
+    }
+    if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
     if constexpr (kSumsq) {
-      const float total = block_sum(f[0].sq + f[1].sq);
+      const float total = block_sum(sq);
       if (threadIdx.x == 0) atomicAdd(sumsq, total);
     }
   }

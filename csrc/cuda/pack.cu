@@ -51,7 +51,9 @@ struct PackOp {
     for (auto& frag : f) frag.sq = 0.0f;
     chunk_apply(c, n, f);
     if constexpr (kSumsq) {
-      const float total = block_sum(f[0].sq + f[1].sq);
+      float sq = 0.0f;
+      for (const auto& frag : f) sq += frag.sq;  // the kUnroll frags of this thread, in order
+      const float total = block_sum(sq);
       if (threadIdx.x == 0) atomicAdd(sumsq, total);
     }
   }
