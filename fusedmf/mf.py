@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 from .functional.scalars import check_lr, check_mf
 
 __all__ = ["MFSchedule", "constant", "by_world_size", "horizon", "ramp", "sequence", "callable_schedule",
-           "noise_adaptive", "effective_lr", "as_schedule"]
+           "noise_adaptive", "effective_lr", "as_schedule", "is_stateful"]
 
 
 class MFSchedule:
@@ -63,6 +63,15 @@ class MFSchedule:
         if step < 1:
             raise ValueError(f"MF schedules are called with the 1-based update number, got {step}")
         return check_mf(f"{self!r}({step})", self.value(step))
+
+
+def is_stateful(schedule) -> bool:
+    """Whether a schedule keeps state between calls (it has its own ``state_dict``): such a schedule must
+    be called at run time, step by step, and cannot be tabulated ahead for a ``capturable=True`` step."""
+    if isinstance(schedule, sequence):
+        return any(is_stateful(s) for _, s in schedule.segments)
+    state_dict = getattr(type(schedule), "state_dict", None)
+    return state_dict is not None and state_dict is not MFSchedule.state_dict
 
 
 def as_schedule(s: Union[float, int, Callable[[int], float], MFSchedule], name: str = "schedule") -> MFSchedule:

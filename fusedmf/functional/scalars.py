@@ -10,12 +10,24 @@ CUDA graph: only the contents of the vector change between steps, never the kern
 
 Flags (nesterov, first_step) travel in the same vector as 0.0 / 1.0 so that a kernel has a single
 scalar argument; a kernel tests them with ``!= 0``.
+
+NOTE [capturable scalars]
+A ``capturable=True`` step (fusedmf/optim/_base.py) cannot compute the vector on the host: its step
+counts, beta1 product and MF live on the device. The slot formulas below (``sgd_slots``,
+``adam_slots``) are therefore written once for values that are Python floats *or* 0-dim float64
+tensors, and the device path evaluates the very same expressions with tensor ops in float64
+before the one rounding to float32, as the host does. Two torch conveniences would round twice
+and are avoided (``_div``): ``float / tensor`` multiplies by the reciprocal, and on CUDA so does
+``tensor / float``. Validation stays on the host path (the device values are checked where the
+host writes them: the MF table, the group's settings).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 # Slot order of the MF-SGD / MF-NAG scalar vector. Keep in sync with csrc/update_math.h
 # (kSgd* constants) and triton_kernels/ (SGD_* constants).
@@ -80,8 +92,12 @@ class SGDStepScalars:
     nesterov: float
     first_step: float
 
+    def slot_values(self) -> list:
+        """The slots in vector order: floats, or 0-dim tensors in a capturable step."""
+        return [getattr(self, name) for name in SGD_SLOTS]
+
     def as_list(self) -> list[float]:
-        return [float(getattr(self, name)) for name in SGD_SLOTS]
+        return [float(v) for v in self.slot_values()]
 
 
 @dataclass(frozen=True)
@@ -97,8 +113,12 @@ class AdamStepScalars:
     neg_step_size: float
     bias_correction2_sqrt: float
 
+    def slot_values(self) -> list:
+        """The slots in vector order: floats, or 0-dim tensors in a capturable step."""
+        return [getattr(self, name) for name in ADAM_SLOTS]
+
     def as_list(self) -> list[float]:
-        return [float(getattr(self, name)) for name in ADAM_SLOTS]
+        return [float(v) for v in self.slot_values()]
 
 
 def sgd_step_scalars(
@@ -120,6 +140,28 @@ def sgd_step_scalars(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
         raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
+    return sgd_slots(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                     decoupled_weight_decay=decoupled_weight_decay, first_step=first_step)
+
+
+def _flag(x):
+    """A flag slot: 1.0 / 0.0 from a bool, or a bool tensor as float64 (NOTE [capturable scalars])."""
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) else (1.0 if x else 0.0)
+
+
+def _div(a, b):
+    """``a / b`` rounded once, as Python floats divide, for floats or float64 tensors
+    (NOTE [capturable scalars]: a float operand is made a tensor, so no reciprocal is taken)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        like = a if isinstance(a, torch.Tensor) else b
+        a = a if isinstance(a, torch.Tensor) else torch.full_like(like, a)
+        b = b if isinstance(b, torch.Tensor) else torch.full_like(like, b)
+    return a / b
+
+
+def sgd_slots(*, lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay, first_step) -> SGDStepScalars:
+    """The MF-SGD slot formulas, unchecked: floats, or 0-dim float64 tensors for ``lr``, ``momentum``,
+    ``dampening`` and ``first_step`` (a bool tensor) in a capturable step (NOTE [capturable scalars])."""
     return SGDStepScalars(
         lr=lr,
         momentum=momentum,
@@ -127,7 +169,7 @@ def sgd_step_scalars(
         l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
         decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
         nesterov=1.0 if nesterov else 0.0,
-        first_step=1.0 if first_step else 0.0,
+        first_step=_flag(first_step),
     )
 
 
@@ -164,6 +206,16 @@ def adam_step_scalars(
     bias_correction1 = 1.0 - float(beta1_product)
     if bias_correction1 <= 0.0:
         raise ValueError(f"beta1 product {beta1_product!r} gives a non-positive bias correction")
+    return adam_slots(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=float(beta1_product))
+
+
+def adam_slots(*, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step, beta1_product) -> AdamStepScalars:
+    """The MF-Adam slot formulas, unchecked: floats, or 0-dim tensors for ``lr``, ``beta1``, ``step``
+    and ``beta1_product`` (float64; ``step`` any dtype) in a capturable step (NOTE [capturable scalars])."""
+    if isinstance(step, torch.Tensor):
+        step = step.to(torch.float64)  # beta2 ** int tensor would be computed in float32
+    bias_correction1 = 1.0 - beta1_product
     bias_correction2 = 1.0 - beta2**step
     return AdamStepScalars(
         lr=lr,
@@ -174,9 +226,19 @@ def adam_step_scalars(
         eps=eps,
         l2_weight_decay=0.0 if decoupled_weight_decay else weight_decay,
         decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
-        neg_step_size=-(lr / bias_correction1),
+        neg_step_size=-_div(lr, bias_correction1),
         bias_correction2_sqrt=bias_correction2**0.5,  # as torch.optim.Adam writes it
     )
+
+
+def write_slots(scalars, out: "torch.Tensor") -> None:
+    """Write a scalars dataclass whose slots are floats or 0-dim tensors into the float64 device
+    tensor ``out`` (one element per slot) with fill_ / copy_ only: no host read, capture-safe."""
+    for i, value in enumerate(scalars.slot_values()):
+        if isinstance(value, torch.Tensor):
+            out[i].copy_(value)
+        else:
+            out[i].fill_(value)
 
 
 # ---------------------------------------------------------------------------------------------

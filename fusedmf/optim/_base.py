@@ -34,6 +34,29 @@ the schedule, the per-step scalars) runs outside the graph (``torch.compiler.dis
 the per-step scalars into persistent device buffers; the graph holds only the op calls
 (torch.ops.fusedmf.*), whose inputs are tensors, so a new MF or lr is new data, not a recompile.
 In eager mode the same functions run directly (no wrapper cost).
+
+NOTE [capturable step]
+With ``capturable=True`` (torch's name and meaning) a step reads nothing on the host and writes
+only device memory, so ``opt.step()`` can be captured in a CUDA graph and replayed:
+- ``state["step"]`` is a 0-dim int64 tensor on the param's device (exact past 2**24 steps, where
+  torch's float32 count is not) and MFAdam's ``state["beta1_product"]`` a 0-dim float64 tensor; a
+  step adds ``found_inf == 0`` to them, so a skipped step does not count and nothing leaves the
+  device. The optimizer's clock (NOTE [one clock]) is an int64 tensor per device, advanced alike.
+- the per-step scalars are computed on the device by the same slot formulas as the host path, in
+  float64, then rounded once to float32 (NOTE [capturable scalars] in functional/scalars.py): the
+  default and capturable paths give the same bits on CPU.
+- the MF comes from a float64 device table of the schedule's values, indexed by the clock:
+  ``table[min(clock, len - 1)]``. The host fills it ahead (``reserve_mf_steps``; in eager steps
+  it grows by itself); a graph replayed past its end repeats the last value. A stateful schedule
+  (``mf.noise_adaptive``) cannot be tabulated ahead and is refused.
+- ``lr`` may be a float (a constant of a captured graph) or a 0-dim tensor on the params' device,
+  read on the device: ``group["lr"].fill_(new)`` between replays changes it, as with torch.
+- params of one launch share one scalar vector, so they must have equal device step counts. The
+  host cannot read those, but it knows which params took part in each step (a skip applies to
+  every launch of a step alike): params that took part in the same steps share a lockstep token,
+  updated whenever the launch layout is rebuilt, and the layout groups params by token.
+The reference backend takes host floats, so on it a capturable step reads its scalars back (a
+host synchronisation on a GPU): it is the specification, not a capturable backend.
 """
 
 from __future__ import annotations
@@ -47,6 +70,8 @@ from torch.optim import Optimizer
 
 from .. import _backends
 from .. import functional as F
+from ..functional.scalars import check_mf, write_slots
+from ..mf import is_stateful
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -88,7 +113,7 @@ class _Launch:
     """One functional call of a step: params of one group sharing device, dtypes, master and step."""
 
     __slots__ = ("group", "group_index", "first_of_group", "indices", "params", "device", "grad_dtype",
-                 "backend", "strides", "states", "init_token", "vector")
+                 "backend", "strides", "states", "init_token", "vector", "scratch", "runs")
 
     def __init__(self, group, group_index, first_of_group, indices, params, device, grad_dtype, backend):
         self.group, self.group_index, self.first_of_group = group, group_index, first_of_group
@@ -98,6 +123,8 @@ class _Launch:
         self.states = None       # the params' state dicts, bound on the first launch
         self.init_token = None
         self.vector = None       # this launch's per-step scalars: a view into a persistent device buffer
+        self.scratch = None      # capturable: the same slots in float64, before their one rounding
+        self.runs = 0            # capturable: steps this layout ran (NOTE [capturable step], lockstep tokens)
 
 
 class MFOptimizerBase(Optimizer):
@@ -109,10 +136,13 @@ class MFOptimizerBase(Optimizer):
 
     #: per-param state entries kept in fp32 on the param's device (never cast to the param dtype)
     _FP32_STATE_KEYS: tuple = ()
+    #: per-param scalars kept exactly (float64 on the host, or a float64 device tensor with capturable=True)
+    _FLOAT64_STATE_KEYS: tuple = ()
     #: names of the hyperparameters in a param group that torch.optim has and fusedmf does not support
     _UNSUPPORTED_TORCH_OPTIONS: dict = {"maximize": False, "differentiable": False}
 
-    def __init__(self, params, defaults: dict, *, mf_schedule, master_weights, backend: str):
+    def __init__(self, params, defaults: dict, *, mf_schedule, master_weights, backend: str,
+                 capturable: bool = False):
         if backend != "auto" and backend not in _backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {_backends.BACKENDS}")
         if master_weights not in (None, True, False):
@@ -120,6 +150,23 @@ class MFOptimizerBase(Optimizer):
         self.mf_schedule = _check_schedule(mf_schedule)
         self.master_weights = master_weights
         self.backend = backend
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and self.mf_schedule is not None and is_stateful(self.mf_schedule):
+            raise ValueError(
+                f"capturable=True needs an MF schedule that can be tabulated ahead of the steps; "
+                f"mf_schedule={self.mf_schedule!r} keeps state that depends on the run (NOTE [capturable step]): "
+                "use capturable=False with it")
+        self.capturable = capturable
+        # NOTE [capturable step]
+        self._mf_values: list = []        # schedule(1), schedule(2), ...: the host copy of the MF table
+        self._mf_tables: dict = {}        # device -> float64 MF table
+        self._clocks: dict = {}           # device -> int64 0-dim count of applied steps
+        self._capture_buffers: dict = {}  # device -> (float64 slots, float32 vector) of the layout
+        self._tokens: dict = {}           # param -> lockstep token
+        self._eras = 0                    # layouts retired so far (the tokens' era counter)
+        self._step_calls = 0              # step() calls that launched something: a bound on the clock
+        self._last_applied: Optional[torch.Tensor] = None
         self._pending: list = []          # (host flag or tensor, event, updates) awaiting the skip decision
         self._applied_steps = 0           # NOTE [one clock]
         self._mf_overridden: dict = {}    # id(group) -> the MF value the schedule overrides there
@@ -160,6 +207,18 @@ class MFOptimizerBase(Optimizer):
 
     def _validate_group(self, group: dict) -> None:
         raise NotImplementedError
+
+    def _lr_to_check(self, group: dict) -> float:
+        """The lr the group checks use: its value; with capturable=True a tensor lr is data on the
+        device that the host never reads (NOTE [capturable step]), so only its form is checked and
+        the checks of the other settings use 0.0 in its place."""
+        lr = group["lr"]
+        if self.capturable and isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"lr must be a float or a 1-element floating-point tensor, got a {lr.dtype} tensor "
+                                 f"of shape {list(lr.shape)}")
+            return 0.0
+        return lr_value(lr)
 
     # ------------------------------------------------------------------ subclass hooks
     def _uses_master(self, p: torch.Tensor) -> bool:
@@ -209,7 +268,10 @@ class MFOptimizerBase(Optimizer):
     def last_step_skipped(self) -> Optional[bool]:
         """Whether the last ``step()`` was skipped for a non-finite gradient (None before any step).
 
-        Reading it may wait for the device (NOTE [deferred skip accounting])."""
+        Reading it may wait for the device (NOTE [deferred skip accounting]; with capturable=True it
+        reads the device flag)."""
+        if self.capturable:
+            return None if self._last_applied is None else not bool(self._last_applied)
         self._resolve_pending()
         return self._last_skipped
 
@@ -246,6 +308,13 @@ class MFOptimizerBase(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if self.capturable:
+            return self._prepare_capturable(grad_of, grad_scale, found_inf)
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}.step() is being captured in a CUDA graph, but the optimizer was made with "
+                "capturable=False: its step counts and skip decision live on the host. Construct it with "
+                "capturable=True (NOTE [capturable step])")
         self._resolve_pending()
 
         # phase 1: plan
@@ -304,6 +373,9 @@ class MFOptimizerBase(Optimizer):
 
     def _finish_step(self, finish) -> None:
         """Phase 3: commit, now or once the device has decided (NOTE [deferred skip accounting])."""
+        if self.capturable:
+            self._finish_capturable(finish)
+            return
         found_inf, updates = finish
         if not updates:
             return
@@ -319,6 +391,165 @@ class MFOptimizerBase(Optimizer):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(found_inf.device))
             self._pending.append((host, event, updates))
+
+    # ------------------------------------------------------------------ capturable steps
+    def _prepare_capturable(self, grad_of, grad_scale, found_inf):
+        """A step that reads nothing on the host (NOTE [capturable step]). Everything that can be
+        wrong with the input is checked by the layout and when the MF table is written, before
+        anything here mutates."""
+        launches, grads_of_launch = self._layout(grad_of)
+        if not launches:
+            return [], None
+        mf_by_device = {}
+        if self.mf_schedule is not None:
+            self._check_mf_overrides()
+            self._reserve_mf(self._step_calls + 1, ahead=True)
+        amp = F.AmpTensors(grad_scale, found_inf)
+        plans = []
+        for launch in launches:
+            state0 = self.state.get(launch.params[0], {})
+            fresh = self._fresh_state(state0)  # host facts from before the state is made
+            token = self._init_token(launch.group)
+            if launch.states is None or launch.init_token != token:
+                launch.states = [self.state[p] for p in launch.params]
+                for p, state in zip(launch.params, launch.states):
+                    self._init_state(launch.group, p, state)
+                launch.init_token = token
+            mf = None
+            if self.mf_schedule is not None:
+                mf = mf_by_device.get(launch.device)
+                if mf is None:
+                    mf = mf_by_device[launch.device] = self._mf_on(launch.device)
+            plans.append(self._plan_device(launch.group, launch.states[0], mf, fresh))
+        self._capture_vectors(launches, plans)
+        for launch, (scalars, _) in zip(launches, plans):
+            write_slots(scalars, launch.scratch)
+        for scratch, vector in self._capture_buffers.values():
+            vector.copy_(scratch)  # the one rounding to float32, as the host path's
+        used: dict = defaultdict(int)
+        calls, updates = [], []
+        for launch, (scalars, extra), grads in zip(launches, plans, grads_of_launch):
+            if launch.backend == "reference":  # the specification takes host floats (a read-back)
+                scalars = type(scalars)(*launch.scratch.tolist())
+            inv, found = amp.on(launch.device)
+            calls.append(self._call(launch.group, scalars, launch.vector, launch.params, grads, launch.states,
+                                    launch.backend, inv, found))
+            used[launch.backend] += len(launch.params)
+            updates.append((launch, extra))
+            launch.runs += 1
+        self.backends_used = dict(used)
+        self._step_calls += 1
+        return calls, (amp, updates)
+
+    def _finish_capturable(self, finish) -> None:
+        """Advance the device counts by ``found_inf == 0``: a skipped step does not count."""
+        if finish is None:
+            return
+        amp, updates = finish
+        applied = {}
+        for device in {launch.device for launch, _ in updates} | set(self._clocks):
+            found = amp.on(device)[1]
+            applied[device] = (torch.ones((), dtype=torch.bool, device=device) if found is None
+                               else found.reshape(()) == 0)
+        for launch, extra in updates:
+            self._commit_device(launch.states, extra, applied[launch.device])
+        for device, ok in applied.items():
+            self._clock(device).add_(ok)
+        self._last_applied = applied[updates[0][0].device]
+
+    def _commit_device(self, states, extra, applied: torch.Tensor) -> None:
+        """The device counterpart of ``_committed_values``: ``applied`` is a 0-dim bool tensor."""
+        steps = [s["step"] for s in states]
+        # the list overload: the tensor-scalar one reads the scalar on the host on CPU (.item())
+        torch._foreach_add_(steps, [applied] * len(steps))
+
+    def _fresh_state(self, state: dict):
+        """Host facts about a param's state, read before a capturable step creates what is missing."""
+        return None
+
+    def _plan_device(self, group: dict, state: dict, mf, fresh):
+        """``_plan_group`` for a capturable step: (scalars with tensor slots, extra for the commit)."""
+        raise NotImplementedError
+
+    def _device_lr(self, group: dict, device: torch.device):
+        """The group's lr for a capturable step: a float, or a tensor lr read on the device in float64."""
+        lr = group["lr"]
+        return lr.reshape(()).to(device=device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else lr
+
+    def _capture_vectors(self, launches, plans) -> None:
+        """Persistent float64 slots and float32 vectors for the layout, made once (a captured graph
+        keeps reading the same memory)."""
+        if all(launch.scratch is not None for launch in launches):
+            return
+        by_device: dict = {}
+        for launch, (scalars, _) in zip(launches, plans):
+            by_device.setdefault(launch.device, []).append((launch, len(scalars.slot_values())))
+        self._capture_buffers = {}
+        for device, items in by_device.items():
+            total = sum(n for _, n in items)
+            scratch = torch.zeros(total, dtype=torch.float64, device=device)
+            vector = torch.zeros(total, dtype=torch.float32, device=device)
+            pos = 0
+            for launch, n in items:
+                launch.scratch, launch.vector = scratch[pos:pos + n], vector[pos:pos + n]
+                pos += n
+            self._capture_buffers[device] = (scratch, vector)
+
+    def _clock(self, device: torch.device) -> torch.Tensor:
+        clock = self._clocks.get(device)
+        if clock is None:
+            clock = self._clocks[device] = torch.full((), self._applied_steps, dtype=torch.int64, device=device)
+        return clock
+
+    def _applied_steps_now(self) -> int:
+        """The optimizer's clock as a host int (with capturable=True a read of the device count)."""
+        if self.capturable and self._clocks:
+            return int(next(iter(self._clocks.values())))
+        return self._applied_steps
+
+    def _mf_on(self, device: torch.device) -> torch.Tensor:
+        """This step's MF on ``device``: the table entry of the clock (clamped to the table)."""
+        table = self._mf_tables.get(device)
+        if table is None:
+            host = torch.tensor(self._mf_values, dtype=torch.float64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            table = self._mf_tables[device] = host.to(device, non_blocking=True)
+        index = torch.clamp(self._clock(device), max=table.numel() - 1).reshape(1)
+        return torch.index_select(table, 0, index).reshape(())
+
+    def reserve_mf_steps(self, num_steps: int) -> None:
+        """capturable=True with an ``mf_schedule``: evaluate the schedule for the update numbers
+        1 .. ``num_steps`` now and keep the values in the device table the step reads (NOTE
+        [capturable step]). Eager steps extend the table by themselves; call this before capturing
+        a CUDA graph with as many steps as it will be replayed for (past the end, replays repeat
+        the last value)."""
+        if not self.capturable or self.mf_schedule is None:
+            raise RuntimeError(f"{type(self).__name__}.reserve_mf_steps: only for capturable=True with an mf_schedule")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"reserve_mf_steps: num_steps must be an int >= 1, got {num_steps!r}")
+        self._reserve_mf(num_steps, ahead=False)
+
+    def _reserve_mf(self, num_steps: int, *, ahead: bool) -> None:
+        have = len(self._mf_values)
+        if have >= num_steps:
+            return
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: the MF table holds {have} steps and this captured step needs {num_steps}: "
+                f"call opt.reserve_mf_steps(n) with the number of steps the graph will run before capturing it")
+        # eager growth doubles (the schedule is evaluated ahead, at most 1024 values at a time early on)
+        target = max(num_steps, 2 * have, 1024) if ahead else num_steps
+        values = [self._check_scheduled_mf(k, self.mf_schedule(k)) for k in range(have + 1, target + 1)]
+        self._mf_values.extend(values)   # only after every value passed its check
+        self._mf_tables = {}
+
+    def _check_scheduled_mf(self, step: int, value) -> float:
+        return check_mf(f"momentum from mf_schedule({step})", value)
+
+    def _capture_state(self, p: torch.Tensor, state: dict) -> None:
+        """A loaded state's host counts as the device tensors of a capturable step."""
+        state["step"] = torch.full((), int(state["step"]), dtype=torch.int64, device=p.device)
 
     def _check_mf_overrides(self) -> None:
         """A scheduler writing momentum / betas while mf_schedule sets the MF: say so, once."""
@@ -366,6 +597,8 @@ class MFOptimizerBase(Optimizer):
             grads_of_launch = self._gather_grads(cached[1], grads_by_group)
             if grads_of_launch is not None:
                 return cached[1], grads_of_launch
+        if self.capturable and cached is not None:
+            self._retire_layout(cached[1])
         launches = self._build_layout(grads_by_group)
         self._layout_cache = (key, launches)
         grads_of_launch = self._gather_grads(launches, grads_by_group)
@@ -412,7 +645,7 @@ class MFOptimizerBase(Optimizer):
                     raise RuntimeError(f"grad of {where} has unsupported dtype {g.dtype}")
                 state = self.state.get(p, {})
                 dense = _is_dense(p)
-                key = (p.device, p.dtype, g.dtype, self._uses_master(p), self._state_key(state), dense)
+                key = (p.device, p.dtype, g.dtype, self._uses_master(p), self._lockstep_key(p, state), dense)
                 buckets.setdefault(key, []).append(pi)
             first = True
             for key, indices in buckets.items():
@@ -433,8 +666,28 @@ class MFOptimizerBase(Optimizer):
         return launches
 
     def _state_key(self, state: dict):
-        """What, besides device and dtypes, must be equal for params to share one launch."""
+        """What, besides device and dtypes, must be equal for params to share one launch (host state)."""
         return state.get("step", 0)
+
+    def _lockstep_key(self, p: torch.Tensor, state: dict):
+        """``_state_key``, or with capturable=True (device counts) the param's lockstep token and the
+        host facts of its state (NOTE [capturable step])."""
+        if not self.capturable:
+            return self._state_key(state)
+        return self._tokens.get(p, 0), self._capture_state_key(state)
+
+    def _capture_state_key(self, state: dict):
+        """Host facts about a param's state that decide its scalars in a capturable step."""
+        return None
+
+    def _retire_layout(self, launches) -> None:
+        """Params of a layout that ran took part in the same steps since it was built: they get a
+        new token of their old one and this era; the others keep theirs (NOTE [capturable step])."""
+        self._eras += 1
+        for launch in launches:
+            if launch.runs:
+                for p in launch.params:
+                    self._tokens[p] = hash((self._tokens.get(p, 0), self._eras))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -442,7 +695,7 @@ class MFOptimizerBase(Optimizer):
         sd = super().state_dict()
         # NOTE [one clock]: torch's loader ignores keys it does not know
         schedule = self.mf_schedule
-        sd["mf_schedule"] = {"applied_steps": self._applied_steps,
+        sd["mf_schedule"] = {"applied_steps": self._applied_steps_now(),
                              "state": schedule.state_dict() if hasattr(schedule, "state_dict") else None}
         return sd
 
@@ -485,6 +738,7 @@ class MFOptimizerBase(Optimizer):
         else:  # a torch checkpoint: the most advanced param's count
             self._applied_steps = 0
         self._mf_overridden = {}
+        self._clocks, self._tokens, self._capture_buffers = {}, {}, {}
         for group in self.param_groups:  # a torch checkpoint lacks fusedmf's own group keys
             for k in self._group_keys:
                 group.setdefault(k, self.defaults[k])
@@ -497,9 +751,16 @@ class MFOptimizerBase(Optimizer):
                 value = saved.get(key)
                 if isinstance(value, torch.Tensor):
                     state[key] = value.detach().to(device=p.device, dtype=self._state_dtype(p), copy=True)
+            for key in self._FLOAT64_STATE_KEYS:  # torch's loader cast a tensor one to the param's dtype
+                if key in saved:
+                    state[key] = float(saved[key])
             self._normalize_loaded_state(p, state)
             if clock is None:
                 self._applied_steps = max(self._applied_steps, state.get("step", 0))
+            if self.capturable:  # params loaded with equal counts may share a launch (NOTE [capturable step])
+                self._tokens[p] = hash(("loaded", self._state_key(state)))
+                self._capture_state(p, state)
+        self._step_calls = self._applied_steps
 
     def _check_loaded_shapes(self, saved_state: dict, id_to_param: dict) -> None:
         """Every per-element state tensor (any tensor with a dimension; scalars such as torch's 0-dim
@@ -520,7 +781,8 @@ class MFOptimizerBase(Optimizer):
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        extra = f"mf_schedule={self.mf_schedule!r}, master_weights={self.master_weights}, backend={self.backend!r}"
+        extra = (f"mf_schedule={self.mf_schedule!r}, master_weights={self.master_weights}, backend={self.backend!r}, "
+                 f"capturable={self.capturable}")
         return super().__repr__()[:-1] + f"  {extra}\n)"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import adam_call
-from ..functional.scalars import adam_step_scalars, check_lr, check_mf
+from ..functional.scalars import adam_slots, adam_step_scalars, check_lr, check_mf
 from ._base import MFOptimizerBase, lr_value
 
 
@@ -20,22 +20,28 @@ class MFAdam(MFOptimizerBase):
     P_t = beta1_1 · … · beta1_t (kept per param in float64 as ``state["beta1_product"]``), not
     beta1_t ** t, which would be wrong as soon as beta1 varies (algorithms.md).
 
-    State per param: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (fp32), ``beta1_product`` (float)
+    ``capturable=True`` (torch's meaning): step counts, beta1 products, the MF and every per-step
+    scalar live in device tensors and the skip decision never leaves the device, so ``step()`` can be
+    captured in a CUDA graph (NOTE [capturable step] in fusedmf/optim/_base.py).
+
+    State per param: ``step`` (int; a 0-dim int64 tensor with capturable=True), ``exp_avg``, ``exp_avg_sq`` (fp32), ``beta1_product`` (float; a 0-dim float64 tensor with capturable=True)
     and ``master_param`` (fp32) for low-precision params with masters.
     """
 
     _FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+    _FLOAT64_STATE_KEYS = ("beta1_product",)
     _UNSUPPORTED_TORCH_OPTIONS = {"maximize": False, "differentiable": False, "amsgrad": False}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False,
-                 mf_schedule=None, master_weights=None, backend: str = "auto"):
+                 mf_schedule=None, master_weights=None, backend: str = "auto", capturable: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
+        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
-        lr = lr_value(group["lr"])
+        lr = self._lr_to_check(group)
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -50,8 +56,12 @@ class MFAdam(MFOptimizerBase):
 
     def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
         if "step" not in state:
-            state["step"] = 0
-            state["beta1_product"] = 1.0
+            if self.capturable:
+                state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+                state["beta1_product"] = torch.ones((), dtype=torch.float64, device=p.device)
+            else:
+                state["step"] = 0
+                state["beta1_product"] = 1.0
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
@@ -70,6 +80,26 @@ class MFAdam(MFOptimizerBase):
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
             step=step + 1, beta1_product=product,
         ), product
+
+    def _plan_device(self, group: dict, state: dict, mf, fresh):
+        """As ``_plan_group`` with the step count, beta1 product, MF and a tensor lr on the device."""
+        beta1 = mf if mf is not None else group["betas"][0]
+        product = state["beta1_product"] * beta1  # float64 on the device
+        return adam_slots(
+            lr=self._device_lr(group, product.device), beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            step=state["step"] + 1, beta1_product=product,
+        ), product
+
+    def _commit_device(self, states, product, applied) -> None:
+        super()._commit_device(states, product, applied)
+        products = [s["beta1_product"] for s in states]
+        kept = torch.where(applied, product, products[0])  # the params of a launch share their product
+        torch._foreach_copy_(products, [kept] * len(products))
+
+    def _capture_state(self, p: torch.Tensor, state: dict) -> None:
+        super()._capture_state(p, state)
+        state["beta1_product"] = torch.full((), float(state["beta1_product"]), dtype=torch.float64, device=p.device)
 
     def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         masters = [s["master_param"] for s in states] if "master_param" in states[0] else []

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import functional as F
-from ..functional.scalars import check_lr, check_mf, sgd_step_scalars
+from ..functional.scalars import _div, check_lr, check_mf, sgd_slots, sgd_step_scalars
 from ._base import MFOptimizerBase, lr_value
 
 
@@ -30,6 +30,9 @@ class MFSGD(MFOptimizerBase):
         master_weights: None (default) keeps fp32 master weights for fp16/bf16 params; False updates
             low-precision params in place (fp32 arithmetic, fp32 momentum).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+        capturable: as in torch.optim: step counts, the MF and every per-step scalar live in device
+            tensors and the skip decision never leaves the device, so ``step()`` can be captured in a
+            CUDA graph (NOTE [capturable step] in fusedmf/optim/_base.py; ``reserve_mf_steps``).
         lr_compensation: None (default, off) or μ_ref: each step uses η_t = lr·(1 − μ_t)/(1 − μ_ref),
             so the effective step η_t/(1 − μ_t) stays lr/(1 − μ_ref) as the MF changes (opt-in).
 
@@ -45,15 +48,16 @@ class MFSGD(MFOptimizerBase):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
                  mf_schedule=None, master_weights=None, backend: str = "auto",
-                 lr_compensation: Optional[float] = None):
+                 lr_compensation: Optional[float] = None, capturable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
                         lr_compensation=lr_compensation)
         self.last_effective_lr: list = []
-        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
+        super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
-        lr = lr_value(group["lr"])
+        lr = self._lr_to_check(group)
         check_lr(lr)
         check_mf("momentum", group["momentum"])
         dampening = group["dampening"]
@@ -82,8 +86,21 @@ class MFSGD(MFOptimizerBase):
         # params whose momentum buffer starts this step must not share a launch with the others
         return (state.get("step", 0), state.get("step", 0) == 0 or state.get("momentum_buffer") is None)
 
+    def _capture_state_key(self, state: dict):
+        return state.get("momentum_buffer") is None
+
+    def _fresh_state(self, state: dict):
+        return state.get("momentum_buffer") is None  # the buffer starts as g (see _plan_group)
+
+    def _check_scheduled_mf(self, step: int, value) -> float:
+        value = super()._check_scheduled_mf(step, value)
+        if value <= 0.0 and any(g["nesterov"] for g in self.param_groups):
+            raise ValueError(f"nesterov momentum requires a momentum > 0; mf_schedule({step}) gave {value!r}")
+        return value
+
     def _init_state(self, group: dict, p: torch.Tensor, state: dict) -> None:
-        state.setdefault("step", 0)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device) if self.capturable else 0
         if self._uses_momentum(group):
             if state.get("momentum_buffer") is None:
                 # zeros, not empty_like: a state_dict taken before the first applied step must not
@@ -105,23 +122,35 @@ class MFSGD(MFOptimizerBase):
         # u = (1 - dampening)·g, which is g for the default dampening of 0.
         first_step = step == 0 or state.get("momentum_buffer") is None
         momentum = check_mf("momentum from mf_schedule" if self.mf_schedule else "momentum", momentum)
+        settings = self._settings(group, lr_value(group["lr"]), momentum)
+        self._log_effective_lr(group, settings)
+        return sgd_step_scalars(**settings, first_step=first_step), None
+
+    def _plan_device(self, group: dict, state: dict, mf, fresh):
+        """As ``_plan_group`` with the step count, the MF and a tensor lr on the device."""
+        settings = self._settings(group, self._device_lr(group, state["step"].device),
+                                  mf if mf is not None else group["momentum"])
+        self._log_effective_lr(group, settings)
+        return sgd_slots(**settings, first_step=True if fresh else state["step"] == 0), None
+
+    def _settings(self, group: dict, lr, momentum) -> dict:
+        """The rule's settings of this step (floats, or device tensors in a capturable step)."""
         dampening = momentum if group["dampening"] == "tied" else group["dampening"]
-        lr = lr_value(group["lr"])
         reference = group.get("lr_compensation")
         if reference is not None:  # opt-in: η_t = η·(1 − μ_t)/(1 − μ_ref)
-            lr = lr * (1.0 - momentum) / (1.0 - reference)
-        scalars = sgd_step_scalars(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            first_step=first_step,
-        )
-        # log η_t·(1 − τ_t)/(1 − μ_t), per param group (η_t without momentum)
-        effective = lr * (1.0 - dampening) / (1.0 - momentum) if self._uses_momentum(group) else lr
+            lr = _div(lr * (1.0 - momentum), 1.0 - reference)
+        return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def _log_effective_lr(self, group: dict, settings: dict) -> None:
+        """η_t·(1 − τ_t)/(1 − μ_t) per param group (η_t without momentum); a 0-dim device tensor in a
+        capturable step with a schedule or a tensor lr."""
+        lr, momentum, dampening = settings["lr"], settings["momentum"], settings["dampening"]
+        effective = _div(lr * (1.0 - dampening), 1.0 - momentum) if self._uses_momentum(group) else lr
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         if len(self.last_effective_lr) != len(self.param_groups):
             self.last_effective_lr = [None] * len(self.param_groups)
         self.last_effective_lr[index] = effective
-        return scalars, None
 
     def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         buffers = [s["momentum_buffer"] for s in states] if self._uses_momentum(group) else []
