@@ -279,6 +279,34 @@ def test_compiled_capturable_step_equals_eager(cls, kw):
     _assert_same(ps, qs, a, b)
 
 
+def test_distributed_optimizer_over_a_capturable_optimizer_equals_the_default(tmp_path):
+    """fusedmf.comm hands the update its grads as views into the reduced buffer (``grads=``): the
+    capturable path takes them the same way."""
+    require_backend("cpu")
+    import torch.distributed as dist
+
+    from fusedmf.comm import DistributedOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        runs = []
+        for capturable in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            opt = DistributedOptimizer(MFSGD(model.parameters(), lr=0.1, momentum=0.9, mf_schedule=_schedule(),
+                                             capturable=capturable, backend="cpu"), module=model)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(5):
+                model(torch.randn(4, 8, generator=gen)).square().mean().backward()
+                opt.step()
+                model.zero_grad()
+            assert opt.backends_used["update"] == {"cpu": 4}
+            runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only
 
