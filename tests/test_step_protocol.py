@@ -205,6 +205,27 @@ def test_compiled_step_equals_eager_without_recompiling(cls, kw, scheduled, comp
     assert counts[0] >= 1 and counts[2:] == [counts[2]] * 10, counts  # nothing new after step 3
 
 
+@pytest.mark.parametrize("cls,kw,torch_cls", [(MFSGD, dict(lr=0.1, momentum=0.9), torch.optim.SGD),
+                                              (MFAdam, dict(lr=1e-2), torch.optim.Adam)], ids=OPT_IDS)
+def test_compiled_step_breaks_the_graph_at_no_more_sites_than_torch(cls, kw, torch_cls):
+    """NOTE [compiled step]: the host part is one region outside the graph, commit included."""
+    require_backend("cpu")
+    from torch._dynamo.utils import counters
+
+    sites = {}
+    for name, make in (("fusedmf", lambda ps: cls(ps, backend="cpu", **kw)), ("torch", lambda ps: torch_cls(ps, **kw))):
+        torch._dynamo.reset()
+        counters.clear()
+        params = _params()
+        step = torch.compile(make(params).step, backend="aot_eager")
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            step()
+        sites[name] = set(counters["graph_break"])
+    assert len(sites["fusedmf"]) <= len(sites["torch"]) == 1, sites
+
+
 @pytest.mark.parametrize("cls,kw", OPTS, ids=OPT_IDS)
 def test_compiled_whole_training_step_equals_eager(cls, kw):
     require_backend("cpu")

@@ -30,10 +30,14 @@ stateful schedule's state are saved in ``state_dict()["mf_schedule"]``.
 
 NOTE [compiled step]
 Under torch.compile the host part of a step (resolving the last skip decision, the launch layout,
-the schedule, the per-step scalars) runs outside the graph (``torch.compiler.disable``) and writes
-the per-step scalars into persistent device buffers; the graph holds only the op calls
+the schedule, the per-step scalars, and the commit of phase 3) runs in one region outside the graph
+(``torch.compiler.disable``: one graph break, as torch's own optimizers have) and writes the
+per-step scalars into persistent device buffers; the graph holds only the op calls
 (torch.ops.fusedmf.*), whose inputs are tensors, so a new MF or lr is new data, not a recompile.
-In eager mode the same functions run directly (no wrapper cost).
+The commit may run before the op calls because they read none of what it writes (host counts; with
+capturable=True the device step counts, beta1 products and clock, whose values the scalar vector
+already holds; a device found_inf is final before the step). In eager mode the same functions run
+directly, the commit after the op calls.
 
 NOTE [capturable step]
 With ``capturable=True`` (torch's name and meaning) a step reads nothing on the host and writes
@@ -293,12 +297,14 @@ class MFOptimizerBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # NOTE [compiled step]: host work outside the graph, op calls inside it
-        compiling = torch.compiler.is_compiling()
-        prepare = _prepare_outside_graph if compiling else MFOptimizerBase._prepare_step
-        calls, finish = prepare(self, grads, grad_scale, found_inf)
+        if torch.compiler.is_compiling():
+            for fn, args in _host_part_outside_graph(self, grads, grad_scale, found_inf):
+                fn(*args)
+            return loss
+        calls, finish = self._prepare_step(grads, grad_scale, found_inf)
         for fn, args in calls:
             fn(*args)
-        (_finish_outside_graph if compiling else MFOptimizerBase._finish_step)(self, finish)
+        self._finish_step(finish)
         return loss
 
     def _prepare_step(self, grad_of, grad_scale, found_inf):
@@ -787,10 +793,9 @@ class MFOptimizerBase(Optimizer):
 
 
 @torch.compiler.disable
-def _prepare_outside_graph(opt, grad_of, grad_scale, found_inf):
-    return opt._prepare_step(grad_of, grad_scale, found_inf)
-
-
-@torch.compiler.disable
-def _finish_outside_graph(opt, finish) -> None:
+def _host_part_outside_graph(opt, grad_of, grad_scale, found_inf) -> list:
+    """NOTE [compiled step]: phases 1-3 of a step, the commit included, in one region outside the
+    graph; the op calls it returns run in the graph."""
+    calls, finish = opt._prepare_step(grad_of, grad_scale, found_inf)
     opt._finish_step(finish)
+    return calls
