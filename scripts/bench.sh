@@ -15,7 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ "${1:-}" = "--results" ]; then
   NAME="${2:?usage: bash scripts/bench.sh --results NAME}"
   OUT="benchmarks/results/$NAME"
-  mkdir -p "$OUT/scaling" "$OUT/mf_experiment" "$OUT/local_sgd"
+  mkdir -p "$OUT/scaling" "$OUT/mf_experiment" "$OUT/local_sgd" "$OUT/smega2_experiment"
   run() { local log="$1"; shift; echo "[fusedmf] $* > $log"; "$PY" "$@" 2>&1 | tee "$log"; }
   run "$OUT/optim_step.log" benchmarks/optim_step.py --device cpu --out "$OUT"
   run "$OUT/comm_allreduce.log" benchmarks/comm_allreduce.py --out "$OUT"
@@ -24,6 +24,7 @@ if [ "${1:-}" = "--results" ]; then
   run "$OUT/scaling.log" benchmarks/scaling.py --world-sizes 2 4 --out "$OUT/scaling"
   run "$OUT/mf_experiment/mf_experiment.log" benchmarks/mf_experiment.py --world-sizes 1 8 \
     --rules const horizon noise --mf-values 0.99 --steps 100 --out "$OUT/mf_experiment"
+  run "$OUT/smega2_experiment/smega2_experiment.log" benchmarks/smega2_experiment.py --out "$OUT/smega2_experiment"
   if why=$("$PY" -m fusedmf.bench.netlab --check 2>&1); then
     mkdir -p "$OUT/scaling_netns"
     run "$OUT/scaling_netns/scaling_netns.log" -m fusedmf.bench scaling --netns --bandwidths 0.1 0.3 1 3 10 \
