@@ -23,7 +23,8 @@ Phases (every one inside the lab's namespaces except the first):
 2. T(1) alone: the plain steps (MFSGD; torch SGD) in this process.
 3. loaded world-size-1 timelines: all N ranks at once, each alone in a process group of one: the plain steps
    (T(1) at the N-rank run's machine load) and each configuration's own machinery at world size 1 (per-param
-   gradient-ready times, phases, pack / compress time per byte): the predictor's inputs (lab_model, 3. and 4a).
+   gradient-ready times, phases, pack / compress time per byte): the predictor's inputs (lab_model, 3. and 4a),
+   measured again before each rate's runs (4.), so that the baseline sees the machine as those runs do.
 4. per bandwidth: the links set to the rate; timed allreduces of fp16 / bf16 / fp32 payloads (the ring fit per
    dtype and the CPU time per byte); rank 0 picks the recommended cap; every configuration's timed steps at N,
    with the per-bucket timeline (DistributedOptimizer's telemetry; DDP + fp16 hook: its hook's launch and
@@ -352,6 +353,32 @@ def ws1_timeline(run: dict, t1_s: float) -> dict:
             "buffer_broadcast_bytes": run["buffer_bytes"] if run["config"]["kind"] == "ddp" else 0}
 
 
+def _loaded_timelines(lab, spec0: dict, workdir: str, log, port: int, t1: dict, n: int, tag: str):
+    """Phase 3: all N ranks at once, each alone in a process group of one (no traffic on the links):
+    (step times per configuration, each configuration's world-size-1 timeline)."""
+    res = _launch(lab, dict(spec0, phase="loaded", tag=tag), workdir, log, port=port)
+    loaded, timelines = {}, {}
+    for key, run0 in res[0]["configs"].items():
+        step = step_time(run0["config"], [row["step_s"] for row in run0["rows"]])
+        loaded[key] = {"step_s_rank0": step,
+                       "step_s_per_rank": [step_time(run0["config"], [x["step_s"] for x in rr["configs"][key]["rows"]])
+                                           for rr in res]}
+        if key.startswith("plain:"):
+            log(f"T(1) at the {n}-rank load, {key[6:]}: {step * 1e3:.1f} ms (contention x{step / t1[key[6:]]:.3f})")
+            continue
+        tl = timelines[key] = ws1_timeline(run0, t1[PLAIN[IMPLS[key]["kind"]]])
+        log(f"ws1 timeline {key}: fwd {tl['forward_s'] * 1e3:.1f} ms, bwd {tl['backward_s'] * 1e3:.1f} ms, opt "
+            f"{tl['optimizer_s'] * 1e3:.1f} ms, pack {tl['pack_fixed_s'] * 1e6:.0f} us + "
+            f"{tl['pack_s_per_byte'] * 1e9:.2f} ns/B")
+    return loaded, timelines
+
+
+def _nearest_timelines(state: dict, bw: float) -> dict:
+    """The loaded timelines of the measured rate nearest to ``bw`` (on a log scale), for the curves."""
+    key = min(state["bandwidths"], key=lambda b: abs(math.log(float(b) / bw)))
+    return state["bandwidths"][key].get("timelines") or state["timelines"]
+
+
 def _timeline_from(d: dict):
     from fusedmf.bench.predictor import ParamGrad, Timeline
 
@@ -386,12 +413,13 @@ def _wire(cfg: dict) -> tuple:
     return WIRE[cfg["compression"]], FIT_DTYPE[cfg["compression"]]
 
 
-def _predict(state: dict, name: str, cfg: dict, fits: dict) -> dict:
+def _predict(state: dict, name: str, cfg: dict, fits: dict, timelines: Optional[dict] = None) -> dict:
     """lab_model's prediction of configuration ``name`` (``cfg``: its cap) on links with ring fits ``fits``
-    (payload dtype -> LabFit)."""
+    (payload dtype -> LabFit), from the loaded world-size-1 ``timelines`` measured with that rate's runs
+    (default: the first rate's)."""
     from lab_model import buckets_for, predict_lab, with_pack_time
 
-    tl_d = state["timelines"]["distopt-fp16" if name == "distopt-fp16-rec" else name]
+    tl_d = (timelines or state["timelines"])["distopt-fp16" if name == "distopt-fp16-rec" else name]
     if cfg["kind"] == "localsgd":
         return _predict_localsgd(state, cfg, tl_d, fits[_wire(cfg)[1]])
     tl = _timeline_from(tl_d)
@@ -428,7 +456,7 @@ def analyse(state: dict) -> List[dict]:
             steps = _slowest(per_rank)
             tn = step_time(cfg, steps)
             dtype = _wire(cfg)[1]
-            pred = _predict(state, name, cfg, res["fits"])
+            pred = _predict(state, name, cfg, res["fits"], res.get("timelines"))
             r0 = per_rank[0]["rows"]
             points.append({
                 "bandwidth_gbps": float(bw_key), "impl": name, "world_size": n,
@@ -466,13 +494,14 @@ def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> 
             fits = {dt: interpolate_fit({float(b): d["fits"][dt] for b, d in state["bandwidths"].items()}, bw)
                     for dt in FIT_DTYPE.values()}
             c = dict(cfg)
+            timelines = _nearest_timelines(state, bw)
             if c["cap_mb"] == "recommended":
-                tl_d = state["timelines"]["distopt-fp16"]
+                tl_d = timelines["distopt-fp16"]
                 c["cap_mb"] = recommend_cap(_timeline_from(tl_d), state["world_size"], fits["float16"],
                                             t1_s=tl_d["t1_s"], share=state["cpu_share"],
                                             pack_s_per_byte=tl_d["pack_s_per_byte"],
                                             pack_fixed_s=tl_d["pack_fixed_s"])["best_cap_mb"]
-            p = _predict(state, name, c, fits)
+            p = _predict(state, name, c, fits, timelines)
             rows.append({"bandwidth_gbps": bw, "E_predicted": p["E"], "cap_mb": c["cap_mb"]})
         out[name] = rows
     return out
@@ -706,37 +735,25 @@ def run(args) -> dict:
             log(f"oversubscribed: {n} ranks on {lab.cores} cores; E(N) then also measures the ranks' CPU contention")
         if lab.stale_removed:
             log(f"removed stale lab namespaces: {lab.stale_removed}")
-        # 3. loaded world-size-1 timelines
-        res = _launch(lab, dict(spec0, phase="loaded", tag="loaded"), workdir, log, port=29400)
-        commands.append(shlex.join(lab.command(0, [sys.executable, os.path.abspath(__file__), "--worker",
-                                                   "<spec.json>"])) + "  (one per rank, in its namespace)")
-        for key, run0 in res[0]["configs"].items():
-            loaded = step_time(run0["config"], [row["step_s"] for row in run0["rows"]])
-            state["loaded"][key] = {"step_s_rank0": loaded,
-                                    "step_s_per_rank": [step_time(run0["config"], [x["step_s"] for x in
-                                                                                   rr["configs"][key]["rows"]])
-                                                        for rr in res]}
-            if key.startswith("plain:"):
-                log(f"T(1) at the {n}-rank load, {key[6:]}: {loaded * 1e3:.1f} ms "
-                    f"(contention x{loaded / t1[key[6:]]:.3f})")
-            else:
-                kind = IMPLS[key]["kind"]
-                state["timelines"][key] = ws1_timeline(run0, t1[PLAIN[kind]])
-                log(f"ws1 timeline {key}: fwd {state['timelines'][key]['forward_s'] * 1e3:.1f} ms, bwd "
-                    f"{state['timelines'][key]['backward_s'] * 1e3:.1f} ms, opt "
-                    f"{state['timelines'][key]['optimizer_s'] * 1e3:.1f} ms, pack "
-                    f"{state['timelines'][key]['pack_fixed_s'] * 1e6:.0f} us + "
-                    f"{state['timelines'][key]['pack_s_per_byte'] * 1e9:.2f} ns/B")
-        est = estimate_duration(state, args, numel)
-        log(f"expected duration of the per-bandwidth phases: ~{est / 60:.1f} min (the lab model at the nominal "
-            f"rates, alpha 0.2 ms, + ~15 s of start-up per rate)")
+        launch_command = shlex.join(lab.command(0, [sys.executable, os.path.abspath(__file__), "--worker",
+                                                    "<spec.json>"])) + "  (one per rank, in its namespace)"
+        commands.append(launch_command)
         # 4. per bandwidth
         for i, bw in enumerate(sorted(args.bandwidths)):
+            # 3. the loaded world-size-1 timelines, measured again right before each rate's runs: the
+            # baseline a prediction starts from must see the machine as those runs do (measured once at
+            # the start of a 12-minute sweep, drift of the shared machine's load entered every later rate)
+            loaded, timelines = _loaded_timelines(lab, spec0, workdir, log, 29400 + i, t1, n, f"loaded-bw{bw:g}")
+            if not state["timelines"]:
+                state["timelines"], state["loaded"] = timelines, loaded
+                est = estimate_duration(state, args, numel)
+                log(f"expected duration of the per-bandwidth phases: ~{est / 60:.1f} min (the lab model at the "
+                    f"nominal rates, alpha 0.2 ms, + ~15 s of start-up and a loaded baseline per rate)")
             lab.set_rate(bw)
             log(f"links at {bw} Gb/s: {lab.qdiscs(0)['send']['options']}")
             spec = dict(spec0, phase="net", tag=f"bw{bw:g}", bandwidth_gbps=bw, fit_sizes=_fit_sizes(numel, args.quick),
                         fit_repeats=2 if args.quick else 4, cpu_share=state["cpu_share"],
-                        recommend_from=state["timelines"].get("distopt-fp16"))
+                        recommend_from=timelines.get("distopt-fp16"))
             res = _launch(lab, spec, workdir, log, port=29500 + i)
             fits = fit_networks({0: res[0]["fit"]}, n)
             for dt, fit in fits.items():
@@ -744,7 +761,7 @@ def run(args) -> dict:
                     f"({fit.bw_Bps / 1e6:.1f} MB/s), CPU {fit.cpu_s_per_byte * 1e9:.2f} ns/B, "
                     f"launch {fit.launch_s * 1e6:.0f} us, max residual {fit.max_rel_residual:.1%}")
             state["bandwidths"][f"{bw:g}"] = {
-                "fits": fits, "recommended": res[0].get("recommended"),
+                "fits": fits, "recommended": res[0].get("recommended"), "timelines": timelines, "loaded": loaded,
                 "runs": {name: [rr["configs"][name] for rr in res] for name in res[0]["configs"]}}
     points = analyse(state)
     curves = predicted_curves(state, [i for i in args.impls if i in {p["impl"] for p in points}])
@@ -762,8 +779,9 @@ def run(args) -> dict:
                    "optimizer": f"SGD lr={LR} momentum={MOMENTUM} (MFSGD for DistributedOptimizer, torch.optim.SGD for DDP)",
                    "E": "T(1)/T(N): T(1) the plain single-rank step alone, T(N) the slowest rank's step (medians)"},
         "model_choice": choice, "lab": lab.describe(),
-        "t1_alone_s": t1, "loaded_world_size_1": state["loaded"], "cpu_share": state["cpu_share"],
-        "timelines_world_size_1_loaded": state["timelines"],
+        "t1_alone_s": t1, "cpu_share": state["cpu_share"],
+        "loaded_world_size_1": {bw: d["loaded"] for bw, d in state["bandwidths"].items()},
+        "timelines_world_size_1_loaded": {bw: d["timelines"] for bw, d in state["bandwidths"].items()},
         "fitted": {bw: {"networks": {dt: f.as_dict() for dt, f in d["fits"].items()}, "recommended_cap": d["recommended"]}
                    for bw, d in state["bandwidths"].items()},
         "points": points, "predicted_curves": curves, "checks": checks(points),

@@ -180,6 +180,10 @@ def test_scaling_netns_quick_smoke(tmp_path):
         assert res["fitted"][bw]["recommended_cap"]["best_cap_mb"] in [p["bucket_cap_mb"] for p in pts
                                                                     if p["impl"] == "distopt-fp16-rec"]
     assert set(res["backends_used"]) == {"distopt-fp16", "distopt-fp16-rec", "ddp-fp16hook", "localsgd-H16"}
+    # the loaded baseline is measured again with every rate's runs (and the prediction of a rate starts from it)
+    assert set(res["timelines_world_size_1_loaded"]) == set(res["loaded_world_size_1"]) == {"0.5", "2"}
+    for bw in ("0.5", "2"):
+        assert set(res["timelines_world_size_1_loaded"][bw]) == {"distopt-fp16", "ddp-fp16hook", "localsgd-H16"}
     for name in ("distopt-fp16", "localsgd-H16"):       # the fused update ran on the compiled CPU kernels
         assert res["backends_used"][name]["update"].get("cpu", 0) > 0, res["backends_used"][name]
     assert res["backends_used"]["ddp-fp16hook"]["update"].startswith("torch.optim.SGD")
