@@ -284,10 +284,13 @@ def _cuda_or_skip():
     return require_backend("cuda")
 
 
-def test_default_cuda_step_with_a_device_flag_does_not_synchronise():
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+@pytest.mark.parametrize("cls,kw", OPTS, ids=OPT_IDS)
+def test_cuda_step_with_a_device_flag_does_not_synchronise(cls, kw, capturable):
+    """The default step defers its skip decision (a pinned copy); a capturable one keeps it on the device."""
     _cuda_or_skip()
     params = [torch.randn(1000, device="cuda") for _ in range(3)]
-    opt = MFSGD(params, lr=0.1, momentum=0.9, mf_schedule=mf.constant(0.9))
+    opt = cls(params, mf_schedule=mf.constant(0.9), capturable=capturable, **kw)
     for p in params:
         p.grad = torch.randn_like(p)
     found = torch.zeros((), device="cuda")

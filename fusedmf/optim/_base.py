@@ -343,12 +343,7 @@ class MFOptimizerBase(Optimizer):
         used: dict = defaultdict(int)
         calls, updates = [], []
         for launch, (scalars, extra), grads in zip(launches, plans, grads_of_launch):
-            token = self._init_token(launch.group)
-            if launch.states is None or launch.init_token != token:
-                launch.states = [self.state[p] for p in launch.params]
-                for p, state in zip(launch.params, launch.states):
-                    self._init_state(launch.group, p, state)
-                launch.init_token = token
+            self._bind_states(launch)
             inv, found = amp.on(launch.device)
             calls.append(self._call(launch.group, scalars, launch.vector, launch.params, grads, launch.states,
                                     launch.backend, inv, found))
@@ -357,6 +352,16 @@ class MFOptimizerBase(Optimizer):
             updates.append((launch.states, self._committed_values(extra, launch.states[0])))
         self.backends_used = dict(used)
         return calls, (amp.found_inf, updates)
+
+    def _bind_states(self, launch: _Launch) -> None:
+        """Create the launch's missing state (once, and again when a group setting changes which state
+        a param needs) and keep the list of its params' state dicts."""
+        token = self._init_token(launch.group)
+        if launch.states is None or launch.init_token != token:
+            launch.states = [self.state[p] for p in launch.params]
+            for p, state in zip(launch.params, launch.states):
+                self._init_state(launch.group, p, state)
+            launch.init_token = token
 
     def _write_scalars(self, launches, plans) -> None:
         """Every launch's scalar vector into one persistent float32 buffer per device (one host-to-
@@ -415,12 +420,7 @@ class MFOptimizerBase(Optimizer):
         for launch in launches:
             state0 = self.state.get(launch.params[0], {})
             fresh = self._fresh_state(state0)  # host facts from before the state is made
-            token = self._init_token(launch.group)
-            if launch.states is None or launch.init_token != token:
-                launch.states = [self.state[p] for p in launch.params]
-                for p, state in zip(launch.params, launch.states):
-                    self._init_state(launch.group, p, state)
-                launch.init_token = token
+            self._bind_states(launch)
             mf = None
             if self.mf_schedule is not None:
                 mf = mf_by_device.get(launch.device)
