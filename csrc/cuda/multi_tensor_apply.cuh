@@ -42,6 +42,14 @@
 
 #include "cuda/launch_limits.h"
 
+// A kernel parameter that every thread reads in place (__grid_constant__: no per-thread copy).
+// The host emulation defines it first as a const reference to its launch's one copy of the
+// arguments: a by-value parameter would be copied onto every emulated thread's stack (32 KiB of
+// TensorListMeta per thread, most of the emulator's time). Under nvcc the text is unchanged.
+#ifndef FUSEDMF_GRID_CONSTANT
+#define FUSEDMF_GRID_CONSTANT(...) const __grid_constant__ __VA_ARGS__
+#endif
+
 namespace fusedmf {
 namespace cuda {
 
@@ -129,7 +137,7 @@ struct MinBlocksPerSm<Op, std::void_t<decltype(Op::kMinBlocksPerSm)>> {
 // whose data pointers (one per list) are base[0..kDepth).
 template <int kArgBytes, int kDepth, class Op>
 __global__ void __launch_bounds__(kBlockSize, MinBlocksPerSm<Op>::value)
-    multi_tensor_kernel(const __grid_constant__ TensorListMeta<kArgBytes, kDepth> meta, const Op op) {
+    multi_tensor_kernel(FUSEDMF_GRID_CONSTANT(TensorListMeta<kArgBytes, kDepth>) meta, const Op op) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numels[t] - begin;
