@@ -220,8 +220,15 @@ __device__ __forceinline__ bool ilp_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
+// A GPU faults on a vector access that is not aligned to its size ("misaligned address"); x86 does
+// not, so the host emulation defines this first to raise the fault (csrc/cuda/emu/cuda_emu.h).
+#ifndef FUSEDMF_CHECK_VECTOR_ACCESS
+#define FUSEDMF_CHECK_VECTOR_ACCESS(p, bytes)
+#endif
+
 template <class T>
 __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
+  FUSEDMF_CHECK_VECTOR_ACCESS(p, sizeof(Pack<T>));
   const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);
 #pragma unroll
   for (int k = 0; k < kIlp; ++k) r[k] = FUSEDMF_MATH_NS::to_float(pack.v[k]);
@@ -229,6 +236,7 @@ __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
 
 template <class T>
 __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
+  FUSEDMF_CHECK_VECTOR_ACCESS(p, sizeof(Pack<T>));
   Pack<T> pack;
 #pragma unroll
   for (int k = 0; k < kIlp; ++k) pack.v[k] = FUSEDMF_MATH_NS::from_float<T>(r[k]);

@@ -493,6 +493,14 @@ int syncthreads(const char* file, int line, int pred, SyncKind kind) {
   return f.result;
 }
 
+void misaligned_access(const char* file, int line, const void* p, size_t bytes) {
+  std::ostringstream msg;
+  msg << "misaligned " << bytes << "-byte vector access at " << p << " (" << where(file, line)
+      << "): a GPU faults (misaligned address)";
+  if (tl_run == nullptr) fail(msg.str());
+  fiber_fail(msg.str());
+}
+
 void syncwarp(const char* file, int line) { (void)shfl_bits(file, line, 0xFFFFFFFFu, 0, kShflIdx, 0); }
 
 uint64_t shfl_bits(const char* file, int line, unsigned mask, uint64_t bits, ShflKind kind, int arg) {
