@@ -146,6 +146,7 @@ def test_optimizers_equal_the_cpu_backend_bit_for_bit(config, thread_order):
     ("grid_zero", r"grid \(0, 1, 1\)"),
     ("grid_too_large", r"grid \(2147483648, 1, 1\)"),
     ("block_too_large", r"block \(1056, 1, 1\), 1056 threads"),
+    ("misaligned_vector_load", r"misaligned 16-byte vector access at .*multi_tensor_apply\.cuh.*a GPU faults"),
 ], ids=lambda x: x if isinstance(x, str) and " " not in x and "\\" not in x else "")
 def test_the_shim_refuses_what_a_gpu_leaves_undefined(name, message, thread_order):
     with pytest.raises(RuntimeError, match="fusedmf cuda_emu: .*" + message):
@@ -156,6 +157,10 @@ def test_shuffles_and_block_sum_are_exact():
     assert C._cuda_emu_selftest("full_shuffle") == 1.0
     for threads in (32, 64, 512):  # block_sum of 1.0 per thread over every warp (it holds kBlockSize = 512)
         assert C._cuda_emu_selftest(f"block_sum_{threads}") == threads
+
+
+def test_an_aligned_vector_load_passes():
+    assert C._cuda_emu_selftest("aligned_vector_load") == 3.0
 
 
 def test_kernel_argument_limit():

@@ -42,6 +42,14 @@
 
 #include "cuda/launch_limits.h"
 
+// A kernel parameter that every thread reads in place (__grid_constant__: no per-thread copy).
+// The host emulation defines it first as a const reference to its launch's one copy of the
+// arguments: a by-value parameter would be copied onto every emulated thread's stack (32 KiB of
+// TensorListMeta per thread, most of the emulator's time). Under nvcc the text is unchanged.
+#ifndef FUSEDMF_GRID_CONSTANT
+#define FUSEDMF_GRID_CONSTANT(...) const __grid_constant__ __VA_ARGS__
+#endif
+
 namespace fusedmf {
 namespace cuda {
 
@@ -129,7 +137,7 @@ struct MinBlocksPerSm<Op, std::void_t<decltype(Op::kMinBlocksPerSm)>> {
 // whose data pointers (one per list) are base[0..kDepth).
 template <int kArgBytes, int kDepth, class Op>
 __global__ void __launch_bounds__(kBlockSize, MinBlocksPerSm<Op>::value)
-    multi_tensor_kernel(const __grid_constant__ TensorListMeta<kArgBytes, kDepth> meta, const Op op) {
+    multi_tensor_kernel(FUSEDMF_GRID_CONSTANT(TensorListMeta<kArgBytes, kDepth>) meta, const Op op) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numels[t] - begin;
@@ -212,8 +220,15 @@ __device__ __forceinline__ bool ilp_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
+// A GPU faults on a vector access that is not aligned to its size ("misaligned address"); x86 does
+// not, so the host emulation defines this first to raise the fault (csrc/cuda/emu/cuda_emu.h).
+#ifndef FUSEDMF_CHECK_VECTOR_ACCESS
+#define FUSEDMF_CHECK_VECTOR_ACCESS(p, bytes)
+#endif
+
 template <class T>
 __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
+  FUSEDMF_CHECK_VECTOR_ACCESS(p, sizeof(Pack<T>));
   const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);
 #pragma unroll
   for (int k = 0; k < kIlp; ++k) r[k] = FUSEDMF_MATH_NS::to_float(pack.v[k]);
@@ -221,6 +236,7 @@ __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
 
 template <class T>
 __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
+  FUSEDMF_CHECK_VECTOR_ACCESS(p, sizeof(Pack<T>));
   Pack<T> pack;
 #pragma unroll
   for (int k = 0; k < kIlp; ++k) pack.v[k] = FUSEDMF_MATH_NS::from_float<T>(r[k]);

@@ -64,6 +64,12 @@ struct Big {
 };
 __global__ void big_args_kernel(const __grid_constant__ Big big, float* out) { out[0] = big.bytes[0]; }
 
+__global__ void vector_load_kernel(const float* in, float* out) {
+  float r[cuda_emu::kIlp];
+  cuda_emu::load_pack(in, r);
+  out[threadIdx.x] = r[0];
+}
+
 __global__ void block_sum_kernel(float* out) {
   const float total = cuda_emu::block_sum(1.0f);
   if (threadIdx.x == 0) *out = total;
@@ -73,7 +79,7 @@ __global__ void block_sum_kernel(float* out) {
 
 double selftest(const char* name_c) {
   const std::string name(name_c);
-  static thread_local float out[2048];
+  alignas(16) static thread_local float out[2048];
   if (name == "divergent_barrier") {
     FUSEDMF_LAUNCH(1, 64, 0, nullptr, divergent_barrier_kernel)(out);
   } else if (name == "early_exit_barrier") {
@@ -85,6 +91,12 @@ double selftest(const char* name_c) {
   } else if (name == "full_shuffle") {
     FUSEDMF_LAUNCH(1, 64, 0, nullptr, shuffle_kernel)(out, 0xFFFFFFFFu);
     return out[31];  // lane 31 has no lane 32 below it: its own value
+  } else if (name == "misaligned_vector_load") {
+    FUSEDMF_LAUNCH(1, 32, 0, nullptr, vector_load_kernel)(out + 1, out + 64);  // out: 16-byte aligned
+  } else if (name == "aligned_vector_load") {
+    out[4] = 3.0f;
+    FUSEDMF_LAUNCH(1, 32, 0, nullptr, vector_load_kernel)(out + 4, out + 64);
+    return out[64];
   } else if (name == "oversize_args") {
     Big big{};
     FUSEDMF_LAUNCH(1, 32, 0, nullptr, big_args_kernel)(big, out);

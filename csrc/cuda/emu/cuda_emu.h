@@ -55,6 +55,11 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #define __grid_constant__
+// multi_tensor_apply.cuh: the launch's argument struct, read in place by every thread
+#define FUSEDMF_GRID_CONSTANT(...) const __VA_ARGS__&
+// multi_tensor_apply.cuh's vector loads and stores: a misaligned one faults on a GPU
+#define FUSEDMF_CHECK_VECTOR_ACCESS(p, bytes) \
+  (reinterpret_cast<uintptr_t>(p) % (bytes) == 0 ? (void)0 : ::fusedmf_emu::misaligned_access(__FILE__, __LINE__, (p), (bytes)))
 // One OS thread runs one block's fibers at a time, so a thread_local is that block's shared memory.
 #define __shared__ static thread_local
 

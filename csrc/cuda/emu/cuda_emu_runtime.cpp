@@ -24,12 +24,13 @@
 #include <stdexcept>
 #include <vector>
 
-// A fiber switch: glibc's swapcontext makes two sigprocmask system calls per switch, which made
-// the emulation of a 21M-element step take seconds; on x86-64 a switch saves and restores only
-// the callee-saved registers and the SSE/x87 control words (the System V ABI's preserved state).
-// Opt-in (-DFUSEDMF_EMU_FAST_SWITCH_X86) until it passes the whole suite: it crashed in a
-// 1024-thread block_sum (tests/test_cuda_emu.py), not yet understood; ucontext is the default.
-#if defined(__x86_64__) && defined(FUSEDMF_EMU_FAST_SWITCH_X86)
+// A fiber switch: glibc's swapcontext makes two sigprocmask system calls per switch (and
+// getcontext one per fiber), which made the emulated suite spend most of its time in the kernel;
+// on x86-64 a switch saves and restores only the callee-saved registers and the SSE/x87 control
+// words (the System V ABI's preserved state). The default there; -DFUSEDMF_EMU_UCONTEXT (and any
+// other architecture) keeps ucontext. Its one crash, in a 1024-thread block_sum self-test, was the
+// test's own out-of-bounds write (block_sum holds kBlockSize / 32 warp sums), since removed.
+#if defined(__x86_64__) && !defined(FUSEDMF_EMU_UCONTEXT)
 #define FUSEDMF_EMU_FAST_SWITCH 1
 extern "C" void fusedmf_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
@@ -62,6 +63,20 @@ fusedmf_emu_switch:
 )");
 #endif
 
+// AddressSanitizer must be told of every stack switch (scripts/emu_sanitize.sh builds the emulator
+// with it): otherwise it takes a fiber's frames for the scheduler's, and reports or misses accesses.
+#if defined(__SANITIZE_ADDRESS__)
+#define FUSEDMF_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FUSEDMF_EMU_ASAN 1
+#endif
+#endif
+#ifdef FUSEDMF_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace fusedmf_emu {
 
 thread_local uint3 tl_thread_idx{0, 0, 0};
@@ -90,7 +105,10 @@ struct Fiber {
 #else
   ucontext_t ctx;
 #endif
-  std::unique_ptr<char[]> stack;
+  char* stack = nullptr;  // kStackBytes, from tl_stacks
+#ifdef FUSEDMF_EMU_ASAN
+  void* asan_fake_stack = nullptr;
+#endif
   State state = State::kReady;
   Wait wait = Wait::kNone;
   const char* file = nullptr;
@@ -116,6 +134,11 @@ struct BlockRun {
   BlockBody body = nullptr;
   void* ctx = nullptr;
   std::string error;  // set by a fiber: the scheduler throws it once the fiber is back
+#ifdef FUSEDMF_EMU_ASAN
+  void* asan_fake_stack = nullptr;  // the scheduler's
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_bytes = 0;
+#endif
 };
 
 thread_local BlockRun* tl_run = nullptr;
@@ -135,25 +158,48 @@ void set_coords(int tid) {
   tl_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
 }
 
+// On fiber `f`, just switched to: tell ASan that its stack is current, and learn the scheduler's.
+void entered_fiber(BlockRun& run, Fiber& f) {
+#ifdef FUSEDMF_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &run.scheduler_stack, &run.scheduler_stack_bytes);
+#else
+  (void)run;
+  (void)f;
+#endif
+}
+
 // From fiber `f` to the scheduler, and from the scheduler into fiber `f`.
 void to_scheduler(BlockRun& run, Fiber& f) {
+#ifdef FUSEDMF_EMU_ASAN
+  // a finished fiber's frames are gone for good (nullptr: ASan drops its fake stack)
+  __sanitizer_start_switch_fiber(f.state == State::kDone ? nullptr : &f.asan_fake_stack, run.scheduler_stack,
+                                 run.scheduler_stack_bytes);
+#endif
 #ifdef FUSEDMF_EMU_FAST_SWITCH
   fusedmf_emu_switch(&f.sp, run.scheduler_sp);
 #else
   swapcontext(&f.ctx, &run.scheduler);
 #endif
+  entered_fiber(run, f);
 }
 void to_fiber(BlockRun& run, Fiber& f) {
+#ifdef FUSEDMF_EMU_ASAN
+  __sanitizer_start_switch_fiber(&run.asan_fake_stack, f.stack, kStackBytes);
+#endif
 #ifdef FUSEDMF_EMU_FAST_SWITCH
   fusedmf_emu_switch(&run.scheduler_sp, f.sp);
 #else
   swapcontext(&run.scheduler, &f.ctx);
+#endif
+#ifdef FUSEDMF_EMU_ASAN
+  __sanitizer_finish_switch_fiber(run.asan_fake_stack, nullptr, nullptr);
 #endif
 }
 
 [[noreturn]] void fiber_entry() {
   BlockRun* run = tl_run;
   const int tid = run->current;
+  entered_fiber(*run, run->fibers[tid]);
   run->body(run->ctx);
   run->fibers[tid].state = State::kDone;
   to_scheduler(*run, run->fibers[tid]);
@@ -161,6 +207,12 @@ void to_fiber(BlockRun& run, Fiber& f) {
 }
 
 void init_fiber(Fiber& f, char* stack, size_t bytes) {
+  f.stack = stack;
+#ifdef FUSEDMF_EMU_ASAN
+  // the stack's previous fiber may have been abandoned mid-frame (a failed launch), its redzones
+  // still poisoned
+  __asan_unpoison_memory_region(stack, bytes);
+#endif
 #ifdef FUSEDMF_EMU_FAST_SWITCH
   // What fusedmf_emu_switch pops: the control words, six zeroed registers, then fiber_entry as
   // the return address; above it a null slot where fiber_entry's own return address would be,
@@ -439,6 +491,14 @@ int syncthreads(const char* file, int line, int pred, SyncKind kind) {
   f.mask = static_cast<unsigned>(kind);
   suspend(f);
   return f.result;
+}
+
+void misaligned_access(const char* file, int line, const void* p, size_t bytes) {
+  std::ostringstream msg;
+  msg << "misaligned " << bytes << "-byte vector access at " << p << " (" << where(file, line)
+      << "): a GPU faults (misaligned address)";
+  if (tl_run == nullptr) fail(msg.str());
+  fiber_fail(msg.str());
 }
 
 void syncwarp(const char* file, int line) { (void)shfl_bits(file, line, 0xFFFFFFFFu, 0, kShflIdx, 0); }

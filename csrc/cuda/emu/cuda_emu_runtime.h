@@ -58,6 +58,9 @@ void run_grid(dim3 grid, dim3 block, F&& f) {
   run_grid_erased(grid, block, [](void* ctx) { (*static_cast<Fn*>(ctx))(); }, const_cast<void*>(static_cast<const void*>(&f)));
 }
 
+// A vector access of `bytes` at `p`, not aligned to its size: what a GPU faults on. Throws.
+[[noreturn]] void misaligned_access(const char* file, int line, const void* p, size_t bytes);
+
 // ---- barriers and shuffles: suspend the calling fiber until its block / warp arrives ----
 enum SyncKind { kSyncPlain, kSyncOr, kSyncAnd, kSyncCount };
 int syncthreads(const char* file, int line, int pred, SyncKind kind);
