@@ -48,6 +48,15 @@ MUTATIONS = [
      "if (threadIdx.x == 0) already_set = *found_inf != 0.0f;\n    __syncthreads();",
      "if (threadIdx.x == 0) already_set = *found_inf != 0.0f;",
      "non_finite_check kernel: the __syncthreads after thread 0 reads *found_inf into shared memory removed"),
+    # the two-iterations-in-flight loop of chunk_apply (kUnroll = 2)
+    ("drop-odd-last-vector", MTA,
+     "    if (i < n_vec) {  // the odd last vector of this thread",
+     "    if (false) {  // (mutation: the odd last vector is skipped)",
+     "chunk_apply: a thread's odd last aligned vector (after the unrolled pairs) is not updated"),
+    ("second-iteration-stored-at-first", MTA,
+     "      op.store_vec(f[1], i + stride);",
+     "      op.store_vec(f[1], i);",
+     "chunk_apply: the unrolled loop stores its second iteration over the first one's elements"),
 ]
 
 

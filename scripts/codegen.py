@@ -5,8 +5,9 @@ Used by tests/test_codegen.py (the assertions) and runnable as a report:
     python scripts/codegen.py [--so PATH] [--json OUT]
 
 prints, per multi_tensor_kernel instantiation, registers, stack frame, local-memory accesses, the
-widths of the global loads and stores of the vector path, and the FFMA instructions with the source
-line nvcc attributes them to; --json writes the same with provenance (benchmarks/harness.py's
+widths of the global loads and stores of the vector path, how many of its loads a thread issues
+before any of its stores (loads_in_flight), and the FFMA instructions with the source line nvcc
+attributes them to; --json writes the same with provenance (benchmarks/harness.py's
 machine_info) for benchmarks/results/.
 
 Tools (NOTE [codegen tools]): cuobjdump extracts the cubins and their resource usage from the
@@ -41,7 +42,14 @@ def _block_size() -> int:
     return int(m.group(1)) if m else 512
 
 
+def _unroll() -> int:
+    m = re.search(r"constexpr int kUnroll = (\d+);", (ROOT / "csrc/cuda/multi_tensor_apply.cuh").read_text())
+    return int(m.group(1)) if m else 1
+
+
 BLOCK_SIZE = _block_size()
+# Aligned iterations whose loads each thread keeps in flight together (kUnroll, NOTE [ILP-4]).
+UNROLL = _unroll()
 SM90_REGS_PER_SM = 65536
 SM90_MAX_THREADS_PER_SM = 2048
 REG_ALLOC_UNIT = 8
@@ -52,8 +60,9 @@ REG_CEILING = SM90_REGS_PER_SM // BLOCK_SIZE  # 128
 # (__fmaf_rn), the sums of squares (fmaf), and the correctly rounded division and square root,
 # whose expansions are FFMA sequences (__fdiv_rn / __fsqrt_rn, the *_rn helpers of update_math.h).
 EXPLICIT_FMA_RE = re.compile(r"\b(__fmaf_rn|fmaf|__fmaf_r[nzdu]|__fdiv_rn|__fsqrt_rn)\s*\(")
-# The vector path's accesses: load_pack / store_pack and the non-finite check's own pack load.
-VECTOR_ACCESS_RE = re.compile(r"reinterpret_cast<\s*(const\s+)?Pack<")
+# The vector path's accesses: load_pack, the non-finite check's own pack load, and store_pack's
+# PTX stores (store_global_words).
+VECTOR_ACCESS_RE = re.compile(r"reinterpret_cast<\s*(const\s+)?Pack<|st\.global\.v[24]\.b32")
 HOT_KERNEL = "fusedmf::cuda::multi_tensor_kernel<"
 # csrc/cuda/<family>.cu -> the kernels it defines (the cubin is named after its source file)
 FAMILIES = ("mf_sgd", "mf_adam", "pack", "non_finite_check", "smega2", "average")
@@ -115,6 +124,7 @@ class Instr:
     opcode: str  # e.g. "FFMA", "LDG.E.128"
     file: Optional[str]  # innermost source location nvcc recorded
     line: Optional[int]
+    target: bool = False  # a branch target (a `.L_x_N:` label precedes it): a basic block starts here
 
 
 @dataclass
@@ -166,6 +176,7 @@ _SECTION = re.compile(r"^\s*\.section\s+\.text\.(\S+?),")
 # A subroutine of the toolkit inside a kernel's section, e.g. `$__internal_2_$__cuda_sm3x_div_rn_noftz_f32_slowpath:`
 # (its instructions carry no line information of their own; nvdisasm repeats the last one).
 _SUBROUTINE = re.compile(r"^\$__internal_\d+_\$(\S+):\s*$")
+_LABEL = re.compile(r"^\s*\.L\w*:\s*$")
 TOOLKIT = "<cuda toolkit>"
 
 
@@ -193,16 +204,19 @@ def parse_disassembly(text: str) -> Dict[str, List[Instr]]:
     first `//## File` line of the block that precedes it)."""
     funcs: Dict[str, List[Instr]] = {}
     cur: Optional[List[Instr]] = None
-    loc, in_block = (None, None), False
+    loc, in_block, target = (None, None), False, False
     for line in text.splitlines():
         m = _SECTION.match(line)
         if m:
             cur = funcs.setdefault(m.group(1), [])
-            loc, in_block = (None, None), False
+            loc, in_block, target = (None, None), False, False
             continue
         m = _SUBROUTINE.match(line)
         if m:
-            loc, in_block = (TOOLKIT + " " + m.group(1), None), False
+            loc, in_block, target = (TOOLKIT + " " + m.group(1), None), False, True
+            continue
+        if _LABEL.match(line):
+            target = True
             continue
         if loc[0] is not None and loc[0].startswith(TOOLKIT):
             pass  # stays in the subroutine up to the next kernel section
@@ -216,7 +230,8 @@ def parse_disassembly(text: str) -> Dict[str, List[Instr]]:
         m = _INSTR.match(line)
         if m and cur is not None:
             text_ = m.group(2)
-            cur.append(Instr(int(m.group(1), 16), text_, _opcode(text_), loc[0], loc[1]))
+            cur.append(Instr(int(m.group(1), 16), text_, _opcode(text_), loc[0], loc[1], target))
+            target = False
     return funcs
 
 
@@ -283,15 +298,44 @@ def contracted_ffma(k: Kernel) -> List[Instr]:
     return bad
 
 
+def _on_vector_path(i: Instr) -> bool:
+    src = source_line(i.file, i.line)
+    return i.opcode.startswith(("LDG", "STG")) and src is not None and VECTOR_ACCESS_RE.search(src) is not None
+
+
 def vector_accesses(k: Kernel) -> Dict[str, int]:
     """Opcode counts of the global accesses that the vector path's source lines compiled to."""
     out: Dict[str, int] = {}
     for i in k.instrs:
-        if i.opcode.startswith(("LDG", "STG")):
-            src = source_line(i.file, i.line)
-            if src is not None and VECTOR_ACCESS_RE.search(src):
-                out[i.opcode] = out.get(i.opcode, 0) + 1
+        if _on_vector_path(i):
+            out[i.opcode] = out.get(i.opcode, 0) + 1
     return out
+
+
+# Instructions that end a straight-line run: control flow, and the warp / block synchronisation.
+_RUN_END = re.compile(r"(BRA|BRX|JMP|JMX|CALL|RET|EXIT|BSSY|BSYNC|WARPSYNC|BAR|YIELD)(\..*)?")
+
+
+def loads_in_flight(k: Kernel) -> int:
+    """The most vector-path loads one thread issues in a straight-line run before any vector-path
+    store: a run ends at a branch target, a branch, a call, an exit or a barrier. In the aligned loop
+    of chunk_apply (NOTE [ILP-4]) that is kUnroll iterations' loads of every stream, all issued before
+    either iteration's result is stored; a loop that kept one iteration in flight shows one
+    iteration's worth. (A load the scheduler sinks below a store, or a branch inside the run, shows
+    fewer: the count is a lower bound of what the hardware sees in flight.)"""
+    best = cur = 0
+    for i in k.instrs:
+        if i.target or _RUN_END.fullmatch(i.opcode):
+            cur = 0
+        if _RUN_END.fullmatch(i.opcode):
+            continue
+        if _on_vector_path(i):
+            if i.opcode.startswith("STG"):
+                cur = 0
+            else:
+                cur += 1
+                best = max(best, cur)
+    return best
 
 
 def local_accesses(k: Kernel) -> List[Instr]:
@@ -339,6 +383,7 @@ def summary(k: Kernel) -> dict:
         "family": k.family, "op": k.op, "regs": k.regs, "stack_bytes": k.stack, "local_bytes": k.local,
         "shared_bytes": k.shared, "blocks_per_sm_at_512": k.blocks_per_sm() if k.regs else None,
         "local_accesses": len(local_accesses(k)), "vector_accesses": vector_accesses(k),
+        "vector_loads_in_flight": loads_in_flight(k),
         "ffma": len(ffma), "ffma_contracted": len(contracted_ffma(k)),
     }
 
@@ -351,10 +396,10 @@ def main(argv=None) -> int:
     kernels = read_kernels(a.so)
     rows = [summary(k) for k in kernels]
     print(f"{'family':17s} {'op':55s} {'reg':>4s} {'stk':>4s} {'LDL/STL':>7s} {'blk/SM':>6s} "
-          f"{'FFMA':>5s} {'contr':>5s}  vector accesses")
+          f"{'FFMA':>5s} {'contr':>5s} {'inflt':>5s}  vector accesses")
     for r in rows:
         print(f"{r['family']:17s} {r['op'][:55]:55s} {r['regs']:4d} {r['stack_bytes']:4d} {r['local_accesses']:7d} "
-              f"{r['blocks_per_sm_at_512']:6d} {r['ffma']:5d} {r['ffma_contracted']:5d}  "
+              f"{r['blocks_per_sm_at_512']:6d} {r['ffma']:5d} {r['ffma_contracted']:5d} {r['vector_loads_in_flight']:5d}  "
               + " ".join(f"{op}:{n}" for op, n in sorted(r["vector_accesses"].items())))
     if a.json:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -365,6 +410,7 @@ def main(argv=None) -> int:
                   "tools": {n: next((ln for ln in _run([p, "--version"]).splitlines() if "release" in ln), "?").strip()
                             for n, p in tools().items()},
                   "extension": os.path.relpath(a.so or extension_path(), ROOT), "block_size": BLOCK_SIZE,
+                  "unroll": UNROLL,
                   "reg_ceiling": REG_CEILING,
                   "backends_used": ["cuda: the sm_90 SASS of fusedmf._C, read (not executed)"],
                   "kernels": rows}

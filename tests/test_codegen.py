@@ -4,10 +4,11 @@ What a GPU-less CI can still see of the device code: that the hot kernels (every
 multi_tensor_kernel instantiation of csrc/cuda/{mf_sgd,mf_adam,pack,non_finite_check,smega2,average}.cu)
   - use no local memory (no spills, no stack frame),
   - move their vector path (load_pack / store_pack, NOTE [ILP-4]) as vector accesses, 128-bit for fp32,
+  - keep kUnroll aligned iterations' loads in flight: all issued before the first of their stores,
   - contain no FFMA that nvcc contracted from a separate multiply and add (NOTE [fma placement]: every
     FFMA must sit on a source line that asks for one, __fmaf_rn / fmaf, or inside the correctly rounded
     division and square root),
-  - fit the register file with 512 threads per block.
+  - fit the register file with 512 threads per block, with the occupancy benchmarks/launch_model.py assumes.
 The parsing lives in scripts/codegen.py (also the report: `python scripts/codegen.py --json ...`).
 
 The tools are cuobjdump and nvdisasm (scripts/env.sh installs the PyPI wheels; a CUDA toolkit on
@@ -18,6 +19,7 @@ FUSEDMF_CODEGEN_SO points the tests at another binary (an .so or a .o with an sm
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -124,6 +126,23 @@ def test_vector_path_uses_vector_accesses(kernels):
     assert not bad, "vector path lost its vector accesses:\n  " + _fail_list(bad)
 
 
+def test_unrolled_loads_are_in_flight_together(kernels):
+    """The aligned loop issues the loads of kUnroll iterations, every stream, before it stores either
+    (NOTE [ILP-4], issue 10 item 4: a launch of few waves is bound by memory latency, so each thread
+    must keep 2 x kIlp elements of every list in flight)."""
+    assert codegen.UNROLL >= 2, f"kUnroll = {codegen.UNROLL}: two aligned iterations in flight are required"
+    bad = []
+    for k in kernels:
+        s = codegen.streams(k)
+        if s is None:
+            continue  # test_vector_path_uses_vector_accesses names it
+        want = codegen.UNROLL * len(s[0])
+        have = codegen.loads_in_flight(k)
+        if have < want:
+            bad.append(f"{k.family} {k.op}: {have} vector loads before a store, want {codegen.UNROLL} x {len(s[0])}")
+    assert not bad, "aligned iterations not in flight together:\n  " + _fail_list(bad)
+
+
 def test_no_fp_contraction(kernels):
     bad = []
     for k in kernels:
@@ -141,6 +160,27 @@ def test_registers_fit_one_block_per_sm(kernels):
     assert not bad, f"over {codegen.REG_CEILING} registers per thread:\n  " + _fail_list(bad)
 
 
+def test_launch_model_occupancy_is_the_built_kernels(kernels):
+    """benchmarks/launch_model.py's "after" design models the shipped kernels: the registers it assumes
+    give each rule's kernel the resident blocks per SM that the built cubin's registers give."""
+    sys.path.insert(0, str(codegen.ROOT / "benchmarks"))
+    import launch_model as lm  # noqa: PLC0415
+
+    assert lm.read_kunroll() == codegen.UNROLL
+    by_op = {k.op.replace("fusedmf::", ""): k for k in kernels}
+    bad = []
+    for rule in lm.RULES.values():
+        k = by_op.get(rule.kernel)
+        if k is None:
+            bad.append(f"{rule.name}: no kernel {rule.kernel} in the extension")
+            continue
+        assumed = lm.REGISTERS["after"][rule.name]
+        if lm.blocks_per_sm(assumed) != k.blocks_per_sm():
+            bad.append(f"{rule.name}: the model assumes {assumed} registers ({lm.blocks_per_sm(assumed)} blocks/SM), "
+                       f"{rule.kernel} has {k.regs} ({k.blocks_per_sm()} blocks/SM): update REGISTERS")
+    assert not bad, "launch model out of date:\n  " + _fail_list(bad)
+
+
 # ---- the parsers, on fixed text (run everywhere, tools or not) ----------------------------------
 
 _SASS = """\
@@ -156,6 +196,31 @@ _Z1kv:
 $__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath:
 	//## File "{src}", line 3
         /*0040*/                   FFMA R6, R2, R3, R4 ;
+"""
+
+# Vector loads (line 2) and stores (line 3) in runs cut by a label, a branch and a store: the longest
+# run of loads before a store is the three after .L_x_1 (the branch and the label cut the others).
+_RUNS = """\
+	.section	.text._Z1kv,"ax",@progbits
+_Z1kv:
+	//## File "{src}", line 2
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+.L_x_1:
+        /*0020*/                   LDG.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0030*/                   LDG.E.64 R16, desc[UR4][R2.64+0x30] ;
+	//## File "{src}", line 1
+        /*0040*/                   FADD R4, R4, R8 ;
+	//## File "{src}", line 2
+        /*0050*/                   LDG.E.128 R12, desc[UR4][R2.64+0x40] ;
+	//## File "{src}", line 3
+        /*0060*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+	//## File "{src}", line 2
+        /*0070*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0090*/               @P0 BRA `(.L_x_1) ;
+        /*00a0*/                   LDG.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*00b0*/                   EXIT ;
 """
 
 
@@ -179,3 +244,14 @@ def test_parsers_on_fixed_text(tmp_path):
     assert k.blocks_per_sm() == 2
     k.regs = 31
     assert k.blocks_per_sm() == 4
+
+
+def test_loads_in_flight_on_fixed_text(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text("x\n  const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);\n"
+                   '  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p));\n')
+    instrs = codegen.parse_disassembly(_RUNS.format(src=src))["_Z1kv"]
+    assert [i.offset for i in instrs if i.target] == [0x20]
+    k = codegen.Kernel("_Z1kv", "void fusedmf::cuda::multi_tensor_kernel<1, x>()", "pack", instrs=instrs)
+    assert codegen.vector_accesses(k) == {"LDG.E.128": 7, "LDG.E.64": 1, "STG.E.128": 1}
+    assert codegen.loads_in_flight(k) == 3

@@ -23,6 +23,11 @@ struct AdamChunk {
   struct Frag {
     float w[kIlp], g[kIlp], m[kIlp], v[kIlp];
   };
+  // The unaligned path two lanes at a time: four lanes of four streams (16 floats) live next to the
+  // 9 scalars and across the correctly rounded division's slow-path calls left the 16-bit params
+  // with fp32 masters 16-24 bytes of stack spills at the 64-register cap of kMinBlocksPerSm = 2
+  // (nvcc 13.0, once the aligned loop kept two iterations in flight; tests/test_codegen.py).
+  static constexpr int kUnalignedLanes = 2;
 
   __device__ bool aligned() const {
     return ilp_aligned(param) && ilp_aligned(grad) && (!kUseMaster || ilp_aligned(master)) && ilp_aligned(exp_avg) &&
@@ -68,7 +73,7 @@ struct AdamChunk {
 template <class P, class G, bool kUseMaster>
 struct AdamOp {
   // 2 x 512 threads per SM, 64 registers each (benchmarks/launch_model.py): without the bound the two
-  // iterations in flight take ~80 registers, one block per SM; with 3 (40 registers) ptxas spills.
+  // iterations in flight take 84-96 registers, one block per SM; with 3 (40 registers) ptxas spills.
   static constexpr int kMinBlocksPerSm = 2;
   const float* scalars;
   const float* inv_grad_scale;

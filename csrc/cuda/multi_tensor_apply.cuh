@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "tensor_lists.h"
@@ -56,13 +57,10 @@ namespace cuda {
 constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;  // elements per block: 128 per thread, 16 rounds of 2 x ILP-4
 constexpr int kIlp = 4;
-// Aligned iterations whose loads are in flight together (NOTE [ILP-4]). 1: an unroll by 2 (both
-// iterations' vectors loaded before either is computed) made nvcc 13.0 split the first iteration's
-// 128-bit store into four 32-bit stores in every kernel (tests/test_codegen.py caught it, also with
-// the stores reordered or the odd last vector predicated), so two iterations in flight are owed
-// another way (16-byte accesses for 16-bit streams, or a register layout nvcc keeps vectorised).
-// The Frag arrays stay sized by kUnroll so that a later unroll changes only this loop.
-constexpr int kUnroll = 1;
+// Aligned iterations whose loads are in flight together (NOTE [ILP-4]): both iterations' vectors
+// are loaded before either is computed, so each thread has 2 x kIlp elements of every list in
+// flight (benchmarks/launch_model.py: a launch of few waves is bound by memory latency).
+constexpr int kUnroll = 2;
 
 // Kernel-argument limits (NOTE [launch limits]): the classic one, and the one of CUDA >= 12.1
 // drivers on sm_70+.
@@ -131,6 +129,17 @@ struct MinBlocksPerSm {
 template <class Op>
 struct MinBlocksPerSm<Op, std::void_t<decltype(Op::kMinBlocksPerSm)>> {
   static constexpr int value = Op::kMinBlocksPerSm;
+};
+
+// Lanes that chunk_apply's unaligned path loads before it computes them (a chunk type's static
+// member kUnalignedLanes; kIlp, all of them, when it has none). NOTE [ILP-4].
+template <class Op, class = void>
+struct UnalignedLanes {
+  static constexpr int value = kIlp;
+};
+template <class Op>
+struct UnalignedLanes<Op, std::void_t<decltype(Op::kUnalignedLanes)>> {
+  static constexpr int value = Op::kUnalignedLanes;
 };
 
 // One block per chunk; `op(base, begin, n)` updates elements [begin, begin + n) of the tensor
@@ -234,24 +243,59 @@ __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
   for (int k = 0; k < kIlp; ++k) r[k] = FUSEDMF_MATH_NS::to_float(pack.v[k]);
 }
 
+// The bits of one element, zero-extended (a 16-bit format keeps its raw IEEE / bfloat16 bits).
+__device__ __forceinline__ uint32_t element_bits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint32_t element_bits(f16 x) { return x.bits; }
+__device__ __forceinline__ uint32_t element_bits(bf16 x) { return x.bits; }
+
+// One 128-bit / 64-bit global store of 32-bit words, as PTX st.global.v4.b32 / .v2.b32 (a plain,
+// weak store: SASS STG.E.128 / STG.E.64). Written in PTX because a C++ store, of a Pack or of a
+// uint4 alike, reaches nvcc 13.0's optimiser as element stores that it must merge back, and with
+// two iterations in flight it left one of them split into 32-bit stores in most kernels
+// (tests/test_codegen.py caught it); the toolkit's __stwb is one access too but a strong one
+// (STG.E.128.STRONG.SM). The host emulation copies the words.
+__device__ __forceinline__ void store_global_words(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#if defined(FUSEDMF_CUDA_EMU)
+  const uint32_t w[4] = {a, b, c, d};
+  std::memcpy(p, w, sizeof(w));
+#else
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+#endif
+}
+__device__ __forceinline__ void store_global_words(void* p, uint32_t a, uint32_t b) {
+#if defined(FUSEDMF_CUDA_EMU)
+  const uint32_t w[2] = {a, b};
+  std::memcpy(p, w, sizeof(w));
+#else
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+#endif
+}
+
+// Converts kIlp elements and stores them as one vector (16 B for fp32, 8 B for 16-bit types).
 template <class T>
 __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
+  static_assert(kIlp == 4 && (sizeof(T) == 4 || sizeof(T) == 2), "store_pack packs 4 x 32 or 4 x 16 bits");
   FUSEDMF_CHECK_VECTOR_ACCESS(p, sizeof(Pack<T>));
-  Pack<T> pack;
+  uint32_t e[kIlp];
 #pragma unroll
-  for (int k = 0; k < kIlp; ++k) pack.v[k] = FUSEDMF_MATH_NS::from_float<T>(r[k]);
-  *reinterpret_cast<Pack<T>*>(p) = pack;
+  for (int k = 0; k < kIlp; ++k) e[k] = element_bits(FUSEDMF_MATH_NS::from_float<T>(r[k]));
+  if constexpr (sizeof(T) == 4) {
+    store_global_words(p, e[0], e[1], e[2], e[3]);
+  } else {  // little-endian: element 0 in the low half of the first word
+    store_global_words(p, e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+  }
 }
 
 // NOTE [ILP-4]
 // Each thread moves kIlp elements per iteration. When every pointer of the chunk is aligned to
 // kIlp elements, they move as one vector access per list (16 B for fp32, 8 B for 16-bit types) on
-// consecutive elements, kUnroll iterations at a time (1 for now, see kUnroll: more would keep more
-// bytes in flight per thread, and memory latency, not bandwidth, bounds a launch of few blocks:
-// benchmarks/launch_model.py). Otherwise (views at odd
-// offsets) as kIlp scalar accesses blockDim.x apart, still coalesced, loaded all before any is used
-// (apex's ILP scheme). Every path and the chunk's tail call the same update_math.h function on
-// registers, once per element, so the unrolling changes no result.
+// consecutive elements, kUnroll (2) iterations at a time: both loaded before either is computed,
+// since memory latency, not bandwidth, bounds a launch of few waves (benchmarks/launch_model.py);
+// a last odd vector goes alone. Otherwise (views at odd offsets) as kIlp scalar accesses
+// blockDim.x apart, still coalesced, loaded all before any is used (apex's ILP scheme; an Op whose
+// kIlp lanes of scalars would not fit its register budget loads them in groups, kUnalignedLanes).
+// Every path and the chunk's tail call the same update_math.h function on registers, once per
+// element and lanes in the same order, so the unrolling changes no result.
 //
 // An Op used with chunk_apply provides:
 //   struct Frag                                       registers of kIlp elements
@@ -261,17 +305,29 @@ __device__ __forceinline__ void store_pack(T* p, const float (&r)[kIlp]) {
 //   void load(Frag&, int k, int64_t i) const          element i into lane k
 //   void store(const Frag&, int k, int64_t i) const
 //   void compute(Frag&, int k) const                  the update of lane k
+//   optional: static constexpr int kUnalignedLanes    lanes the unaligned path loads together
+//                                                     (a divisor of kIlp; kIlp when absent)
 // `f` (kUnroll frags) lives across iterations: a reduction keeps its state in every frag, starts
 // each at its identity, and combines f[0] .. f[kUnroll-1] after chunk_apply (the aligned loop
-// feeds them all; the unaligned path and the tail feed f[0]).
+// feeds them all; its odd last vector, the unaligned path and the tail feed f[0]).
 template <class Op>
 __device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op::Frag (&f)[kUnroll]) {
-  static_assert(kUnroll == 1, "the aligned loop below is written for one iteration in flight");
   const int64_t stride = static_cast<int64_t>(blockDim.x) * kIlp;
   if (op.aligned()) {
     const int64_t n_vec = n - n % kIlp;
     int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp;
-    for (; i < n_vec; i += kUnroll * stride) {
+    static_assert(kUnroll == 2, "the aligned loop below keeps two iterations in flight");
+    for (; i + stride < n_vec; i += 2 * stride) {  // i and i + stride both start a whole vector
+      op.load_vec(f[0], i);
+      op.load_vec(f[1], i + stride);
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) op.compute(f[1], k);
+      op.store_vec(f[0], i);
+      op.store_vec(f[1], i + stride);
+    }
+    if (i < n_vec) {  // the odd last vector of this thread
       op.load_vec(f[0], i);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) op.compute(f[0], k);
@@ -283,21 +339,26 @@ __device__ __forceinline__ void chunk_apply(const Op& op, int64_t n, typename Op
       op.store(f[0], 0, j);
     }
   } else {
+    constexpr int kGroup = UnalignedLanes<Op>::value;
+    static_assert(kGroup > 0 && kIlp % kGroup == 0, "kUnalignedLanes must divide kIlp");
     for (int64_t i0 = 0; i0 < n; i0 += stride) {
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.load(f[0], k, i);
-      }
+      for (int k0 = 0; k0 < kIlp; k0 += kGroup) {  // lanes k0 .. k0+kGroup-1: loaded, computed, stored
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.compute(f[0], k);
-      }
+        for (int k = k0; k < k0 + kGroup; ++k) {
+          const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+          if (i < n) op.load(f[0], k, i);
+        }
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) op.store(f[0], k, i);
+        for (int k = k0; k < k0 + kGroup; ++k) {
+          const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+          if (i < n) op.compute(f[0], k);
+        }
+#pragma unroll
+        for (int k = k0; k < k0 + kGroup; ++k) {
+          const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+          if (i < n) op.store(f[0], k, i);
+        }
       }
     }
   }
