@@ -244,7 +244,7 @@ __device__ __forceinline__ void load_pack(const T* p, float (&r)[kIlp]) {
 }
 
 // The bits of one element, zero-extended (a 16-bit format keeps its raw IEEE / bfloat16 bits).
-__device__ __forceinline__ uint32_t element_bits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint32_t element_bits(float x) { return FUSEDMF_MATH_NS::float_bits(x); }
 __device__ __forceinline__ uint32_t element_bits(f16 x) { return x.bits; }
 __device__ __forceinline__ uint32_t element_bits(bf16 x) { return x.bits; }
 

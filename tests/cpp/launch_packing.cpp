@@ -154,7 +154,14 @@ struct CountOp {
   }
 };
 
+// The same, with chunk_apply's unaligned path loading `kLanes` lanes at a time (kUnalignedLanes).
+template <int kLanes>
+struct GroupedCountOp : CountOp {
+  static constexpr int kUnalignedLanes = kLanes;
+};
+
 // Returns the most vector loads a thread issued back to back before computing.
+template <class Op = CountOp>
 int run(int64_t n, bool aligned, unsigned threads) {
   std::vector<int> computed(n), stored(n);
   int max_in_a_row = 0;
@@ -162,9 +169,10 @@ int run(int64_t n, bool aligned, unsigned threads) {
   for (unsigned t = 0; t < threads; ++t) {
     threadIdx.x = t;
     int loads_in_a_row = 0;
-    const CountOp op{n, aligned, threads, &computed, &stored, &loads_in_a_row, &max_in_a_row};
-    CountOp::Frag f[kUnroll];
-    fusedmf::cuda::chunk_apply(op, n, f);
+    Op op;
+    static_cast<CountOp&>(op) = CountOp{n, aligned, threads, &computed, &stored, &loads_in_a_row, &max_in_a_row};
+    typename Op::Frag f[kUnroll];
+    fusedmf::cuda::chunk_apply(static_cast<const Op&>(op), n, f);
   }
   for (int64_t i = 0; i < n; ++i) {
     if (computed[i] != 1) fail("computed other than once", n, aligned, threads, i);
@@ -180,7 +188,11 @@ int main() {
   const int64_t sizes[] = {chunk, chunk - 1, chunk - 3, 3 * 2048 + 4 * 7, 3 * 2048 + 5, 2048 + 2, 513, 511, 4, 3, 1, 0};
   for (int64_t n : sizes)
     for (bool aligned : {true, false})
-      for (unsigned threads : {block, 64u}) run(n, aligned, threads);
+      for (unsigned threads : {block, 64u}) {
+        run(n, aligned, threads);
+        run<GroupedCountOp<2>>(n, aligned, threads);
+        run<GroupedCountOp<1>>(n, aligned, threads);
+      }
   const int in_flight = run(chunk, true, block);
   std::printf("coverage failures %d\n", failures);
   std::printf("aligned vector loads in flight %d\n", in_flight);
