@@ -8,7 +8,8 @@ multi_tensor_kernel instantiation of csrc/cuda/{mf_sgd,mf_adam,pack,non_finite_c
   - contain no FFMA that nvcc contracted from a separate multiply and add (NOTE [fma placement]: every
     FFMA must sit on a source line that asks for one, __fmaf_rn / fmaf, or inside the correctly rounded
     division and square root),
-  - fit the register file with 512 threads per block, with the occupancy benchmarks/launch_model.py assumes.
+  - fit the register file with two 512-thread blocks per SM, with the occupancy benchmarks/launch_model.py
+    assumes.
 The parsing lives in scripts/codegen.py (also the report: `python scripts/codegen.py --json ...`).
 
 The tools are cuobjdump and nvdisasm (scripts/env.sh installs the PyPI wheels; a CUDA toolkit on
@@ -179,6 +180,17 @@ def test_launch_model_occupancy_is_the_built_kernels(kernels):
             bad.append(f"{rule.name}: the model assumes {assumed} registers ({lm.blocks_per_sm(assumed)} blocks/SM), "
                        f"{rule.kernel} has {k.regs} ({k.blocks_per_sm()} blocks/SM): update REGISTERS")
     assert not bad, "launch model out of date:\n  " + _fail_list(bad)
+
+
+def test_two_blocks_per_sm(kernels):
+    """Every kernel reaches the occupancy target of two 512-thread blocks per SM (<= 64 registers):
+    with two iterations in flight one block per SM keeps no more bytes in flight than two blocks
+    with one, and has half the warps to hide latency. An Op over the budget asks
+    __launch_bounds__ for it (kMinBlocksPerSm), and test_no_local_memory checks that ptxas fits it
+    without spills."""
+    bad = sorted({f"{k.family} {k.op}: {k.regs} registers, {k.blocks_per_sm()} block(s)/SM" for k in kernels
+                  if k.regs is not None and k.blocks_per_sm() < 2})
+    assert not bad, "below two blocks per SM (give the Op kMinBlocksPerSm = 2):\n  " + _fail_list(bad)
 
 
 # ---- the parsers, on fixed text (run everywhere, tools or not) ----------------------------------
