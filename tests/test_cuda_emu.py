@@ -168,6 +168,29 @@ def test_the_shim_refuses_what_a_gpu_leaves_undefined(name, message, thread_orde
         C._cuda_emu_selftest(name)
 
 
+@pytest.mark.parametrize("sumsq", [False, True], ids=["flag", "sumsq"])
+def test_non_finite_check_blocks_after_a_find_exit_together(thread_order, sumsq):
+    """A block that starts after an earlier block of the launch set found_inf returns at once, all
+    of its threads (thread 0 reads the flag into shared memory, then a barrier): without that
+    barrier the other threads, run before thread 0 in reverse order, read the shared flag of the
+    block before and go on to __syncthreads_or without it (barrier divergence, which the shim
+    raises)."""
+    x = torch.randn(4 * CHUNK + 5)
+    x[7] = float("inf")  # in the first of the launch's five blocks
+    found = torch.zeros(1)
+    acc = torch.zeros(1) if sumsq else None
+    torch.ops.fusedmf.cuda_emu_non_finite_check_([x, torch.randn(3)], found, acc)
+    assert found.item() == 1.0
+    clean = torch.randn(4 * CHUNK + 5)
+    found.zero_()
+    acc = torch.zeros(1) if sumsq else None
+    torch.ops.fusedmf.cuda_emu_non_finite_check_([clean], found, acc)
+    assert found.item() == 0.0
+    if sumsq:
+        expected = clean.double().square().sum().item()
+        assert abs(acc.item() - expected) <= 1e-5 * expected, (acc.item(), expected)
+
+
 def test_shuffles_and_block_sum_are_exact():
     assert C._cuda_emu_selftest("full_shuffle") == 1.0
     for threads in (32, 64, 512):  # block_sum of 1.0 per thread over every warp (it holds kBlockSize = 512)
