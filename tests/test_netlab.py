@@ -112,14 +112,15 @@ _HOLDER = textwrap.dedent("""
     with NetLab(2, rate_gbps=0.5) as lab:
         print(lab.tag, flush=True)
         if mode == "error":
+            sys.stdin.readline()  # the parent has seen the lab (else the teardown races its check)
             raise RuntimeError("boom inside the lab")
         time.sleep(120)
 """)
 
 
 def _holder(mode):
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, mode], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, mode], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tag = p.stdout.readline().strip()
     assert tag.startswith(netlab.PREFIX), p.stderr.read() if p.poll() is not None else tag
     assert any(ns.startswith(tag + "-") for ns in netlab.lab_namespaces())
@@ -135,7 +136,7 @@ def test_teardown_on_signal_error_and_crash(how):
         p.send_signal(getattr(signal, how))
     elif how.startswith("SIGKILL"):
         p.kill()
-    _, err = p.communicate(timeout=60)
+    _, err = p.communicate("go\n" if how == "error" else None, timeout=60)
     if how == "error":
         assert p.returncode == 1 and "boom inside the lab" in err
     elif how.startswith("SIGKILL"):
