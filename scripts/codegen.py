@@ -42,14 +42,7 @@ def _block_size() -> int:
     return int(m.group(1)) if m else 512
 
 
-def _unroll() -> int:
-    m = re.search(r"constexpr int kUnroll = (\d+);", (ROOT / "csrc/cuda/multi_tensor_apply.cuh").read_text())
-    return int(m.group(1)) if m else 1
-
-
 BLOCK_SIZE = _block_size()
-# Aligned iterations whose loads each thread keeps in flight together (kUnroll, NOTE [ILP-4]).
-UNROLL = _unroll()
 SM90_REGS_PER_SM = 65536
 SM90_MAX_THREADS_PER_SM = 2048
 REG_ALLOC_UNIT = 8
@@ -299,8 +292,10 @@ def contracted_ffma(k: Kernel) -> List[Instr]:
 
 
 def _on_vector_path(i: Instr) -> bool:
+    if not i.opcode.startswith(("LDG", "STG")):
+        return False
     src = source_line(i.file, i.line)
-    return i.opcode.startswith(("LDG", "STG")) and src is not None and VECTOR_ACCESS_RE.search(src) is not None
+    return src is not None and VECTOR_ACCESS_RE.search(src) is not None
 
 
 def vector_accesses(k: Kernel) -> Dict[str, int]:
@@ -325,11 +320,11 @@ def loads_in_flight(k: Kernel) -> int:
     fewer: the count is a lower bound of what the hardware sees in flight.)"""
     best = cur = 0
     for i in k.instrs:
-        if i.target or _RUN_END.fullmatch(i.opcode):
+        if i.target:
             cur = 0
         if _RUN_END.fullmatch(i.opcode):
-            continue
-        if _on_vector_path(i):
+            cur = 0
+        elif _on_vector_path(i):
             if i.opcode.startswith("STG"):
                 cur = 0
             else:
@@ -405,12 +400,13 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import torch  # noqa: PLC0415
         from harness import machine_info  # noqa: PLC0415
+        from launch_model import read_kunroll  # noqa: PLC0415
 
         record = {"bench": "codegen", "machine": machine_info(torch.device("cpu")),
                   "tools": {n: next((ln for ln in _run([p, "--version"]).splitlines() if "release" in ln), "?").strip()
                             for n, p in tools().items()},
                   "extension": os.path.relpath(a.so or extension_path(), ROOT), "block_size": BLOCK_SIZE,
-                  "unroll": UNROLL,
+                  "unroll": read_kunroll(),
                   "reg_ceiling": REG_CEILING,
                   "backends_used": ["cuda: the sm_90 SASS of fusedmf._C, read (not executed)"],
                   "kernels": rows}

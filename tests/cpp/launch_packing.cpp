@@ -172,7 +172,7 @@ int run(int64_t n, bool aligned, unsigned threads) {
     Op op;
     static_cast<CountOp&>(op) = CountOp{n, aligned, threads, &computed, &stored, &loads_in_a_row, &max_in_a_row};
     typename Op::Frag f[kUnroll];
-    fusedmf::cuda::chunk_apply(static_cast<const Op&>(op), n, f);
+    fusedmf::cuda::chunk_apply(op, n, f);
   }
   for (int64_t i = 0; i < n; ++i) {
     if (computed[i] != 1) fail("computed other than once", n, aligned, threads, i);
