@@ -10,7 +10,7 @@ Contract shared by every backend (reference, cpu, cuda, triton):
 - ``master_params`` empty: params are updated in place (fp32 arithmetic); else the fp32 masters are
   updated and the params written as their low-precision copy, in the same pass;
 - ``inv_grad_scale`` (optional 1-element fp32 tensor): grads are multiplied by it first (loss-scale
-  unscaling inside the update);
+  unscaling inside the update); ``maximize=True`` then negates them (torch's ``maximize``: ascend);
 - ``found_inf`` (optional 1-element fp32 tensor): if non-zero the call writes nothing at all
   (NOTE [skip on overflow]); it is read on the device, never synchronised by compiled backends.
 
@@ -104,6 +104,7 @@ def mf_sgd(
     nesterov: bool = False,
     decoupled_weight_decay: bool = False,
     first_step: bool = False,
+    maximize: bool = False,
     inv_grad_scale: Union[None, float, Tensor] = None,
     found_inf: Optional[Tensor] = None,
     backend: str = "auto",
@@ -117,7 +118,7 @@ def mf_sgd(
     momentum_buffers, master_params = _as_list(momentum_buffers), _as_list(master_params)
     scalars = sgd_step_scalars(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, first_step=first_step,
+        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay, first_step=first_step, maximize=maximize,
     )
     return _run_sgd(params, grads, momentum_buffers, master_params, scalars, inv_grad_scale, found_inf, backend)
 
@@ -155,6 +156,7 @@ def mf_adam(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
+    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
     master_params: Optional[Sequence[Tensor]] = None,
     lr: float,
     beta1: float,
@@ -164,43 +166,49 @@ def mf_adam(
     decoupled_weight_decay: bool = False,
     step: int,
     beta1_product: float,
+    maximize: bool = False,
     inv_grad_scale: Union[None, float, Tensor] = None,
     found_inf: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> str:
-    """One fused MF-Adam / MF-AdamW step. ``beta1_product`` is P_t including this step's beta1."""
+    """One fused MF-Adam / MF-AdamW step. ``beta1_product`` is P_t including this step's beta1.
+    ``max_exp_avg_sqs`` (fp32, one per param) given: AMSGrad, torch's ``amsgrad=True``."""
     params, grads = list(params), list(grads)
     exp_avgs, exp_avg_sqs, master_params = list(exp_avgs), list(exp_avg_sqs), _as_list(master_params)
+    max_exp_avg_sqs = _as_list(max_exp_avg_sqs)
     scalars = adam_step_scalars(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=beta1_product,
+        decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=beta1_product, maximize=maximize,
     )
-    return _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale, found_inf, backend)
+    return _run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scalars, inv_grad_scale,
+                     found_inf, backend)
 
 
-def _run_adam(params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale, found_inf, backend) -> str:
+def _run_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scalars, inv_grad_scale,
+              found_inf, backend) -> str:
     device = _device_of(params)
     name = _backends.resolve(backend, device, params[0].dtype if params else None)
     if name == "reference":
         _check_same_device({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                            "master_params": master_params}, device, "mf_adam")
-    fn, args = adam_call(name, params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, None,
+                            "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params}, device, "mf_adam")
+    fn, args = adam_call(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scalars, None,
                          _scale_tensor(inv_grad_scale, device, "inv_grad_scale"),
                          _scale_tensor(found_inf, device, "found_inf"))
     fn(*args)
     return name
 
 
-def adam_call(backend: str, params, grads, exp_avgs, exp_avg_sqs, master_params, scalars: AdamStepScalars,
-              vector: Optional[Tensor], inv_grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
-    """As :func:`sgd_call`, for MF-Adam."""
+def adam_call(backend: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+              scalars: AdamStepScalars, vector: Optional[Tensor], inv_grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor]):
+    """As :func:`sgd_call`, for MF-Adam (``max_exp_avg_sqs`` empty: no AMSGrad)."""
     if backend == "reference":
-        return reference.mf_adam_, (params, grads, exp_avgs, exp_avg_sqs, master_params, scalars, inv_grad_scale,
-                                    found_inf)
+        return reference.mf_adam_, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scalars,
+                                    inv_grad_scale, found_inf)
     if vector is None:
         vector = _scalar_vector(scalars.as_list(), _device_of(params))
-    return _ops.op(backend, "mf_adam_"), (params, grads, exp_avgs, exp_avg_sqs, master_params, vector,
-                                          inv_grad_scale, found_inf)
+    return _ops.op(backend, "mf_adam_"), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                                          vector, inv_grad_scale, found_inf)
 
 
 def write_scalars(buf: Tensor, values: list) -> None:

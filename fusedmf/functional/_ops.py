@@ -26,8 +26,8 @@ SCHEMAS = {
     "mf_sgd_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
                "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()",
     "mf_adam_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-                "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, "
-                "Tensor? found_inf=None) -> ()",
+                "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor scalars, "
+                "Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()",
     "non_finite_check_": "(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()",
     "pack_": "(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()",
 }

@@ -5,7 +5,9 @@ as the kernels (see fusedmf/functional/__init__.py) and the same order of floati
 operations, so that in float32 a kernel agrees with them to a few ulps:
 
 - arithmetic happens in float32, or in float64 when the weights are float64;
-- grads are unscaled first (``g * inv_grad_scale``), then L2 weight decay is added;
+- grads are unscaled first (``g * inv_grad_scale``), negated when the rule maximizes (torch's
+  ``maximize``; negation is exact, so its place before or after unscaling changes no bit), then L2
+  weight decay is added;
 - with master weights, the fp32 master is updated and the low-precision param is written as its
   round-to-nearest-even cast; without masters the param itself is updated (in fp32 arithmetic);
 - NOTE [skip on overflow]: when ``found_inf`` is non-zero nothing at all is written.
@@ -31,10 +33,12 @@ def _skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.reshape(-1)[0].item() != 0)
 
 
-def _unscaled(grad: Tensor, dtype: torch.dtype, inv_grad_scale: Optional[Tensor]) -> Tensor:
+def _unscaled(grad: Tensor, dtype: torch.dtype, inv_grad_scale: Optional[Tensor], maximize: float = 0.0) -> Tensor:
     g = grad.to(dtype)
     if inv_grad_scale is not None:
         g = g * inv_grad_scale.reshape(()).to(device=g.device, dtype=dtype)
+    if maximize:
+        g = g.neg()
     return g
 
 
@@ -76,7 +80,7 @@ def mf_sgd_(
         weights = master_params[i] if master_params else param
         dtype = _compute_dtype(weights)
         w = weights.to(dtype)
-        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        g = _unscaled(grads[i], dtype, inv_grad_scale, s.maximize)
         if s.l2_weight_decay != 0.0:
             g = g.add(w, alpha=s.l2_weight_decay)
         if use_momentum:
@@ -103,11 +107,15 @@ def mf_adam_(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
     master_params: Sequence[Tensor],
     scalars: AdamStepScalars,
     inv_grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    """One MF-Adam / MF-AdamW step. ``max_exp_avg_sqs`` non-empty is AMSGrad (torch's ``amsgrad``):
+    the running elementwise maximum of the second moment (torch.maximum, so a NaN propagates) is
+    kept there and is what the denominator uses."""
     if _skipped(found_inf):
         return
     s = scalars
@@ -115,7 +123,7 @@ def mf_adam_(
         weights = master_params[i] if master_params else param
         dtype = _compute_dtype(weights)
         w = weights.to(dtype)
-        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        g = _unscaled(grads[i], dtype, inv_grad_scale, s.maximize)
         if s.l2_weight_decay != 0.0:
             g = g.add(w, alpha=s.l2_weight_decay)
         if s.decay_factor != 1.0:
@@ -123,7 +131,12 @@ def mf_adam_(
         # m = μ·m + (1 − μ)·g, written as torch writes it: lerp(m, g, 1 − μ)
         m = exp_avgs[i].to(dtype, copy=True).lerp_(g, s.one_minus_beta1)
         v = exp_avg_sqs[i].to(dtype, copy=True).mul_(s.beta2).addcmul_(g, g, value=s.one_minus_beta2)
-        denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+        if max_exp_avg_sqs:
+            v_max = torch.maximum(max_exp_avg_sqs[i].to(dtype), v)
+            max_exp_avg_sqs[i].copy_(v_max)
+            denom = (v_max.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+        else:
+            denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
         w = w.addcdiv(m, denom, value=s.neg_step_size)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
@@ -154,7 +167,7 @@ def smega2_(
         weights = master_params[i] if master_params else param
         dtype = _compute_dtype(weights)
         w = weights.to(dtype)
-        g = _unscaled(grads[i], dtype, inv_grad_scale)
+        g = _unscaled(grads[i], dtype, inv_grad_scale, s.maximize)
         if s.l2_weight_decay != 0.0:
             g = g.add(w, alpha=s.l2_weight_decay)
         v = momentum_buffers[i].to(dtype)

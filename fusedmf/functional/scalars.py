@@ -8,7 +8,7 @@ are rounded once, exactly as torch.optim rounds them (it also computes them as P
 Compiled kernels read the vector from device memory, which is what lets a step be captured in a
 CUDA graph: only the contents of the vector change between steps, never the kernel arguments.
 
-Flags (nesterov, first_step) travel in the same vector as 0.0 / 1.0 so that a kernel has a single
+Flags (nesterov, first_step, maximize) travel in the same vector as 0.0 / 1.0 so that a kernel has a single
 scalar argument; a kernel tests them with ``!= 0``.
 
 NOTE [capturable scalars]
@@ -39,6 +39,7 @@ SGD_SLOTS = (
     "decay_factor",         # 1 − η_t·λ when weight decay is decoupled, else 1
     "nesterov",             # 1.0 for NAG
     "first_step",           # 1.0 when the momentum buffer starts as g (no buffer read)
+    "maximize",             # 1.0: ascend (the unscaled gradient is negated first, torch's maximize)
 )
 
 # Slot order of the MF-Adam / MF-AdamW scalar vector. Keep in sync with csrc/update_math.h
@@ -54,6 +55,7 @@ ADAM_SLOTS = (
     "decay_factor",           # 1 − η_t·λ when decoupled (AdamW), else 1
     "neg_step_size",          # −η_t / (1 − P_t), P_t the running product of beta1 values
     "bias_correction2_sqrt",  # sqrt(1 − β2^t)
+    "maximize",               # 1.0: ascend (the unscaled gradient is negated first, torch's maximize)
 )
 
 SGD_NUM_SCALARS = len(SGD_SLOTS)
@@ -91,6 +93,7 @@ class SGDStepScalars:
     decay_factor: float
     nesterov: float
     first_step: float
+    maximize: float = 0.0
 
     def slot_values(self) -> list:
         """The slots in vector order: floats, or 0-dim tensors in a capturable step."""
@@ -112,6 +115,7 @@ class AdamStepScalars:
     decay_factor: float
     neg_step_size: float
     bias_correction2_sqrt: float
+    maximize: float = 0.0
 
     def slot_values(self) -> list:
         """The slots in vector order: floats, or 0-dim tensors in a capturable step."""
@@ -130,6 +134,7 @@ def sgd_step_scalars(
     nesterov: bool = False,
     decoupled_weight_decay: bool = False,
     first_step: bool = False,
+    maximize: bool = False,
 ) -> SGDStepScalars:
     """The scalar vector of one MF-SGD/MF-NAG step (the only place these values are derived)."""
     lr = check_lr(lr)
@@ -141,7 +146,7 @@ def sgd_step_scalars(
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
         raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
     return sgd_slots(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                     decoupled_weight_decay=decoupled_weight_decay, first_step=first_step)
+                     decoupled_weight_decay=decoupled_weight_decay, first_step=first_step, maximize=maximize)
 
 
 def _flag(x):
@@ -159,7 +164,8 @@ def _div(a, b):
     return a / b
 
 
-def sgd_slots(*, lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay, first_step) -> SGDStepScalars:
+def sgd_slots(*, lr, momentum, dampening, weight_decay, nesterov, decoupled_weight_decay, first_step,
+              maximize=False) -> SGDStepScalars:
     """The MF-SGD slot formulas, unchecked: floats, or 0-dim float64 tensors for ``lr``, ``momentum``,
     ``dampening`` and ``first_step`` (a bool tensor) in a capturable step (NOTE [capturable scalars])."""
     return SGDStepScalars(
@@ -170,6 +176,7 @@ def sgd_slots(*, lr, momentum, dampening, weight_decay, nesterov, decoupled_weig
         decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
         nesterov=1.0 if nesterov else 0.0,
         first_step=_flag(first_step),
+        maximize=1.0 if maximize else 0.0,
     )
 
 
@@ -183,6 +190,7 @@ def adam_step_scalars(
     decoupled_weight_decay: bool = False,
     step: int,
     beta1_product: float,
+    maximize: bool = False,
 ) -> AdamStepScalars:
     """The scalar vector of one MF-Adam/AdamW step.
 
@@ -207,10 +215,12 @@ def adam_step_scalars(
     if bias_correction1 <= 0.0:
         raise ValueError(f"beta1 product {beta1_product!r} gives a non-positive bias correction")
     return adam_slots(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                      decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=float(beta1_product))
+                      decoupled_weight_decay=decoupled_weight_decay, step=step, beta1_product=float(beta1_product),
+                      maximize=maximize)
 
 
-def adam_slots(*, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step, beta1_product) -> AdamStepScalars:
+def adam_slots(*, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step, beta1_product,
+               maximize=False) -> AdamStepScalars:
     """The MF-Adam slot formulas, unchecked: floats, or 0-dim tensors for ``lr``, ``beta1``, ``step``
     and ``beta1_product`` (float64; ``step`` any dtype) in a capturable step (NOTE [capturable scalars])."""
     if isinstance(step, torch.Tensor):
@@ -228,6 +238,7 @@ def adam_slots(*, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, s
         decay_factor=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
         neg_step_size=-_div(lr, bias_correction1),
         bias_correction2_sqrt=bias_correction2**0.5,  # as torch.optim.Adam writes it
+        maximize=1.0 if maximize else 0.0,
     )
 
 
@@ -250,6 +261,7 @@ SMEGA2_SLOTS = (
     "momentum_scale",   # (1 − τ)/N: the weight of the accumulated gradients in the refreshed buffer
     "l2_weight_decay",  # λ (added to the gradient)
     "cycle_end",        # 1.0 when this step closes a cycle of N gradients (s becomes 0): v is refreshed
+    "maximize",         # 1.0: ascend (the unscaled gradient is negated first, torch's maximize)
 )
 
 # The look-ahead estimate θ̂ = θ + accumulator_coef·G + momentum_coef·v, one fused pass.
@@ -272,6 +284,7 @@ class SMEGA2StepScalars:
     cycle_end: float
     #: the cycle position s after this step (host bookkeeping, not sent to the kernels)
     next_cycle: int
+    maximize: float = 0.0
 
     def as_list(self) -> list[float]:
         return [float(getattr(self, name)) for name in SMEGA2_SLOTS]
@@ -300,7 +313,7 @@ def _check_cycle(cycle, num_workers: int) -> int:
 
 
 def smega2_step_scalars(*, lr: float, momentum: float, dampening: float = 0.0, weight_decay: float = 0.0,
-                        num_workers: int, cycle: int) -> SMEGA2StepScalars:
+                        num_workers: int, cycle: int, maximize: bool = False) -> SMEGA2StepScalars:
     """The scalar vector of one SMEGA2 master step; ``cycle`` is s *before* the step."""
     lr = check_lr(lr)
     momentum = check_mf("momentum", momentum)
@@ -317,6 +330,7 @@ def smega2_step_scalars(*, lr: float, momentum: float, dampening: float = 0.0, w
         l2_weight_decay=weight_decay,
         cycle_end=1.0 if next_cycle == 0 else 0.0,
         next_cycle=next_cycle,
+        maximize=1.0 if maximize else 0.0,
     )
 
 
