@@ -25,6 +25,7 @@ import warnings
 import pytest
 import torch
 
+from _util import ordered_bits as _ordered_bits  # noqa: E402
 from conftest import require_backend  # noqa: E402
 
 try:  # the binding suite obeys FUSEDMF_REQUIRE_BACKENDS like every other: "cpu" required -> a failure
@@ -71,14 +72,6 @@ def _restore_cpu_capability():
 
 
 # ---- comparison helpers -------------------------------------------------------------------------
-
-
-def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
-    """Integers whose difference is the distance in ulps (monotone in the float value)."""
-    int_dtype = {F32: torch.int32, F16: torch.int16, BF16: torch.int16}[t.dtype]
-    i = t.contiguous().view(int_dtype).to(torch.int64)
-    sign_bit = 1 << (torch.iinfo(int_dtype).bits - 1)
-    return torch.where(i < 0, -(i + sign_bit), i)
 
 
 def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, max_ulps: int, what: str, atol: float = 0.0):
