@@ -5,7 +5,9 @@
 #   as it is: nothing is downloaded, the extension is built with --no-build-isolation --no-deps.
 # - Otherwise a virtual environment .venv is made and torch 2.11.0 (the CUDA build from PyPI, so
 #   that the CUDA kernels compile even on a machine without a GPU), ninja, pybind11, triton,
-#   pytest, matplotlib and tqdm are installed into it, and the disassembly tools of tests/test_codegen.py
+#   pytest, expecttest (imported by torch.testing._internal, whose optimizer database
+#   tests/test_torch_optim_db.py runs), matplotlib and tqdm are installed into it, and the
+#   disassembly tools of tests/test_codegen.py
 #   (cuobjdump, nvdisasm: the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm, pinned below;
 #   on the GPU machines the toolkit's own, from PATH or CUDA_HOME, see scripts/codegen.py find_tool).
 # Set FUSEDMF_PYTHON to force an interpreter.
@@ -31,10 +33,10 @@ else
   PY="$ROOT/.venv/bin/python"
   # one interpreter start for both checks: importing torch is most of a set-up that has nothing to do
   # (the codegen tools: both executables of the wheels present in site-packages/nvidia/cu13/bin)
-  if ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
+  if ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, expecttest, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
     echo "[fusedmf] installing torch==$TORCH_VERSION (CUDA build), the build/test tools and cuobjdump/nvdisasm into .venv"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "torch==$TORCH_VERSION" ninja pybind11 triton pytest numpy matplotlib tqdm "setuptools>=64" wheel \
+    "$PY" -m pip install -q "torch==$TORCH_VERSION" ninja pybind11 triton pytest expecttest numpy matplotlib tqdm "setuptools>=64" wheel \
       "${CODEGEN_TOOLS[@]}"
   fi
 fi
