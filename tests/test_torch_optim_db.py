@@ -1,0 +1,412 @@
+"""torch's own optimizer test database, run through fusedmf.
+
+``torch.testing._internal.common_optimizers.optim_db`` holds, per torch optimizer, the sample
+configurations torch tests it with (``optim_inputs_func``) and the inputs it must reject
+(``optim_error_inputs_func``). For SGD, Adam and AdamW this module takes them as torch gives them
+on CPU and checks fusedmf's drop-in classes against torch's own optimizers:
+
+- trajectories (one test id per configuration): for every sample, with the global "cliquey" flags
+  torch's ``_get_optim_inputs_including_global_cliquey_kwargs`` adds on CPU (fused, differentiable;
+  plus foreach=True, which that helper leaves out on CPU because torch has no foreach kernels
+  there, though torch.optim and fusedmf both accept it), the torch optimizer and the fusedmf one
+  are built with the same kwargs over the same params, split into two param groups (the second
+  with its own lr, a tensor where the sample's lr is one), and run through the same steps with
+  the same grads (one step with no grads at all, two where one param has none, as torch's
+  ``_compare_between`` does); every param and every state tensor torch keeps is compared after
+  every step. float32 and float64 for every configuration; bfloat16 where torch's own tests run it
+  (``test_fused_matches_forloop``: the samples, fused off and on).
+- backends: every configuration on the default backend ("auto": the C++ cpu backend for
+  float32 and bfloat16, the reference backend for float64), and the samples without a flag in
+  float32 on each other backend that runs CPU tensors here (reference, cuda_emu, and triton
+  under TRITON_INTERPRET=1).
+- errors (one test id per error input): fusedmf raises (or warns) torch's exception class, and
+  the message matches torch's regex, at construction or at the first step as ``error_on`` says,
+  as torch's ``test_errors`` asserts it.
+- ``differentiable=True`` is the one thing fusedmf does not do: those configurations assert that
+  fusedmf raises NotImplementedError, and ``test_only_differentiable_is_not_run`` checks that
+  nothing else in the database is left out.
+
+Tolerances (tests/_util.py states them for every comparison with torch.optim):
+- MF-SGD in float32 and float64 is bit-identical to torch's for-loop and foreach SGD on CPU: it
+  rounds exactly the operations torch rounds (NOTE [fma placement] in csrc/update_math.h). The
+  Triton interpreter never fuses a multiply-add, so there SGD_ULPS / MOMENTUM_BUFFER_ULPS apply.
+- MF-Adam and MF-AdamW: ADAM_ULPS ulps of the dtype, because torch's CPU sqrt is not correctly
+  rounded and fusedmf's is.
+- bfloat16: torch's own tolerance between its fused and for-loop implementations
+  (``test_fused_matches_forloop``'s toleranceOverride in the OptimizerInfo, else torch's default
+  bfloat16 tolerance): fusedmf computes in float32 and keeps float32 optimizer state (by design),
+  as torch's fused kernels compute in float32 but keep bfloat16 state, so the two differ by
+  bfloat16 roundings as torch's two implementations do. The params are compared with fusedmf's
+  own low-precision mode (master_weights=False, the param updated in place like torch's).
+
+Every configuration records whether it matched bitwise and its largest distance in ulps;
+``test_summary`` prints the counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import warnings
+from collections import Counter, defaultdict
+from typing import NamedTuple
+
+import pytest
+import torch
+
+# torch.testing._internal imports expecttest, a test dependency of torch's that scripts/env.sh
+# installs. Machines whose Python comes with torch and no network (the GPU images) may lack it;
+# there the module is skipped, naming why. In CI (CI=true) a missing expecttest is an error.
+if not os.environ.get("CI"):
+    pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (scripts/env.sh installs it)")
+
+from torch.testing._internal.common_methods_invocations import DecorateInfo
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    OptimizerInput,
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
+from torch.testing._comparison import default_tolerances
+
+import fusedmf
+from fusedmf.optim import MFAdam, MFSGD
+
+try:
+    from fusedmf.optim import MFAdamW
+except ImportError:  # not there yet: its configurations fail (not skip) with this reason
+    MFAdamW = None
+
+from _util import (
+    ADAM_ULPS,
+    MOMENTUM_BUFFER_ULPS,
+    SGD_ULPS,
+    assert_bit_identical,
+    assert_close_ulps,
+    max_ulps,
+    scaled_ulps,
+)
+from conftest import require_backend
+
+CPU = "cpu"
+STEPS = 7  # torch's _compare_between runs 7 iterations
+FUSEDMF_CLASSES = {"SGD": MFSGD, "Adam": MFAdam, "AdamW": MFAdamW}
+INFOS = {info.name: info for info in optim_db if info.name in FUSEDMF_CLASSES}
+# params of the trajectory: matrices, a vector, a 3-D tensor, a one-element tensor, a 0-dim tensor
+# (torch's tests end their params with one) and an empty tensor; the first three form group 0
+SHAPES = [(10, 5), (10,), (3, 4, 2), (1,), (), (0,)]
+GROUP_SPLIT = 3
+# steps with grads missing, as in torch's _compare_between: no grad at all (a no-op step), and a
+# param without a grad for two steps (its step count falls behind the others')
+NO_GRADS_STEP = 2
+FROZEN = (0, {3, 4})
+SECOND_GROUP_LR_FACTOR = 0.5
+OTHER_BACKENDS = ("reference", "cuda_emu", "triton")
+
+
+def _cpu_backends() -> list:
+    """The backends that run CPU tensors here, besides the default one: triton only when interpreted."""
+    status = fusedmf.available_backends()
+    names = []
+    for name in OTHER_BACKENDS:
+        if name == "triton" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+            continue
+        names.append(name)
+    return [n for n in names if status[n].available or n in _required()]
+
+
+def _required() -> set:
+    return {b for b in os.environ.get("FUSEDMF_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+class Config(NamedTuple):
+    optim: str            # torch's name: SGD, Adam, AdamW
+    dtype: torch.dtype
+    backend: str          # "auto" or a backend name
+    desc: str             # torch's description, with the flags it added
+    kwargs: dict
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        desc = re.sub(r"[^A-Za-z0-9&]+", "_", self.desc).replace("_&_", "&")
+        return f"{self.optim}-{dt}-{self.backend}-{desc}"
+
+    @property
+    def differentiable(self) -> bool:
+        return bool(self.kwargs.get("differentiable", False))
+
+
+def _samples(info, dtype) -> list:
+    """Torch's CPU samples of `info` with the global flags torch's tests add, for `dtype`."""
+    if dtype == torch.bfloat16:
+        # test_fused_matches_forloop: the samples for this dtype, each with fused off and on
+        out = []
+        for sample in info.optim_inputs_func(device=CPU, dtype=dtype):
+            for fused in (False, True):
+                kwargs = dict(copy.deepcopy(sample.kwargs), fused=fused)
+                out.append(OptimizerInput(params=None, kwargs=kwargs,
+                                          desc=sample.desc + (" & fused" if fused else "")))
+        return out
+    out = _get_optim_inputs_including_global_cliquey_kwargs(CPU, dtype, info)
+    # torch accepts foreach=True on CPU (its foreach ops fall back to per-tensor loops) but the
+    # helper adds that flag only where foreach kernels exist; fusedmf accepts it everywhere
+    for sample in info.optim_inputs_func(device=CPU, dtype=dtype):
+        kwargs = dict(copy.deepcopy(sample.kwargs), foreach=True)
+        out.append(OptimizerInput(params=None, kwargs=kwargs, desc=sample.desc + " & foreach"))
+    return out
+
+
+def _is_plain(sample) -> bool:
+    return not any(sample.kwargs.get(flag) for flag in ("foreach", "fused", "differentiable"))
+
+
+def all_configs() -> list:
+    configs = []
+    for name, info in INFOS.items():
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for sample in _samples(info, dtype):
+                configs.append(Config(name, dtype, "auto", sample.desc, sample.kwargs))
+        for backend in _cpu_backends():
+            for sample in _samples(info, torch.float32):
+                if _is_plain(sample):
+                    configs.append(Config(name, torch.float32, backend, sample.desc, sample.kwargs))
+    return configs
+
+
+CONFIGS = all_configs()
+RESULTS: dict = {}  # config id -> ("bitwise" | "tolerance" | "differentiable", max ulps)
+
+
+# ---- tolerances ------------------------------------------------------------------------------------
+
+
+def torch_fused_tolerance(optim: str, dtype: torch.dtype):
+    """(rtol, atol) torch's test_fused_matches_forloop allows between its two implementations."""
+    info = INFOS[optim]
+    for decorator in info.decorators:
+        if isinstance(decorator, DecorateInfo) and decorator.is_active(
+                "TestOptimRenewed", "test_fused_matches_forloop", CPU, dtype, {"dtype": dtype}):
+            for d in decorator.decorators:
+                if hasattr(d, "d") and dtype in d.d:
+                    return d.d[dtype].rtol, d.d[dtype].atol
+    return default_tolerances(dtype)
+
+
+def expect_bitwise(config: Config) -> bool:
+    """Where fusedmf must reproduce torch bit for bit (see the module docstring): SGD against torch's
+    for-loop and foreach implementations. Not against torch's fused CPU kernel, which rounds the
+    momentum update differently from torch's own for-loop (an ulp in a few elements of the buffer)."""
+    if config.optim != "SGD" or config.dtype == torch.bfloat16 or config.kwargs.get("fused"):
+        return False
+    return config.backend != "triton"
+
+
+def check_tensor(config: Config, actual: torch.Tensor, expected: torch.Tensor, what: str, momentum: bool) -> float:
+    """Assert `actual` (fusedmf) matches `expected` (torch) as `config` requires; return the error:
+    0 when bit-identical, else in ulps (assert_close_ulps's measure of the dtype; for bfloat16 the
+    largest distance in bfloat16 ulps)."""
+    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
+    if config.dtype == torch.bfloat16:
+        rtol, atol = torch_fused_tolerance(config.optim, config.dtype)
+        torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what}: {m}")
+        return max_ulps(actual, expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != torch's {expected.dtype}"
+    if expect_bitwise(config):
+        assert_bit_identical(actual, expected, what)
+        return 0.0
+    eps = torch.finfo(config.dtype).eps
+    ulps = ADAM_ULPS if config.optim != "SGD" else (MOMENTUM_BUFFER_ULPS if momentum else SGD_ULPS)
+    assert_close_ulps(actual, expected, ulps=ulps, name=what, eps=eps)
+    return 0.0 if max_ulps(actual, expected) == 0 else scaled_ulps(actual, expected, eps)
+
+
+# ---- the trajectory --------------------------------------------------------------------------------
+
+
+def _default_lr(torch_cls) -> float:
+    return inspect.signature(torch_cls.__init__).parameters["lr"].default
+
+
+def make_groups(config: Config, torch_cls):
+    """Two param-group lists over equal params (torch's and fusedmf's), and the constructor kwargs."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(shape, generator=gen, dtype=torch.float64).to(config.dtype) for shape in SHAPES]
+    kwargs = copy.deepcopy(config.kwargs)
+    lr = kwargs.get("lr", _default_lr(torch_cls))
+    lr2 = lr * SECOND_GROUP_LR_FACTOR  # a tensor lr gives a tensor lr
+    if isinstance(lr2, torch.Tensor):
+        lr2 = lr2.detach().clone()
+
+    def groups():
+        params = [t.clone().requires_grad_() for t in base]
+        group2_lr = lr2.clone() if isinstance(lr2, torch.Tensor) else lr2
+        return params, [{"params": params[:GROUP_SPLIT]}, {"params": params[GROUP_SPLIT:], "lr": group2_lr}]
+
+    return groups, kwargs
+
+
+def set_grads(param_lists, step: int) -> None:
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, shape in enumerate(SHAPES):
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        for params in param_lists:
+            frozen = i == FROZEN[0] and step in FROZEN[1]
+            params[i].grad = None if step == NO_GRADS_STEP or frozen else g.to(params[i].dtype)
+
+
+def fusedmf_kwargs(config: Config, kwargs: dict) -> dict:
+    extra = {}
+    if config.backend != "auto":
+        extra["backend"] = config.backend
+    if config.dtype == torch.bfloat16:
+        extra["master_weights"] = False  # the param updated in place, as torch does
+    return dict(copy.deepcopy(kwargs), **extra)
+
+
+def _step_value(step) -> int:
+    return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+
+
+def compare_states(config, ours_opt, theirs_opt, ours, theirs, step) -> int:
+    worst = 0
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        worst = max(worst, check_tensor(config, p, q, f"step {step}: param {i}", momentum=False))
+        their_state = theirs_opt.state.get(q, {})
+        our_state = ours_opt.state.get(p, {})
+        for key, value in their_state.items():
+            what = f"step {step}: state[param {i}][{key!r}]"
+            assert key in our_state, f"{what}: missing in fusedmf's state (keys {sorted(our_state)})"
+            mine = our_state[key]
+            if key == "step":
+                assert _step_value(mine) == _step_value(value), f"{what}: {mine} != torch's {value}"
+            elif value is None:
+                assert mine is None, f"{what}: torch keeps None, fusedmf {type(mine).__name__}"
+            else:
+                assert isinstance(mine, torch.Tensor), f"{what}: fusedmf keeps {mine!r}"
+                worst = max(worst, check_tensor(config, mine, value, what, momentum=key == "momentum_buffer"))
+    return worst
+
+
+def _torch_cls(name):
+    return getattr(torch.optim, name)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
+def test_trajectory_matches_torch(config: Config):
+    torch_cls, ours_cls = _torch_cls(config.optim), FUSEDMF_CLASSES[config.optim]
+    assert ours_cls is not None, f"fusedmf has no counterpart of torch.optim.{config.optim} yet"
+    if config.backend != "auto":
+        require_backend(config.backend)  # fails when FUSEDMF_REQUIRE_BACKENDS names it
+    groups, kwargs = make_groups(config, torch_cls)
+    ours, our_groups = groups()
+    if config.differentiable:
+        with pytest.raises(NotImplementedError):
+            ours_cls(our_groups, **fusedmf_kwargs(config, kwargs))
+        RESULTS[config.id] = ("differentiable", None)
+        return
+    theirs, their_groups = groups()
+    theirs_opt = torch_cls(their_groups, **copy.deepcopy(kwargs))
+    ours_opt = ours_cls(our_groups, **fusedmf_kwargs(config, kwargs))
+    worst = 0
+    for step in range(STEPS):
+        set_grads([ours, theirs], step)
+        theirs_opt.step()
+        ours_opt.step()
+        worst = max(worst, compare_states(config, ours_opt, theirs_opt, ours, theirs, step))
+    if config.backend != "auto":
+        assert set(ours_opt.backends_used) <= {config.backend}, ours_opt.backends_used
+    elif config.dtype == torch.float64:
+        assert set(ours_opt.backends_used) <= {"reference"}, ours_opt.backends_used
+    RESULTS[config.id] = ("bitwise" if worst == 0 else "tolerance", worst)
+
+
+# ---- error inputs ----------------------------------------------------------------------------------
+
+
+def all_error_inputs() -> list:
+    out = []
+    for name, info in INFOS.items():
+        for i, error in enumerate(info.optim_error_inputs_func(device=CPU, dtype=torch.float32)):
+            desc = re.sub(r"[^A-Za-z0-9]+", "_", error.optimizer_error_input.desc).strip("_")
+            out.append(pytest.param(name, error, id=f"{name}-{i}-{desc}"))
+    return out
+
+
+ERROR_INPUTS = all_error_inputs()
+
+
+def _expect(error):
+    if issubclass(error.error_type, Warning):
+        return pytest.warns(error.error_type, match=error.error_regex)
+    return pytest.raises(error.error_type, match=error.error_regex)
+
+
+@pytest.mark.parametrize("optim,error", ERROR_INPUTS)
+def test_error_inputs_raise_torchs_exception(optim, error):
+    """As torch's test_errors: the same class (a warning where torch warns) and a message matching
+    torch's regex, at construction or at the first step."""
+    ours_cls = FUSEDMF_CLASSES[optim]
+    assert ours_cls is not None, f"fusedmf has no counterpart of torch.optim.{optim} yet"
+    sample = error.optimizer_error_input
+    params, kwargs = sample.params, sample.kwargs
+    if error.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        with _expect(error):
+            ours_cls(params, **kwargs)
+    else:
+        assert error.error_on == OptimizerErrorEnum.STEP_ERROR, error.error_on
+        opt = ours_cls(params, **kwargs)
+        with _expect(error):
+            opt.step()
+
+
+# ---- what is left out, and the summary -------------------------------------------------------------
+
+
+def test_only_differentiable_is_not_run():
+    """Every configuration of SGD, Adam and AdamW in torch's database is run here, except those with
+    differentiable=True (fusedmf raises NotImplementedError for them, asserted above)."""
+    assert set(INFOS) == {"SGD", "Adam", "AdamW"}
+    by_optim = Counter(c.optim for c in CONFIGS if c.backend == "auto" and c.dtype != torch.bfloat16)
+    for name, info in INFOS.items():
+        n = len(info.optim_inputs_func(device=CPU))
+        # per dtype: plain, differentiable and fused from torch's helper, and foreach=True
+        assert by_optim[name] == 2 * 4 * n, (name, by_optim[name], n)
+    left_out = [c for c in CONFIGS if c.differentiable]
+    assert all(set(k for k, v in c.kwargs.items() if v is True) >= {"differentiable"} for c in left_out)
+    assert len(ERROR_INPUTS) > 0
+
+
+def test_summary(request):
+    """Counts per optimizer of what ran in this session (all of it unless tests were deselected)."""
+    counts = defaultdict(Counter)
+    worst = defaultdict(int)
+    for config in CONFIGS:
+        outcome = RESULTS.get(config.id)
+        key = f"{config.optim:5s} {str(config.dtype).replace('torch.', ''):8s} {config.backend:9s}"
+        if outcome is None:
+            counts[key]["not run"] += 1
+            continue
+        kind, ulps = outcome
+        counts[key][kind] += 1
+        if kind == "tolerance":
+            worst[key] = max(worst[key], ulps)
+    lines = ["torch optim_db through fusedmf: configurations per optimizer / dtype / backend"]
+    for key in sorted(counts):
+        c = counts[key]
+        lines.append(f"  {key}: {sum(c.values()):3d} configs, {c['bitwise']:3d} bitwise, "
+                     f"{c['tolerance']:3d} within tolerance (max {worst[key]:.3g} ulps), "
+                     f"{c['differentiable']:3d} differentiable (NotImplementedError), {c['not run']:3d} not run")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
+    ran = [c for c in CONFIGS if c.id in RESULTS]
+    for config in ran:
+        kind, ulps = RESULTS[config.id]
+        if expect_bitwise(config):
+            assert kind == "bitwise", config.id
