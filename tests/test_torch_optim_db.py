@@ -231,8 +231,9 @@ def _default_lr(torch_cls) -> float:
     return inspect.signature(torch_cls.__init__).parameters["lr"].default
 
 
-def make_groups(config: Config, torch_cls):
-    """Two param-group lists over equal params (torch's and fusedmf's), and the constructor kwargs."""
+def make_groups(config: Config, torch_cls, named: bool = False):
+    """A maker of equal params and their two param groups (one for torch, one for fusedmf; with
+    named=True as named_parameters() gives them, (name, tensor) pairs), and the constructor kwargs."""
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(shape, generator=gen, dtype=torch.float64).to(config.dtype) for shape in SHAPES]
     kwargs = copy.deepcopy(config.kwargs)
@@ -244,7 +245,8 @@ def make_groups(config: Config, torch_cls):
     def groups():
         params = [t.clone().requires_grad_() for t in base]
         group2_lr = lr2.clone() if isinstance(lr2, torch.Tensor) else lr2
-        return params, [{"params": params[:GROUP_SPLIT]}, {"params": params[GROUP_SPLIT:], "lr": group2_lr}]
+        listed = [(f"p{i}", p) for i, p in enumerate(params)] if named else params
+        return params, [{"params": listed[:GROUP_SPLIT]}, {"params": listed[GROUP_SPLIT:], "lr": group2_lr}]
 
     return groups, kwargs
 
@@ -297,11 +299,15 @@ def _torch_cls(name):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
 def test_trajectory_matches_torch(config: Config):
+    run_trajectory(config)
+
+
+def run_trajectory(config: Config, named: bool = False):
     torch_cls, ours_cls = _torch_cls(config.optim), FUSEDMF_CLASSES[config.optim]
     assert ours_cls is not None, f"fusedmf has no counterpart of torch.optim.{config.optim} yet"
     if config.backend != "auto":
         require_backend(config.backend)  # fails when FUSEDMF_REQUIRE_BACKENDS names it
-    groups, kwargs = make_groups(config, torch_cls)
+    groups, kwargs = make_groups(config, torch_cls, named)
     ours, our_groups = groups()
     if config.differentiable:
         with pytest.raises(NotImplementedError):
@@ -322,6 +328,18 @@ def test_trajectory_matches_torch(config: Config):
     elif config.dtype == torch.float64:
         assert set(ours_opt.backends_used) <= {"reference"}, ours_opt.backends_used
     RESULTS[config.id] = ("bitwise" if worst == 0 else "tolerance", worst)
+    return ours_opt, theirs_opt
+
+
+@pytest.mark.parametrize("optim", sorted(INFOS))
+def test_named_parameters(optim):
+    """params as named_parameters() gives them: the same trajectory, and the names in the
+    state_dict's param groups as torch records them."""
+    sample = INFOS[optim].optim_inputs_func(device=CPU)[0]
+    config = Config(optim, torch.float32, "auto", f"named {sample.desc}", sample.kwargs)
+    ours_opt, theirs_opt = run_trajectory(config, named=True)
+    ours_groups, theirs_groups = ours_opt.state_dict()["param_groups"], theirs_opt.state_dict()["param_groups"]
+    assert [g.get("param_names") for g in ours_groups] == [g["param_names"] for g in theirs_groups]
 
 
 # ---- error inputs ----------------------------------------------------------------------------------
