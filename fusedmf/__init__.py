@@ -8,9 +8,9 @@
 from . import functional, mf
 from ._backends import BackendStatus, available_backends
 from .amp import DynamicLossScaler
-from .optim import SMEGA2, MFAdam, MFSGD
+from .optim import SMEGA2, MFAdam, MFAdamW, MFSGD
 
 __version__ = "0.1.0"
 
-__all__ = ["MFSGD", "MFAdam", "SMEGA2", "DynamicLossScaler", "available_backends", "BackendStatus",
+__all__ = ["MFSGD", "MFAdam", "MFAdamW", "SMEGA2", "DynamicLossScaler", "available_backends", "BackendStatus",
            "functional", "mf", "__version__"]

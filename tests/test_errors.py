@@ -50,24 +50,34 @@ def test_complex_params_rejected_at_construction():
         MFSGD([torch.randn(3, requires_grad=True), torch.randn(3, dtype=torch.complex64, requires_grad=True)])
 
 
-def test_duplicate_params():
+def test_duplicate_params_warn_as_torch_and_their_step_changes_nothing():
     p = torch.randn(3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"params\[1\] appears twice"):
-        MFSGD([p, p], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = MFSGD([p, p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param 1 of param group 0 is param 0 of the same group again"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and len(opt.state) == 0
     with pytest.raises(ValueError, match="more than one parameter group"):
         MFSGD([{"params": [p]}, {"params": [p]}], lr=0.1)
 
 
 @pytest.mark.parametrize("cls,kwargs,match", [
-    (MFSGD, dict(momentum=1.0), r"momentum .*\[0, 1\)"),
-    (MFSGD, dict(momentum=-0.1), r"momentum .*\[0, 1\)"),
+    (MFSGD, dict(momentum=1.0), r"Invalid momentum value: 1.0 .*\[0, 1\)"),
+    (MFSGD, dict(momentum=-0.1), r"Invalid momentum value: -0.1 .*\[0, 1\)"),
     (MFSGD, dict(lr=-0.1), "lr must be >= 0"),
     (MFSGD, dict(momentum=0.9, nesterov=True, dampening=0.1), "nesterov"),
     (MFSGD, dict(lr=float("nan")), "finite"),
-    (MFAdam, dict(betas=(1.0, 0.999)), r"beta1 .*\[0, 1\)"),
-    (MFAdam, dict(betas=(0.9, 1.5)), "beta2"),
-    (MFAdam, dict(eps=-1.0), "eps"),
-    (MFAdam, dict(weight_decay=-1.0), "weight_decay"),
+    (MFAdam, dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (MFAdam, dict(betas=(0.9, 1.5)), "Invalid beta parameter at index 1: 1.5"),
+    (MFAdam, dict(eps=-1.0), "Invalid epsilon value: -1.0"),
+    (MFAdam, dict(weight_decay=-1.0), "Invalid weight_decay value: -1.0"),
+    (MFAdam, dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+    (MFAdam, dict(betas=(0.9, 0.99, 0.1)), "betas must be a pair"),
+    (MFSGD, dict(foreach="yes"), "foreach must be None, False or True"),
+    (MFSGD, dict(maximize=1), "maximize must be False or True"),
+    (MFAdam, dict(amsgrad="yes"), "amsgrad must be False or True"),
     (MFSGD, dict(backend="gpu"), "unknown backend"),
     (MFSGD, dict(master_weights="yes"), "master_weights"),
     (MFSGD, dict(mf_schedule=0.9), "mf_schedule must be"),
@@ -77,10 +87,34 @@ def test_bad_hyperparameters_at_construction(cls, kwargs, match):
         cls([torch.randn(3, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize("cls", [MFSGD, MFAdam, fusedmf.MFAdamW])
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(differentiable=True), NotImplementedError, "differentiable=True is not supported"),
+    # torch raises RuntimeError for these two (NotImplementedError is one)
+    (dict(differentiable=True, fused=True), RuntimeError, "`fused` does not support `differentiable`"),
+    (dict(fused=True, foreach=True), RuntimeError, "`fused` and `foreach` cannot be `True` together"),
+])
+def test_torch_implementation_flags_refused_with_torchs_classes(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls([torch.randn(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [MFSGD, MFAdam, fusedmf.MFAdamW])
+@pytest.mark.parametrize("flags", [dict(foreach=None, fused=None), dict(foreach=False, fused=False),
+                                   dict(foreach=True), dict(fused=True), dict(differentiable=False)])
+def test_torch_implementation_flags_accepted_and_kept_in_the_groups(cls, flags):
+    p = torch.randn(3, requires_grad=True)
+    opt = cls([p], lr=0.1, **flags)
+    for key, value in flags.items():
+        assert opt.param_groups[0][key] is value
+    p.grad = torch.ones(3)
+    opt.step()   # the flags change nothing: fusedmf always runs its fused kernels
+
+
 def test_schedule_out_of_range_mid_training_changes_nothing():
     opt, params = trained_sgd(mf_schedule=lambda t: 0.9 if t < 2 else 1.2)
     before = snap(opt, params)
-    with pytest.raises(ValueError, match=r"momentum.*\[0, 1\), got 1.2"):
+    with pytest.raises(ValueError, match=r"Invalid momentum from mf_schedule value: 1.2 .*\[0, 1\)"):
         opt.step()
     assert_nothing_changed(opt, params, before)
 

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from fusedmf import MFAdam, MFSGD
+from fusedmf import MFAdam, MFAdamW, MFSGD
 
 from _util import assert_bit_identical, assert_close_ulps
 from test_optim_vs_torch import clone_params, make_params, set_grads
@@ -77,10 +77,15 @@ def test_load_state_dict_keeps_fp32_state_of_low_precision_params():
     (torch.optim.SGD, MFSGD, dict(lr=0.05)),
     (torch.optim.Adam, MFAdam, dict(lr=1e-2, betas=(0.8, 0.99))),
     (torch.optim.AdamW, MFAdam, dict(lr=1e-2, weight_decay=1e-2)),
-], ids=["sgd_nesterov", "sgd_plain", "adam", "adamw"])
+    (torch.optim.SGD, MFSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, maximize=True)),
+    (torch.optim.Adam, MFAdam, dict(lr=1e-2, amsgrad=True)),
+    (torch.optim.Adam, MFAdam, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=True)),
+    (torch.optim.AdamW, MFAdamW, dict(lr=1e-2, amsgrad=True)),
+], ids=["sgd_nesterov", "sgd_plain", "adam", "adamw", "sgd_maximize", "adam_amsgrad", "adam_amsgrad_maximize",
+        "adamw_amsgrad_defaults"])
 def test_checkpoints_interchange_with_torch_optim(backend, torch_cls, ours_cls, kwargs):
     name, device = backend
-    extra = dict(decoupled_weight_decay=True) if torch_cls is torch.optim.AdamW else {}
+    extra = dict(decoupled_weight_decay=True) if torch_cls is torch.optim.AdamW and ours_cls is MFAdam else {}
     # torch -> fusedmf
     a = make_params(SHAPES, device)
     b = clone_params(a)
@@ -108,12 +113,12 @@ def test_checkpoints_interchange_with_torch_optim(backend, torch_cls, ours_cls, 
 
 def test_loading_an_unsupported_torch_option_fails_and_changes_nothing():
     p = torch.randn(5, requires_grad=True)
-    t_opt = torch.optim.Adam([p.detach().clone().requires_grad_()], amsgrad=True)
+    t_opt = torch.optim.Adam([p.detach().clone().requires_grad_()], differentiable=True)
     ours = MFAdam([p])
     p.grad = torch.ones(5)
     ours.step()
     before = copy.deepcopy(ours.state_dict())
-    with pytest.raises(ValueError, match="amsgrad"):
+    with pytest.raises(ValueError, match="differentiable=True, which fusedmf does not support"):
         ours.load_state_dict(t_opt.state_dict())
     after = ours.state_dict()
     assert after["param_groups"] == before["param_groups"]

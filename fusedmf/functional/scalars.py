@@ -69,18 +69,27 @@ def _check_finite(name: str, value: float) -> float:
     return value
 
 
+# The messages start as torch.optim's do ("Invalid ... value: x"), so code that matches torch's
+# errors matches these too.
 def check_mf(name: str, value: float) -> float:
     """A momentum-like factor must lie in [0, 1)."""
     value = _check_finite(name, value)
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} (the momentum-like factor) must be in [0, 1), got {value!r}")
+        raise ValueError(f"Invalid {name} value: {value!r} (the momentum-like factor must be in [0, 1))")
     return value
 
 
 def check_lr(value: float) -> float:
     value = _check_finite("lr", value)
     if value < 0.0:
-        raise ValueError(f"lr must be >= 0, got {value!r}")
+        raise ValueError(f"Invalid learning rate: {value!r}: lr must be >= 0")
+    return value
+
+
+def check_weight_decay(value: float) -> float:
+    value = _check_finite("weight_decay", value)
+    if value < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {value!r}: weight_decay must be >= 0")
     return value
 
 
@@ -140,11 +149,10 @@ def sgd_step_scalars(
     lr = check_lr(lr)
     momentum = check_mf("momentum", momentum)
     dampening = _check_finite("dampening", dampening)
-    weight_decay = _check_finite("weight_decay", weight_decay)
-    if weight_decay < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    weight_decay = check_weight_decay(weight_decay)
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError("nesterov momentum requires a momentum > 0 and zero dampening")
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                         "(nesterov momentum requires a momentum > 0 and zero dampening)")
     return sgd_slots(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                      decoupled_weight_decay=decoupled_weight_decay, first_step=first_step, maximize=maximize)
 
@@ -202,13 +210,11 @@ def adam_step_scalars(
     beta1 = check_mf("beta1", beta1)
     beta2 = _check_finite("beta2", beta2)
     if not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2!r}: beta2 must be in [0, 1)")
     eps = _check_finite("eps", eps)
     if eps < 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    weight_decay = _check_finite("weight_decay", weight_decay)
-    if weight_decay < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        raise ValueError(f"Invalid epsilon value: {eps!r}: eps must be >= 0")
+    weight_decay = check_weight_decay(weight_decay)
     if step < 1:
         raise ValueError(f"step must be >= 1 (the 1-based update number), got {step}")
     bias_correction1 = 1.0 - float(beta1_product)
@@ -318,9 +324,7 @@ def smega2_step_scalars(*, lr: float, momentum: float, dampening: float = 0.0, w
     lr = check_lr(lr)
     momentum = check_mf("momentum", momentum)
     dampening = _check_finite("dampening", dampening)
-    weight_decay = _check_finite("weight_decay", weight_decay)
-    if weight_decay < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    weight_decay = check_weight_decay(weight_decay)
     n = check_num_workers(num_workers)
     next_cycle = (_check_cycle(cycle, n) + 1) % n
     return SMEGA2StepScalars(

@@ -59,6 +59,7 @@ def smega2(
     weight_decay: float = 0.0,
     num_workers: int,
     cycle: int,
+    maximize: bool = False,
     inv_grad_scale: Union[None, float, Tensor] = None,
     found_inf: Optional[Tensor] = None,
     backend: str = "auto",
@@ -66,7 +67,7 @@ def smega2(
     """One SMEGA2 master step over lists of tensors; ``cycle`` is the position s before the step
     (the caller advances it to ``(cycle + 1) % num_workers`` once the step is known applied)."""
     scalars = smega2_step_scalars(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                  num_workers=num_workers, cycle=cycle)
+                                  num_workers=num_workers, cycle=cycle, maximize=maximize)
     return _run_smega2(list(params), list(grads), list(momentum_buffers), list(grad_accumulators),
                        [] if master_params is None else list(master_params), scalars, inv_grad_scale, found_inf,
                        backend)

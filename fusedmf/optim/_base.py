@@ -103,14 +103,38 @@ def _check_schedule(mf_schedule) -> Optional[Callable[[int], float]]:
     return mf_schedule
 
 
-def lr_value(lr) -> float:
-    """A group's lr as a float: a float, or a 1-element tensor as torch.optim accepts (read on the host,
-    so the two give bit-identical steps)."""
+def lr_value(lr, name: str = "lr") -> float:
+    """A group's lr (or another hyperparameter torch lets be a tensor, such as Adam's betas) as a
+    float: a float, or a 1-element tensor as torch.optim accepts (read on the host, so the two give
+    bit-identical steps)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"lr must be a float or a 1-element tensor, got a tensor of shape {list(lr.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element: {name} must be a float or a 1-element tensor, "
+                             f"got a tensor of shape {list(lr.shape)}")
         return float(lr)
     return lr
+
+
+def torch_implementation_flags(owner: str, foreach, fused, differentiable) -> dict:
+    """torch.optim's switches between its own implementations, checked as torch checks them.
+
+    fusedmf always runs its fused multi-tensor kernels, so ``foreach`` and ``fused`` may be None,
+    False or True and change nothing; they are kept in the param groups under torch's names, so
+    checkpoints move between fusedmf and torch.optim with them. ``differentiable=True`` (autograd
+    through the update) cannot be had from kernels that write in place and is refused."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{owner}: {name} must be None, False or True, got {value!r}")
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"{owner}: differentiable must be False or True, got {differentiable!r}")
+    if differentiable:
+        # NotImplementedError is a RuntimeError, the class torch raises for fused=True with it
+        raise NotImplementedError(
+            f"{owner}: differentiable=True is not supported: the fused kernels update params and state in place, "
+            "outside autograd" + (" (`fused` does not support `differentiable`)" if fused else ""))
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    return dict(foreach=foreach, fused=fused, differentiable=differentiable)
 
 
 class _Launch:
@@ -143,7 +167,7 @@ class MFOptimizerBase(Optimizer):
     #: per-param scalars kept exactly (float64 on the host, or a float64 device tensor with capturable=True)
     _FLOAT64_STATE_KEYS: tuple = ()
     #: names of the hyperparameters in a param group that torch.optim has and fusedmf does not support
-    _UNSUPPORTED_TORCH_OPTIONS: dict = {"maximize": False, "differentiable": False}
+    _UNSUPPORTED_TORCH_OPTIONS: dict = {"differentiable": False}
 
     def __init__(self, params, defaults: dict, *, mf_schedule, master_weights, backend: str,
                  capturable: bool = False):
@@ -186,16 +210,20 @@ class MFOptimizerBase(Optimizer):
     # ------------------------------------------------------------------ construction checks
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
+        if isinstance(params, set):  # torch's rule and words: a set has no stable order
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                            "tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        # any iterable, a generator included, as torch's: the list checked here is the one added
+        # any iterable, a generator included, as torch's: the list checked here is the one added;
+        # (name, param) pairs (named_parameters()) are torch's too: its loader records param_names
         param_group["params"] = params
-        seen = set()
-        for i, p in enumerate(params):
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        # a param twice in one group: torch's loader warns (it would update it twice per step);
+        # one fused launch cannot write a param twice, so step() refuses it, before anything changes
+        for i, p in enumerate(tensors):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{type(self).__name__}: params[{i}] is a {type(p).__name__}, not a Tensor")
-            if id(p) in seen:
-                raise ValueError(f"{type(self).__name__}: params[{i}] appears twice in the same param group")
-            seen.add(id(p))
+                raise TypeError(f"{type(self).__name__}: params[{i}] is a {type(p).__name__}, not a Tensor "
+                                "(optimizer can only optimize Tensors)")
             if p.dtype not in SUPPORTED_PARAM_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__}: params[{i}] has dtype {p.dtype}; supported: float32, float16, "
@@ -203,11 +231,19 @@ class MFOptimizerBase(Optimizer):
                 )
         merged = dict(self.defaults)
         merged.update(param_group)
-        self._validate_group(merged)  # raises before the group is added
+        self._check_group(merged)  # raises before the group is added
         super().add_param_group(param_group)
         if self.mf_schedule is not None:  # what a scheduler may later overwrite (_check_mf_overrides)
             group = self.param_groups[-1]
             self._mf_overridden[id(group)] = self._mf_option(group)[1]
+
+    def _check_group(self, group: dict) -> None:
+        """Every setting of a param group: torch's common flags, then the rule's own settings."""
+        torch_implementation_flags(type(self).__name__, group.get("foreach"), group.get("fused"),
+                                   group.get("differentiable", False))
+        if not isinstance(group.get("maximize", False), bool):
+            raise TypeError(f"{type(self).__name__}: maximize must be False or True, got {group['maximize']!r}")
+        self._validate_group(group)
 
     def _validate_group(self, group: dict) -> None:
         raise NotImplementedError
@@ -479,8 +515,12 @@ class MFOptimizerBase(Optimizer):
 
     def _device_lr(self, group: dict, device: torch.device):
         """The group's lr for a capturable step: a float, or a tensor lr read on the device in float64."""
-        lr = group["lr"]
-        return lr.reshape(()).to(device=device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else lr
+        return self._device_hyper(group["lr"], device)
+
+    @staticmethod
+    def _device_hyper(value, device: torch.device):
+        """A hyperparameter for a capturable step: a float, or a 1-element tensor read on the device in float64."""
+        return value.reshape(()).to(device=device, dtype=torch.float64) if isinstance(value, torch.Tensor) else value
 
     def _capture_vectors(self, launches, plans) -> None:
         """Persistent float64 slots and float32 vectors for the layout, made once (a captured graph
@@ -633,12 +673,16 @@ class MFOptimizerBase(Optimizer):
     def _build_layout(self, grads_by_group) -> list:
         launches = []
         for gi, (group, grads) in enumerate(zip(self.param_groups, grads_by_group)):
-            self._validate_group(group)
+            self._check_group(group)
             buckets: dict = {}
+            seen: dict = {}
             for pi, (p, g) in enumerate(zip(group["params"], grads)):
                 if g is None:
                     continue
                 where = f"param {pi} of param group {gi}"
+                if seen.setdefault(id(p), pi) != pi:
+                    raise ValueError(f"{type(self).__name__}: {where} is param {seen[id(p)]} of the same group again; "
+                                     "a fused step cannot update one param twice (remove the duplicate)")
                 if g.is_sparse or g.layout != torch.strided:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
                 if g.is_complex() or p.is_complex():
@@ -723,7 +767,7 @@ class MFOptimizerBase(Optimizer):
                     )
             merged = dict(self.defaults)
             merged.update({k: v for k, v in g.items() if k != "params"})
-            self._validate_group(merged)
+            self._check_group(merged)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         id_to_param = {}

@@ -6,7 +6,7 @@ import torch
 
 from ..functional import adam_call
 from ..functional.scalars import adam_slots, adam_step_scalars, check_lr, check_mf
-from ._base import MFOptimizerBase, lr_value
+from ._base import MFOptimizerBase, lr_value, torch_implementation_flags
 
 
 class MFAdam(MFOptimizerBase):
@@ -24,32 +24,68 @@ class MFAdam(MFOptimizerBase):
     scalar live in device tensors and the skip decision never leaves the device, so ``step()`` can be
     captured in a CUDA graph (NOTE [capturable step] in fusedmf/optim/_base.py).
 
-    State per param: ``step`` (int; a 0-dim int64 tensor with capturable=True), ``exp_avg``, ``exp_avg_sq`` (fp32), ``beta1_product`` (float; a 0-dim float64 tensor with capturable=True)
-    and ``master_param`` (fp32) for low-precision params with masters.
+    ``amsgrad``, ``maximize`` (torch's meanings) run inside the same fused kernels: AMSGrad keeps
+    ``state["max_exp_avg_sq"]`` (fp32, torch's name), the running maximum of the second moment.
+    ``foreach`` / ``fused`` (None, False or True) change nothing, fusedmf is always fused; they are
+    kept in the groups, under torch's names, for checkpoints; ``differentiable=True`` raises
+    NotImplementedError. ``params`` may be ``named_parameters()`` (names in ``param_names``).
+
+    State per param: ``step`` (int; a 0-dim int64 tensor with capturable=True), ``exp_avg``, ``exp_avg_sq`` (fp32), ``beta1_product`` (float; a 0-dim float64 tensor with capturable=True),
+    ``max_exp_avg_sq`` (fp32) with amsgrad, and ``master_param`` (fp32) for low-precision params with masters.
     """
 
-    _FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+    _FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
     _FLOAT64_STATE_KEYS = ("beta1_product",)
-    _UNSUPPORTED_TORCH_OPTIONS = {"maximize": False, "differentiable": False, "amsgrad": False}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False,
-                 mf_schedule=None, master_weights=None, backend: str = "auto", capturable: bool = False):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach=None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused=None,
+                 decoupled_weight_decay: bool = False, mf_schedule=None, master_weights=None, backend: str = "auto"):
+        owner = type(self).__name__
+        flags = torch_implementation_flags(owner, foreach, fused, differentiable)
+        # torch.optim.Adam's own refusals, in its words and order, so code written against torch
+        # gets the errors it expects
+        if isinstance(lr, torch.Tensor) and foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            value = lr_value(beta, f"betas[{i}]")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {value}")
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        **flags, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend,
                          capturable=capturable)
 
-    def _validate_group(self, group: dict) -> None:
-        lr = self._lr_to_check(group)
+    def _betas(self, group: dict):
+        """(beta1, beta2) as floats: torch lets both be 1-element tensors, read on the host here."""
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        return lr_value(betas[0], "betas[0]"), lr_value(betas[1], "betas[1]")
+
+    def _validate_group(self, group: dict) -> None:
+        lr = self._lr_to_check(group)
+        beta1, beta2 = self._betas(group)
+        if not isinstance(group.get("amsgrad", False), bool):
+            raise TypeError(f"{type(self).__name__}: amsgrad must be False or True, got {group['amsgrad']!r}")
         check_lr(lr)
-        check_mf("beta1", betas[0])
-        adam_step_scalars(lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        check_mf("beta1", beta1)
+        adam_step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"],
-                          decoupled_weight_decay=group["decoupled_weight_decay"], step=1, beta1_product=betas[0])
+                          decoupled_weight_decay=group["decoupled_weight_decay"], step=1, beta1_product=beta1)
+
+    def _init_token(self, group: dict):
+        return bool(group["amsgrad"])  # switching AMSGrad on needs its buffers
 
     def _state_key(self, state: dict):
         return (state.get("step", 0), state.get("beta1_product", 1.0))
@@ -62,7 +98,7 @@ class MFAdam(MFOptimizerBase):
             else:
                 state["step"] = 0
                 state["beta1_product"] = 1.0
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
         if self._uses_master(p) and "master_param" not in state:
@@ -72,23 +108,25 @@ class MFAdam(MFOptimizerBase):
         return "betas[0]", group["betas"][0]
 
     def _plan_group(self, group: dict, step: int, state: dict, mf):
-        beta1 = check_mf("beta1 from mf_schedule" if self.mf_schedule else "beta1",
-                         mf if mf is not None else group["betas"][0])
+        beta1, beta2 = self._betas(group)
+        beta1 = check_mf("beta1 from mf_schedule" if self.mf_schedule else "beta1", mf if mf is not None else beta1)
         product = float(state.get("beta1_product", 1.0)) * beta1  # float64 on the host
         return adam_step_scalars(
-            lr=lr_value(group["lr"]), beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+            lr=lr_value(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            step=step + 1, beta1_product=product,
+            step=step + 1, beta1_product=product, maximize=group["maximize"],
         ), product
 
     def _plan_device(self, group: dict, state: dict, mf, fresh):
-        """As ``_plan_group`` with the step count, beta1 product, MF and a tensor lr on the device."""
-        beta1 = mf if mf is not None else group["betas"][0]
+        """As ``_plan_group`` with the step count, beta1 product, MF and tensor lr / betas on the device."""
+        device = state["beta1_product"].device
+        beta1, beta2 = (self._device_hyper(b, device) for b in group["betas"])
+        beta1 = mf if mf is not None else beta1
         product = state["beta1_product"] * beta1  # float64 on the device
         return adam_slots(
-            lr=self._device_lr(group, product.device), beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+            lr=self._device_lr(group, device), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            step=state["step"] + 1, beta1_product=product,
+            step=state["step"] + 1, beta1_product=product, maximize=group["maximize"],
         ), product
 
     def _commit_device(self, states, product, applied) -> None:
@@ -103,8 +141,9 @@ class MFAdam(MFOptimizerBase):
 
     def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
         masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        maxima = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
         return adam_call(backend, params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         masters, scalars, vector, inv_grad_scale, found_inf)
+                         maxima, masters, scalars, vector, inv_grad_scale, found_inf)
 
     def _committed_values(self, product, state: dict) -> dict:
         return {"step": state["step"] + 1, "beta1_product": product}
@@ -114,7 +153,24 @@ class MFAdam(MFOptimizerBase):
         state["step"] = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
         if "beta1_product" not in state:
             # a torch.optim.Adam checkpoint: constant beta1, so P_t = beta1 ** t
-            beta1 = next(g["betas"][0] for g in self.param_groups if any(q is p for q in g["params"]))
+            beta1 = next(self._betas(g)[0] for g in self.param_groups if any(q is p for q in g["params"]))
             state["beta1_product"] = float(beta1) ** state["step"]
         else:
             state["beta1_product"] = float(state["beta1_product"])
+
+
+class MFAdamW(MFAdam):
+    r"""torch.optim.AdamW's defaults and meaning on MFAdam: decoupled weight decay, 1e-2 by default.
+
+    ``MFAdamW(params)`` is ``MFAdam(params, weight_decay=1e-2, decoupled_weight_decay=True)``; every
+    other argument is MFAdam's (and torch.optim.AdamW's where it has it).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
+                 capturable: bool = False, differentiable: bool = False, fused=None, mf_schedule=None,
+                 master_weights=None, backend: str = "auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, mf_schedule=mf_schedule, master_weights=master_weights,
+                         backend=backend)

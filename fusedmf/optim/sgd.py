@@ -8,7 +8,7 @@ import torch
 
 from .. import functional as F
 from ..functional.scalars import _div, check_lr, check_mf, sgd_slots, sgd_step_scalars
-from ._base import MFOptimizerBase, lr_value
+from ._base import MFOptimizerBase, lr_value, torch_implementation_flags
 
 
 class MFSGD(MFOptimizerBase):
@@ -18,10 +18,14 @@ class MFSGD(MFOptimizerBase):
     constant momentum and fp32 params the trajectory matches it (first step: the buffer starts as g).
 
     Args:
-        params: iterable of params or param groups.
-        lr, momentum, dampening, weight_decay, nesterov: as in torch.optim.SGD (lr a float or a
-            1-element tensor); ``dampening`` may
+        params: iterable of params, of ``(name, param)`` pairs (``named_parameters()``: the names go
+            to the groups' ``param_names``, as torch records them), or of param groups.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD (lr a float
+            or a 1-element tensor); ``dampening`` may
             also be ``"tied"``: τ_t = μ_t, so the buffer is an EMA of the gradients (opt-in).
+        foreach, fused, differentiable: torch.optim's choice of implementation. fusedmf always runs
+            its fused kernels, so foreach / fused (None, False or True) change nothing and are kept
+            in the groups for checkpoints; ``differentiable=True`` raises NotImplementedError.
         decoupled_weight_decay: multiply the weights by ``1 - lr * weight_decay`` instead of adding
             ``weight_decay * w`` to the gradient (SGDW). Default False (torch semantics).
         mf_schedule: None, or a callable ``step -> momentum`` (e.g. from :mod:`fusedmf.mf`), called
@@ -46,11 +50,13 @@ class MFSGD(MFOptimizerBase):
     _FP32_STATE_KEYS = ("momentum_buffer", "master_param")
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, decoupled_weight_decay: bool = False,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
+                 differentiable: bool = False, fused=None, decoupled_weight_decay: bool = False,
                  mf_schedule=None, master_weights=None, backend: str = "auto",
                  lr_compensation: Optional[float] = None, capturable: bool = False):
+        flags = torch_implementation_flags("MFSGD", foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
+                        nesterov=nesterov, maximize=maximize, **flags, decoupled_weight_decay=decoupled_weight_decay,
                         lr_compensation=lr_compensation)
         self.last_effective_lr: list = []
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend,
@@ -124,14 +130,14 @@ class MFSGD(MFOptimizerBase):
         momentum = check_mf("momentum from mf_schedule" if self.mf_schedule else "momentum", momentum)
         settings = self._settings(group, lr_value(group["lr"]), momentum)
         self._log_effective_lr(group, settings)
-        return sgd_step_scalars(**settings, first_step=first_step), None
+        return sgd_step_scalars(**settings, first_step=first_step, maximize=group["maximize"]), None
 
     def _plan_device(self, group: dict, state: dict, mf, fresh):
         """As ``_plan_group`` with the step count, the MF and a tensor lr on the device."""
         settings = self._settings(group, self._device_lr(group, state["step"].device),
                                   mf if mf is not None else group["momentum"])
         self._log_effective_lr(group, settings)
-        return sgd_slots(**settings, first_step=True if fresh else state["step"] == 0), None
+        return sgd_slots(**settings, first_step=True if fresh else state["step"] == 0, maximize=group["maximize"]), None
 
     def _settings(self, group: dict, lr, momentum) -> dict:
         """The rule's settings of this step (floats, or device tensors in a capturable step)."""

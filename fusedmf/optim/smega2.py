@@ -46,6 +46,7 @@ class SMEGA2(MFOptimizerBase):
             ``mf_schedule``).
         num_workers: N, the number of gradients per momentum refresh (keyword-only).
         estimate: ``"advanced"`` (default) or ``"naive"``.
+        maximize: ascend instead of descend (torch's meaning: the gradient is negated first).
         mf_schedule: None, or a callable ``step -> γ`` called with the 1-based number of the master
             step about to be applied (a skipped step does not count); it overrides ``momentum``.
             :meth:`estimate` uses the γ of the next step.
@@ -61,10 +62,10 @@ class SMEGA2(MFOptimizerBase):
     _FP32_STATE_KEYS = ("momentum_buffer", "grad_accumulator", "master_param")
 
     def __init__(self, params, lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
-                 *, num_workers: int, estimate: str = "advanced", mf_schedule=None, master_weights=None,
-                 backend: str = "auto"):
+                 *, num_workers: int, estimate: str = "advanced", maximize: bool = False, mf_schedule=None,
+                 master_weights=None, backend: str = "auto"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        num_workers=num_workers, estimate=estimate)
+                        num_workers=num_workers, estimate=estimate, maximize=maximize)
         super().__init__(params, defaults, mf_schedule=mf_schedule, master_weights=master_weights, backend=backend)
 
     # ------------------------------------------------------------------ checks and state
@@ -112,7 +113,8 @@ class SMEGA2(MFOptimizerBase):
         momentum = check_mf("momentum from mf_schedule", mf) if mf is not None else group["momentum"]
         scalars = smega2_step_scalars(lr=lr_value(group["lr"]), momentum=momentum,
                                       dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                      num_workers=group["num_workers"], cycle=self._cycle_of(group, state))
+                                      num_workers=group["num_workers"], cycle=self._cycle_of(group, state),
+                                      maximize=group["maximize"])
         return scalars, scalars   # the committed values need next_cycle
 
     def _call(self, group, scalars, vector, params, grads, states, backend, inv_grad_scale, found_inf):
@@ -152,7 +154,7 @@ class SMEGA2(MFOptimizerBase):
         launches: dict = {}
         k = 0
         for group in self.param_groups:
-            self._validate_group(group)
+            self._check_group(group)
             for p in group["params"]:
                 o = out[k]
                 k += 1
