@@ -13,7 +13,7 @@ import torch
 
 from conftest import require_backend
 from fusedmf import mf
-from fusedmf.optim import MFAdam, MFSGD
+from fusedmf.optim import MFAdam, MFAdamW, MFSGD
 
 CONFIGS = {
     "sgd-l2": (MFSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
@@ -22,6 +22,8 @@ CONFIGS = {
                                           decoupled_weight_decay=True, lr_compensation=0.9)),
     "adam-l2": (MFAdam, dict(lr=1e-2, weight_decay=1e-2)),
     "adamw": (MFAdam, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, decoupled_weight_decay=True)),
+    "nesterov-maximize": (MFSGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True)),
+    "adamw-amsgrad-maximize": (MFAdamW, dict(lr=1e-2, amsgrad=True, maximize=True)),
 }
 SHAPES = ((40, 3), (50,), (7,), (0,))
 
@@ -115,7 +117,7 @@ def test_capturable_equals_default_bit_for_bit_on_cpu(config, dtype, scheduled):
     assert b.last_step_skipped is False
 
 
-@pytest.mark.parametrize("config", ["sgdw-tied-compensated", "adamw"])
+@pytest.mark.parametrize("config", ["sgdw-tied-compensated", "adamw", "nesterov-maximize", "adamw-amsgrad-maximize"])
 def test_capturable_equals_default_on_every_backend(backend, config):
     name, device = backend
     cls, kw = CONFIGS[config]
@@ -263,7 +265,9 @@ def test_capturable_step_runs_on_meta_tensors(cls, kw, dtype):
     assert ("master_param" in state) == (dtype == torch.bfloat16)
 
 
-@pytest.mark.parametrize("cls,kw", [CONFIGS["sgd-l2"], CONFIGS["adamw"]], ids=["MFSGD", "MFAdam"])
+@pytest.mark.parametrize("cls,kw", [CONFIGS["sgd-l2"], CONFIGS["adamw"], CONFIGS["nesterov-maximize"],
+                                    CONFIGS["adamw-amsgrad-maximize"]],
+                         ids=["MFSGD", "MFAdam", "MFSGD-maximize", "MFAdamW-amsgrad-maximize"])
 def test_compiled_capturable_step_equals_eager(cls, kw):
     require_backend("cpu")
     torch._dynamo.reset()

@@ -69,7 +69,8 @@ def _torch_equivalent(opt_cls, params, kwargs):
     (MFSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-4)),
     (MFSGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
     (MFAdam, dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True)),
-], ids=["sgd", "nag", "adamw"])
+    (MFAdam, dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True, amsgrad=True, maximize=True)),
+], ids=["sgd", "nag", "adamw", "adamw-amsgrad-maximize"])
 def test_masters_within_twice_torch_low_precision_error(backend, dtype, opt_cls, kwargs):
     name, device = backend
     ours = make_params(SHAPES, device, dtype=dtype)

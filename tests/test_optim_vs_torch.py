@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fusedmf import MFAdam, MFSGD
+from fusedmf import MFAdam, MFAdamW, MFSGD
 
 from _util import ADAM_ULPS, MOMENTUM_BUFFER_ULPS, SGD_ULPS, assert_close_ulps
 
@@ -26,12 +26,19 @@ SGD_CONFIGS = {
     "momentum": dict(momentum=0.9),
     "damp_wd": dict(momentum=0.9, dampening=0.1, weight_decay=1e-2),
     "nesterov_wd": dict(momentum=0.95, nesterov=True, weight_decay=1e-2),
+    "maximize": dict(weight_decay=1e-2, maximize=True),
+    "maximize_nesterov": dict(momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True),
 }
 
+# (torch class, fusedmf class, shared kwargs, fusedmf-only kwargs)
 ADAM_CONFIGS = {
-    "adam": (torch.optim.Adam, dict(), dict()),
-    "adam_l2": (torch.optim.Adam, dict(weight_decay=1e-2, betas=(0.8, 0.99), eps=1e-6), dict()),
-    "adamw": (torch.optim.AdamW, dict(weight_decay=1e-2), dict(decoupled_weight_decay=True)),
+    "adam": (torch.optim.Adam, MFAdam, dict(), dict()),
+    "adam_l2": (torch.optim.Adam, MFAdam, dict(weight_decay=1e-2, betas=(0.8, 0.99), eps=1e-6), dict()),
+    "adamw": (torch.optim.AdamW, MFAdam, dict(weight_decay=1e-2), dict(decoupled_weight_decay=True)),
+    "adamw_defaults": (torch.optim.AdamW, MFAdamW, dict(), dict()),
+    "adam_amsgrad_l2": (torch.optim.Adam, MFAdam, dict(weight_decay=1e-2, amsgrad=True), dict()),
+    "adamw_amsgrad_maximize": (torch.optim.AdamW, MFAdamW, dict(amsgrad=True, maximize=True), dict()),
+    "adam_maximize": (torch.optim.Adam, MFAdam, dict(maximize=True, foreach=False), dict()),
 }
 
 
@@ -97,8 +104,7 @@ def test_mfsgd_matches_torch_sgd(backend, config, shapes):
             # the buffer sums ~1/(1 - momentum) rounded terms: kernels that fuse multiply-adds
             # differently (the Triton interpreter never does, torch's AVX2 loops do) drift apart by
             # that factor more ulps than the params, which the lr scales down
-            assert_close_ulps(opt.state[p]["momentum_buffer"], buf, ulps=MOMENTUM_BUFFER_ULPS,
-                              name=f"momentum_buffer {i}")
+            assert_close_ulps(opt.state[p]["momentum_buffer"], buf, ulps=MOMENTUM_BUFFER_ULPS, name=f"momentum_buffer {i}")
         assert opt.state[p]["step"] == STEPS
 
 
@@ -106,11 +112,11 @@ def test_mfsgd_matches_torch_sgd(backend, config, shapes):
 @pytest.mark.parametrize("config", ADAM_CONFIGS.values(), ids=ADAM_CONFIGS.keys())
 def test_mfadam_matches_torch_adam(backend, config, shapes):
     name, device = backend
-    torch_cls, kwargs, extra = config
+    torch_cls, ours_cls, kwargs, extra = config
     shapes = for_backend(name, shapes)
     ours = make_params(shapes, device)
     theirs = clone_params(ours)
-    opt = MFAdam(ours, lr=0.01, backend=name, **kwargs, **extra)
+    opt = ours_cls(ours, lr=0.01, backend=name, **kwargs, **extra)
     ref = torch_cls(theirs, lr=0.01, **kwargs)
     for step in range(STEPS):
         set_grads([ours, theirs], step)
@@ -121,4 +127,10 @@ def test_mfadam_matches_torch_adam(backend, config, shapes):
         assert_close_ulps(p, q, ulps=ADAM_ULPS, name=f"param {i}")
         assert_close_ulps(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], ulps=ADAM_ULPS, name=f"exp_avg {i}")
         assert_close_ulps(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], ulps=ADAM_ULPS, name=f"exp_avg_sq {i}")
+        assert ("max_exp_avg_sq" in opt.state[p]) == ("max_exp_avg_sq" in ref.state[q]) == kwargs.get("amsgrad", False)
+        if kwargs.get("amsgrad"):
+            assert_close_ulps(opt.state[p]["max_exp_avg_sq"], ref.state[q]["max_exp_avg_sq"], ulps=ADAM_ULPS,
+                              name=f"max_exp_avg_sq {i}")
+            # the maximum bit: some elements' second moment fell below its running maximum
+            assert q.numel() < 100 or bool((ref.state[q]["max_exp_avg_sq"] > ref.state[q]["exp_avg_sq"]).any())
         assert opt.state[p]["step"] == int(ref.state[q]["step"]) == STEPS

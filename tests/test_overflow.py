@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fusedmf import DynamicLossScaler, MFAdam, MFSGD
+from fusedmf import DynamicLossScaler, MFAdam, MFAdamW, MFSGD
 
 from _util import assert_bit_identical
 from test_optim_vs_torch import make_params, set_grads
@@ -17,6 +17,7 @@ OPTIMIZERS = {
     "sgd": lambda ps, b: MFSGD(ps, lr=0.1, momentum=0.9, dampening=0.1, backend=b, mf_schedule=lambda t: 0.9),
     "nag": lambda ps, b: MFSGD(ps, lr=0.1, momentum=0.9, nesterov=True, backend=b),
     "adam": lambda ps, b: MFAdam(ps, lr=0.01, backend=b, mf_schedule=lambda t: 0.8 + 0.01 * t),
+    "adamw_amsgrad_maximize": lambda ps, b: MFAdamW(ps, lr=0.01, amsgrad=True, maximize=True, backend=b),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,7 +37,7 @@ def assert_unchanged(before, opt, params):
         st = new_state[pid]
         assert st["step"] == 0, f"state[{pid}] counted a skipped step"
         assert st.get("beta1_product", 1.0) == 1.0
-        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if isinstance(st.get(key), torch.Tensor):
                 assert not st[key].any(), f"state[{pid}][{key}] was written by a skipped step"
         if "master_param" in st:

@@ -9,10 +9,14 @@ import torch
 
 from conftest import require_backend
 from fusedmf import mf
-from fusedmf.optim import MFAdam, MFSGD
+from fusedmf.optim import MFAdam, MFAdamW, MFSGD
 
 OPTS = [(MFSGD, dict(lr=0.1, momentum=0.9)), (MFAdam, dict(lr=1e-2))]
 OPT_IDS = ["MFSGD", "MFAdam"]
+# torch's options that change the kernels' work (a flag slot, a state list) must compile alike
+COMPILE_OPTS = OPTS + [(MFSGD, dict(lr=0.1, momentum=0.9, maximize=True)),
+                       (MFAdamW, dict(lr=1e-2, amsgrad=True, maximize=True))]
+COMPILE_IDS = OPT_IDS + ["MFSGD-maximize", "MFAdamW-amsgrad-maximize"]
 
 
 class Recorder:
@@ -175,7 +179,7 @@ def test_tensor_lr_equals_float_lr_bit_for_bit(cls, kw):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("scheduled", [False, True], ids=["constant-mf", "changing-mf"])
-@pytest.mark.parametrize("cls,kw", OPTS, ids=OPT_IDS)
+@pytest.mark.parametrize("cls,kw", COMPILE_OPTS, ids=COMPILE_IDS)
 def test_compiled_step_equals_eager_without_recompiling(cls, kw, scheduled, compile_backend):
     require_backend("cpu")
     from torch._dynamo.testing import CompileCounterWithBackend
