@@ -405,33 +405,32 @@ def test_only_differentiable_is_not_run():
     assert len(ERROR_INPUTS) > 0
 
 
-def test_summary(request):
-    """Counts per optimizer of what ran in this session (all of it unless tests were deselected)."""
+def test_summary(request, capsys):
+    """Counts per optimizer, dtype and backend of what passed in this session (everything, unless
+    tests were deselected or failed): bitwise, within tolerance (and the largest error in ulps), or
+    differentiable (NotImplementedError asserted)."""
     counts = defaultdict(Counter)
-    worst = defaultdict(int)
+    worst = defaultdict(float)
     for config in CONFIGS:
         outcome = RESULTS.get(config.id)
         key = f"{config.optim:5s} {str(config.dtype).replace('torch.', ''):8s} {config.backend:9s}"
         if outcome is None:
-            counts[key]["not run"] += 1
+            counts[key]["failed or not run"] += 1
             continue
         kind, ulps = outcome
         counts[key][kind] += 1
         if kind == "tolerance":
             worst[key] = max(worst[key], ulps)
+        # what each configuration may come out as: only differentiable ones are not compared, and
+        # the bit-identical ones cannot have passed otherwise
+        assert (kind == "differentiable") == config.differentiable, config.id
+        assert kind != "tolerance" or not expect_bitwise(config), config.id
     lines = ["torch optim_db through fusedmf: configurations per optimizer / dtype / backend"]
     for key in sorted(counts):
         c = counts[key]
         lines.append(f"  {key}: {sum(c.values()):3d} configs, {c['bitwise']:3d} bitwise, "
                      f"{c['tolerance']:3d} within tolerance (max {worst[key]:.3g} ulps), "
-                     f"{c['differentiable']:3d} differentiable (NotImplementedError), {c['not run']:3d} not run")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(line)
-    ran = [c for c in CONFIGS if c.id in RESULTS]
-    for config in ran:
-        kind, ulps = RESULTS[config.id]
-        if expect_bitwise(config):
-            assert kind == "bitwise", config.id
+                     f"{c['differentiable']:3d} differentiable (NotImplementedError), "
+                     f"{c['failed or not run']:3d} failed or not run")
+    with capsys.disabled():  # to the terminal, whatever the capture mode
+        print("\n" + "\n".join(lines))
