@@ -11,18 +11,18 @@ on CPU and checks fusedmf's drop-in classes against torch's own optimizers:
   there, though torch.optim and fusedmf both accept it), the torch optimizer and the fusedmf one
   are built with the same kwargs over the same params, split into two param groups (the second
   with its own lr, a tensor where the sample's lr is one), and run through the same steps with
-  the same grads (one step with no grads at all, two where one param has none, as torch's
-  ``_compare_between`` does); every param and every state tensor torch keeps is compared after
+  the same grads (one step with no grads at all, two where one param has none, as torch's own
+  optimizer tests do); every param and every state tensor torch keeps is compared after
   every step. float32 and float64 for every configuration; bfloat16 where torch's own tests run it
-  (``test_fused_matches_forloop``: the samples, fused off and on; torch's for-loop is the reference
-  there, see torch_kwargs).
+  (where they check their fused kernels against their for-loop: the samples, fused off and on;
+  torch's for-loop is the reference there, see torch_kwargs).
 - backends: every configuration on the default backend ("auto": the C++ cpu backend for
   float32 and bfloat16, the reference backend for float64), and the samples without a flag in
   float32 on each other backend that runs CPU tensors here (reference, cuda_emu, and triton
   under TRITON_INTERPRET=1).
 - errors (one test id per error input): fusedmf raises (or warns) torch's exception class, and
   the message matches torch's regex, at construction or at the first step as ``error_on`` says,
-  as torch's ``test_errors`` asserts it.
+  as torch's own tests assert it.
 - ``differentiable=True`` is the one thing fusedmf does not do: those configurations assert that
   fusedmf raises NotImplementedError, and ``test_only_differentiable_is_not_run`` checks that
   nothing else in the database is left out.
@@ -53,7 +53,6 @@ import copy
 import inspect
 import os
 import re
-import warnings
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
@@ -74,12 +73,7 @@ from torch.testing._internal.common_optimizers import (
 )
 
 import fusedmf
-from fusedmf.optim import MFAdam, MFSGD
-
-try:
-    from fusedmf.optim import MFAdamW
-except ImportError:  # not there yet: its configurations fail (not skip) with this reason
-    MFAdamW = None
+from fusedmf.optim import MFAdam, MFAdamW, MFSGD
 
 from _util import (
     ADAM_ULPS,
@@ -90,17 +84,17 @@ from _util import (
     max_ulps,
     scaled_ulps,
 )
-from conftest import require_backend
+from conftest import require_backend, required_backends
 
 CPU = "cpu"
-STEPS = 7  # torch's _compare_between runs 7 iterations
+STEPS = 7  # as many as torch's own tests compare two implementations over
 FUSEDMF_CLASSES = {"SGD": MFSGD, "Adam": MFAdam, "AdamW": MFAdamW}
 INFOS = {info.name: info for info in optim_db if info.name in FUSEDMF_CLASSES}
 # params of the trajectory: matrices, a vector, a 3-D tensor, a one-element tensor, a 0-dim tensor
-# (torch's tests end their params with one) and an empty tensor; the first three form group 0
+# (torch's own tests end their params with one) and an empty tensor; the first three form group 0
 SHAPES = [(10, 5), (10,), (3, 4, 2), (1,), (), (0,)]
 GROUP_SPLIT = 3
-# steps with grads missing, as in torch's _compare_between: no grad at all (a no-op step), and a
+# steps with grads missing, as in torch's own tests: no grad at all (a no-op step), and a
 # param without a grad for two steps (its step count falls behind the others')
 NO_GRADS_STEP = 2
 FROZEN = (0, {3, 4})
@@ -116,11 +110,8 @@ def _cpu_backends() -> list:
         if name == "triton" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
             continue
         names.append(name)
-    return [n for n in names if status[n].available or n in _required()]
-
-
-def _required() -> set:
-    return {b for b in os.environ.get("FUSEDMF_REQUIRE_BACKENDS", "").split(",") if b}
+    # one that FUSEDMF_REQUIRE_BACKENDS names stays, to fail in require_backend
+    return [n for n in names if status[n].available or n in required_backends()]
 
 
 class Config(NamedTuple):
@@ -144,7 +135,7 @@ class Config(NamedTuple):
 def _samples(info, dtype) -> list:
     """Torch's CPU samples of `info` with the global flags torch's tests add, for `dtype`."""
     if dtype == torch.bfloat16:
-        # test_fused_matches_forloop: the samples for this dtype, each with fused off and on
+        # as torch tests its fused kernels in bfloat16: the samples for this dtype, fused off and on
         out = []
         for sample in info.optim_inputs_func(device=CPU, dtype=dtype):
             for fused in (False, True):
@@ -251,10 +242,10 @@ def set_grads(param_lists, step: int) -> None:
 
 def torch_kwargs(config: Config, kwargs: dict) -> dict:
     """The sample's kwargs for torch, except that in bfloat16 torch's for-loop implementation is the
-    reference (as in torch's test_fused_matches_forloop, which checks its fused kernels against it):
+    reference (torch checks its fused kernels against it in bfloat16):
     torch 2.11's fused CPU SGD with bfloat16 params and momentum writes a wrong momentum buffer from
     the second step on, in each tensor's whole 32-element vectors (tensors under 32 elements, like
-    those of torch's own test, come out right)."""
+    those of torch's own tests, come out right)."""
     kwargs = copy.deepcopy(kwargs)
     if config.dtype == torch.bfloat16:
         kwargs["fused"] = False
@@ -314,7 +305,6 @@ def test_trajectory_matches_torch(config: Config):
 
 def run_trajectory(config: Config, named: bool = False):
     torch_cls, ours_cls = _torch_cls(config.optim), FUSEDMF_CLASSES[config.optim]
-    assert ours_cls is not None, f"fusedmf has no counterpart of torch.optim.{config.optim} yet"
     if config.backend != "auto":
         require_backend(config.backend)  # fails when FUSEDMF_REQUIRE_BACKENDS names it
     groups, kwargs = make_groups(config, torch_cls, named)
@@ -372,10 +362,9 @@ def _expect(error):
 
 @pytest.mark.parametrize("optim,error", ERROR_INPUTS)
 def test_error_inputs_raise_torchs_exception(optim, error):
-    """As torch's test_errors: the same class (a warning where torch warns) and a message matching
+    """As torch's own tests: the same class (a warning where torch warns) and a message matching
     torch's regex, at construction or at the first step."""
     ours_cls = FUSEDMF_CLASSES[optim]
-    assert ours_cls is not None, f"fusedmf has no counterpart of torch.optim.{optim} yet"
     sample = error.optimizer_error_input
     params, kwargs = sample.params, sample.kwargs
     if error.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
