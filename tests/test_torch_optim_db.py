@@ -421,5 +421,9 @@ def test_summary(request, capsys):
                      f"{c['tolerance']:3d} within tolerance (max {worst[key]:.3g} ulps), "
                      f"{c['differentiable']:3d} differentiable (NotImplementedError), "
                      f"{c['failed or not run']:3d} failed or not run")
+    if request.config.getoption("verbose") > 0:  # -v: each configuration's outcome
+        for config in CONFIGS:
+            kind, ulps = RESULTS.get(config.id, ("failed or not run", None))
+            lines.append(f"    {config.id}: {kind}" + ("" if not ulps else f" ({ulps:.3g} ulps)"))
     with capsys.disabled():  # to the terminal, whatever the capture mode
         print("\n" + "\n".join(lines))
