@@ -1,14 +1,17 @@
 """MF-Adam / MF-AdamW: one multi-tensor launch per call (algorithms.md, "MF-Adam / MF-AdamW").
 
-The order of floating-point operations is fusedmf/functional/reference.py::mf_adam_'s:
-    g = grad * inv_scale ; if l2 != 0: g = g + l2 * w
+The order of floating-point operations is fusedmf/functional/reference.py::mf_adam_'s, with fma
+where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):
+    g = grad * inv_scale ; if l2 != 0: g = fma(w, l2, g)
     if decay_factor != 1: w = w * decay_factor
-    m = lerp(m, g, one_minus_beta1)          torch's two-sided formula (see _lerp)
-    v = v * beta2 + (one_minus_beta2 * g) * g  (torch's mul_ then addcmul_)
+    m = lerp(m, g, one_minus_beta1)             torch's two-sided formula (see _lerp)
+    v = fma(one_minus_beta2 * g, g, v * beta2)  (torch's mul_ then addcmul_)
     denom = sqrt(v) / bias_correction2_sqrt + eps
-    w = w + neg_step_size * (m / denom)
+    w = (neg_step_size * m) / denom + w         (addcdiv as torch's CPU kernel rounds it)
 Division and square root are the IEEE round-to-nearest ones (div_rn, sqrt_rn), as torch's: plain
 ``/`` and tl.sqrt compile to approximate instructions (div.full.f32, sqrt.approx) on NVIDIA GPUs.
+torch's CPU sqrt (MKL's vsSqrt) is not correctly rounded, so MF-Adam agrees with the reference to
+about an ulp, not bitwise (NOTE [fma placement] in csrc/update_math.h).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32, _store_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32, _store_f32
 from ._slots import (
     ADAM_BETA2,
     ADAM_BIAS_CORRECTION2_SQRT,
@@ -51,12 +54,14 @@ _BC2_SQRT = tl.constexpr(ADAM_BIAS_CORRECTION2_SQRT)
 
 @triton.jit
 def _lerp(start, end, weight):
-    """torch.lerp (aten/src/ATen/native/Lerp.h): start + weight*(end - start) for |weight| < 0.5,
-    else end - (end - start)*(1 - weight); ``weight`` is a scalar, so this is a uniform branch."""
+    """torch.lerp (aten/src/ATen/native/Lerp.h) as its CPU kernel rounds it: fma(weight, end - start,
+    start) for |weight| < 0.5, else fma(weight - 1, end - start, end); ``weight`` is a scalar, so
+    this is a uniform branch."""
+    diff = end - start
     if tl.abs(weight) < 0.5:
-        out = start + weight * (end - start)
+        out = tl.fma(diff, weight, start)
     else:
-        out = end - (end - start) * (1.0 - weight)
+        out = tl.fma(diff, weight - 1.0, end)
     return out
 
 
@@ -87,13 +92,14 @@ def _adam_block(row_ptr, start, numel, scalars_ptr, inv_scale,
     if HAS_INV_SCALE:
         g = g * inv_scale
     if l2 != 0.0:
-        g = g + l2 * w
+        g = tl.fma(w, l2, g)  # g.add(w, alpha=l2)
     if decay != 1.0:
         w = w * decay
     m = _lerp(m, g, one_minus_beta1)
-    v = v * beta2 + (one_minus_beta2 * g) * g
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    w = w + neg_step_size * tl.div_rn(m, denom)
+    # w.addcdiv(m, denom, value=neg_step_size): torch's CPU kernel computes w + (value * m) / denom
+    w = tl.div_rn(neg_step_size * m, denom) + w
 
     _store_f32(row_ptr, _COL_EXP_AVG, start, offs, m, mask, tl.float32, ALIGNED, MASKED)
     _store_f32(row_ptr, _COL_EXP_AVG_SQ, start, offs, v, mask, tl.float32, ALIGNED, MASKED)
@@ -165,4 +171,5 @@ def mf_adam_(
         dict(PARAM_DTYPE=mt.TORCH_TO_TL[dtypes[0]], GRAD_DTYPE=mt.TORCH_TO_TL[dtypes[1]],
              HAS_MASTER=dtypes[4] is not None, HAS_INV_SCALE=inv_grad_scale is not None,
              HAS_FOUND_INF=found_inf is not None),
+        **FP_FUSION,
     )
