@@ -2,7 +2,7 @@
 
 The order of floating-point operations is fusedmf/functional/reference.py::mf_adam_'s, with fma
 where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):
-    g = grad * inv_scale ; if l2 != 0: g = fma(w, l2, g)
+    g = grad * inv_scale ; if maximize: g = -g ; if l2 != 0: g = fma(w, l2, g)
     if decay_factor != 1: w = w * decay_factor
     m = lerp(m, g, one_minus_beta1)             torch's two-sided formula (see _lerp)
     v = fma(one_minus_beta2 * g, g, v * beta2)  (torch's mul_ then addcmul_)
@@ -30,6 +30,7 @@ from ._slots import (
     ADAM_DECAY_FACTOR,
     ADAM_EPS,
     ADAM_L2_WEIGHT_DECAY,
+    ADAM_MAXIMIZE,
     ADAM_NEG_STEP_SIZE,
     ADAM_NUM_SCALARS,
     ADAM_ONE_MINUS_BETA1,
@@ -50,6 +51,7 @@ _L2 = tl.constexpr(ADAM_L2_WEIGHT_DECAY)
 _DECAY = tl.constexpr(ADAM_DECAY_FACTOR)
 _NEG_STEP_SIZE = tl.constexpr(ADAM_NEG_STEP_SIZE)
 _BC2_SQRT = tl.constexpr(ADAM_BIAS_CORRECTION2_SQRT)
+_MAXIMIZE = tl.constexpr(ADAM_MAXIMIZE)
 
 
 @triton.jit
@@ -91,6 +93,8 @@ def _adam_block(row_ptr, start, numel, scalars_ptr, inv_scale,
 
     if HAS_INV_SCALE:
         g = g * inv_scale
+    if tl.load(scalars_ptr + _MAXIMIZE) != 0.0:
+        g = -g  # exact; after unscaling and before L2, as reference.py::_unscaled
     if l2 != 0.0:
         g = tl.fma(w, l2, g)  # g.add(w, alpha=l2)
     if decay != 1.0:

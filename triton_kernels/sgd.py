@@ -2,7 +2,7 @@
 
 The order of floating-point operations is fusedmf/functional/reference.py::mf_sgd_'s, with fma
 where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):
-    g = grad * inv_scale ; if l2 != 0: g = fma(w, l2, g)
+    g = grad * inv_scale ; if maximize: g = -g ; if l2 != 0: g = fma(w, l2, g)
     u = g (first step, the buffer is not read) | fma(g, one_minus_dampening, u * momentum)
     d = fma(u, momentum, g) (nesterov) | u     (d = g without momentum buffers)
     if decay_factor != 1: w = w * decay_factor
@@ -24,6 +24,7 @@ from ._slots import (
     SGD_FIRST_STEP,
     SGD_L2_WEIGHT_DECAY,
     SGD_LR,
+    SGD_MAXIMIZE,
     SGD_MOMENTUM,
     SGD_NESTEROV,
     SGD_NUM_SCALARS,
@@ -43,6 +44,7 @@ _L2 = tl.constexpr(SGD_L2_WEIGHT_DECAY)
 _DECAY = tl.constexpr(SGD_DECAY_FACTOR)
 _NESTEROV = tl.constexpr(SGD_NESTEROV)
 _FIRST_STEP = tl.constexpr(SGD_FIRST_STEP)
+_MAXIMIZE = tl.constexpr(SGD_MAXIMIZE)
 
 
 @triton.jit
@@ -63,6 +65,8 @@ def _sgd_block(row_ptr, start, numel, scalars_ptr, inv_scale,
     g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED)
     if HAS_INV_SCALE:
         g = g * inv_scale
+    if tl.load(scalars_ptr + _MAXIMIZE) != 0.0:
+        g = -g  # exact; after unscaling and before L2, as reference.py::_unscaled
     if l2 != 0.0:
         g = tl.fma(w, l2, g)  # g.add(w, alpha=l2)
 

@@ -7,7 +7,7 @@ contraction of its own (NOTE [explicit fp fusion] in _common.py): on a GPU the k
 CUDA and CPU kernels do. (Triton's interpreter evaluates tl.fma as a product and a sum, each
 rounded, so under TRITON_INTERPRET=1 results differ from the reference by a few fp32 ulps.)
 
-    g = grad * inv_scale ; if l2 != 0: g = fma(w, l2, g)
+    g = grad * inv_scale ; if maximize: g = -g ; if l2 != 0: g = fma(w, l2, g)
     G = G + g ;  d = fma(v, momentum, g)
     if cycle_end: v = fma(G, momentum_scale, v * momentum) ; G = 0      (v is written only then)
     w = fma(d, -lr, w)
@@ -31,6 +31,7 @@ from ._slots import (
     SMEGA2_ESTIMATE_NUM_SCALARS,
     SMEGA2_L2_WEIGHT_DECAY,
     SMEGA2_LR,
+    SMEGA2_MAXIMIZE,
     SMEGA2_MOMENTUM,
     SMEGA2_MOMENTUM_SCALE,
     SMEGA2_NUM_SCALARS,
@@ -53,6 +54,7 @@ _MOMENTUM = tl.constexpr(SMEGA2_MOMENTUM)
 _MOMENTUM_SCALE = tl.constexpr(SMEGA2_MOMENTUM_SCALE)
 _L2 = tl.constexpr(SMEGA2_L2_WEIGHT_DECAY)
 _CYCLE_END = tl.constexpr(SMEGA2_CYCLE_END)
+_MAXIMIZE = tl.constexpr(SMEGA2_MAXIMIZE)
 _ACC_COEF = tl.constexpr(SMEGA2_ESTIMATE_ACCUMULATOR_COEF)
 _MOM_COEF = tl.constexpr(SMEGA2_ESTIMATE_MOMENTUM_COEF)
 
@@ -74,6 +76,8 @@ def _smega2_block(row_ptr, start, numel, scalars_ptr, inv_scale,
     g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED)
     if HAS_INV_SCALE:
         g = g * inv_scale
+    if tl.load(scalars_ptr + _MAXIMIZE) != 0.0:
+        g = -g  # exact; after unscaling and before L2, as reference.py::_unscaled
     if l2 != 0.0:
         g = tl.fma(w, l2, g)
     v = _load_f32(row_ptr, _COL_MOMENTUM, start, offs, mask, tl.float32, ALIGNED, MASKED)
