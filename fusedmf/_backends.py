@@ -80,16 +80,19 @@ def triton_module():
         import triton  # noqa: F401
     except ImportError as exc:
         return None, f"triton is not installed ({exc})"
-    try:
-        return importlib.import_module("fusedmf.triton_kernels"), ""
-    except ImportError:
-        pass
-    # A source checkout: triton_kernels/ sits beside fusedmf/ and is not installed under fusedmf.
-    # Only accept that folder, never an unrelated top-level "triton_kernels" package.
+    # A source checkout (setup.py beside fusedmf/): its triton_kernels/ folder, not whatever the
+    # import system maps "fusedmf.triton_kernels" to: an editable install of another checkout
+    # (one virtualenv shared between checkouts) maps it to that checkout's kernels, which would
+    # then run against this checkout's fusedmf. Outside a checkout (an installed fusedmf) only the
+    # installed fusedmf.triton_kernels, never an unrelated top-level "triton_kernels" package.
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidate = os.path.join(repo_root, "triton_kernels", "__init__.py")
-    if not os.path.exists(candidate):
-        return None, "fusedmf.triton_kernels is not installed"
+    checkout = os.path.exists(os.path.join(repo_root, "setup.py")) and os.path.exists(candidate)
+    if "fusedmf.triton_kernels" in sys.modules or not checkout:
+        try:
+            return importlib.import_module("fusedmf.triton_kernels"), ""
+        except ImportError:
+            return None, "fusedmf.triton_kernels is not installed"
     spec = importlib.util.spec_from_file_location(
         "fusedmf.triton_kernels", candidate,
         submodule_search_locations=[os.path.dirname(candidate)],

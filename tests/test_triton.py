@@ -10,13 +10,17 @@ tensor after every step; plus block/launch boundaries with many small tensors an
 one, views into a flat buffer (unaligned addresses), exact fp32 -> fp16/bf16 rounding, skip on
 overflow (bit-identical), the non-finite check, table caching, and validation errors that name the
 list and index and modify nothing. pack_ against fusedmf.functional.pack.pack_ (NOTE [pack layout]):
-bit-identical values, padding never written, block boundaries, validation.
+bit-identical values, padding never written, block boundaries, validation. maximize (SGD, Adam,
+SMEGA2) and AMSGrad against the reference; maximize is also checked bit for bit against the same
+step on negated gradients. Every launch states its fp-fusion choice (NOTE [explicit fp fusion]).
 """
 
 import dataclasses
+import functools
 import importlib
 import math
 import os
+import platform
 import sys
 
 import torch
@@ -31,8 +35,17 @@ if ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
-import fusedmf.triton_kernels as tk  # noqa: E402  (the one import name of the Triton package)
+import fusedmf  # noqa: E402
+
+# The one import name of the Triton package; loaded by fusedmf (a source checkout's triton_kernels/
+# when it is not installed), and it must be this checkout's, not another installed copy.
+tk, _why = fusedmf._backends.triton_module()
+assert tk is not None, _why
+assert os.path.dirname(os.path.abspath(tk.__file__)) == os.path.join(ROOT, "triton_kernels"), (
+    f"fusedmf.triton_kernels comes from {tk.__file__}, not from this checkout ({ROOT})")
 from fusedmf.triton_kernels import _multi_tensor as mt  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
 from fusedmf.functional import reference, scalars as S  # noqa: E402
@@ -65,6 +78,11 @@ SGD_CONFIGS = {
                               found_inf0=True),
     "nesterov_l2": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
     "decoupled_scaled": dict(momentum=0.9, weight_decay=0.05, decoupled=True, grad_scale=256.0),
+    # maximize: the unscaled gradient is negated before L2 (reference.py::_unscaled)
+    "plain_maximize": dict(momentum=0.0, buffers=False, maximize=True, weight_decay=0.01),
+    "heavy_ball_maximize_scaled": dict(momentum=[0.9, 0.95, 0.99], dampening=0.1, weight_decay=0.01,
+                                       grad_scale=1024.0, found_inf0=True, maximize=True),
+    "nesterov_maximize": dict(momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True),
 }
 ADAM_CONFIGS = {
     "adam": dict(beta1=0.9),
@@ -72,6 +90,13 @@ ADAM_CONFIGS = {
     "adamw": dict(beta1=0.9, weight_decay=0.05, decoupled=True),
     # 1 - beta1 = 0.7 >= 0.5: torch.lerp's other formula, end - (end - start) * (1 - weight)
     "adam_lerp_large_weight": dict(beta1=[0.3, 0.2, 0.4]),
+    "adam_maximize_l2_scaled": dict(beta1=0.9, weight_decay=0.01, grad_scale=1024.0, found_inf0=True, maximize=True),
+    # AMSGrad: beta2 = 0.6 so that v decreases on many elements from the second step (g² < 0.4·g_prev²
+    # is common with these grads), where the running maximum then differs from v
+    "amsgrad": dict(beta1=0.9, beta2=0.6, amsgrad=True),
+    "amsgrad_l2_scaled_maximize": dict(beta1=[0.9, 0.95, 0.975], beta2=0.6, weight_decay=0.01, grad_scale=1024.0,
+                                       found_inf0=True, amsgrad=True, maximize=True),
+    "amsgradw": dict(beta1=0.9, beta2=0.6, weight_decay=0.05, decoupled=True, amsgrad=True),
 }
 
 
@@ -112,10 +137,13 @@ def assert_close(actual, expected, scale, name, ulps=8):
     computed in float64 on absolute values (every term added, none cancelled): the classic bound
     on the rounding error of a chain of sums and products is eps32 per rounding times that scale,
     however much the result itself cancelled. Both implementations round the same operations in
-    the same order, except that FMA contraction (GPUs, torch's vectorised CPU loops, not the
-    interpreter) drops the rounding of a product fused into a sum, and torch's CUDA division by a
-    scalar multiplies by its reciprocal. An output depends on at most four such products (SGD's
-    w: l2*w, (1-tau)*g, mu*u, lr*d), each worth at most eps32 * scale: 8 leaves a factor 2.
+    the same order, except that a product fused into a sum rounds once in one and twice in the
+    other (torch fuses on CPUs with FMA; the kernels' tl.fma rounds once on a GPU and twice in
+    Triton's interpreter before 3.9), torch's CPU sqrt is not correctly rounded, and torch's CUDA
+    division by a scalar multiplies by its reciprocal. An output depends on at most four such
+    products (SGD's w: l2*w, (1-tau)*g, mu*u, lr*d), each worth at most eps32 * scale: 8 leaves a
+    factor 2. Where both sides fuse alike, MF-SGD and SMEGA2 are compared bitwise instead
+    (fma_rounds_as_torch).
     fp16/bf16 outputs (params): the same allowance plus one ulp of the low-precision type, and at
     most a handful of such elements: an fp32 difference of a few ulps changes the rounded value
     only when it straddles a rounding boundary (probability ~2^-13), whereas a wrong rounding mode
@@ -171,19 +199,47 @@ def _vec(step_scalars) -> torch.Tensor:
 
 
 def _per_step(value, step):
-    return value[step] if isinstance(value, (list, tuple)) else value
+    return value[step % len(value)] if isinstance(value, (list, tuple)) else value
 
 
 def _device_scalar(value):
     return torch.full((1,), value, dtype=torch.float32, device=DEV)
 
 
-def _check_lists(kernel_lists, ref_lists, scale_lists, names):
+def _check_lists(kernel_lists, ref_lists, scale_lists, names, exact=False):
+    """``exact``: bit for bit (see fma_rounds_as_torch), else within assert_close's bound."""
     for name, ks, rs, scales in zip(names, kernel_lists, ref_lists, scale_lists):
         assert len(ks) == len(rs) == len(scales), name
         for i, (k, r, sc) in enumerate(zip(ks, rs, scales)):
             assert k.stride() == r.stride() or k.numel() == 0, f"{name}[{i}] layout changed"
-            assert_close(k, r, sc, f"{name}[{i}]")
+            if exact:
+                assert_bit_identical(k, r, f"{name}[{i}]")
+            else:
+                assert_close(k, r, sc, f"{name}[{i}]")
+
+
+@triton.jit
+def _fma_probe_kernel(x_ptr, y_ptr, z_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.fma(tl.load(x_ptr + offs), tl.load(y_ptr + offs), tl.load(z_ptr + offs)))
+
+
+@functools.lru_cache(maxsize=None)
+def fma_rounds_as_torch() -> bool:
+    """Whether tl.fma and the reference's fused operations round alike here: torch fuses
+    ``z.add(x, alpha=a)`` into one fma on CPUs with FMA (NOTE [fma placement] in csrc/update_math.h),
+    and tl.fma rounds once on a GPU and in the interpreter of Triton 3.9 on (earlier interpreters
+    round the product and the sum). Then MF-SGD and SMEGA2, whose kernels write tl.fma exactly where
+    torch fuses and launch without fp fusion (NOTE [explicit fp fusion]), must match the reference
+    bit for bit; otherwise they are compared within assert_close's bound."""
+    gen = torch.Generator().manual_seed(15)
+    x, z = _randn((4096,), F32, gen), _randn((4096,), F32, gen)
+    alpha = 0.9
+    fused = torch.empty_like(z)
+    _fma_probe_kernel[(1,)](x, torch.full_like(x, alpha), z, fused, N=4096, enable_fp_fusion=False)
+    torch_result = z.add(x, alpha=alpha)
+    rounded_twice = x * torch.tensor(alpha, dtype=F32, device=DEV) + z
+    return torch.equal(fused, torch_result) and not torch.equal(torch_result, rounded_twice)
 
 
 def _abs64(tensors):
@@ -195,18 +251,19 @@ def _sgd_scales(ref, grads, sc, inv):
     added (lr negated, since it subtracts). Returns (scale of w, scale of u), one tensor per index."""
     params, bufs, masters = ref
     w, u = _abs64(masters or params), _abs64(bufs)
-    s = dataclasses.replace(sc, lr=-abs(sc.lr), decay_factor=abs(sc.decay_factor))
+    # maximize off: negating g changes no magnitude, and on |g| it would cancel terms
+    s = dataclasses.replace(sc, lr=-abs(sc.lr), decay_factor=abs(sc.decay_factor), maximize=0.0)
     reference.mf_sgd_(w, _abs64(grads), u, [], s, None if inv is None else inv.abs(), None)
     return w, u
 
 
 def _adam_scales(ref, grads, sc, inv):
-    """As _sgd_scales for MF-Adam: (scale of w, of m, of v)."""
-    params, exp_avgs, exp_avg_sqs, masters = ref
-    w, m, v = _abs64(masters or params), _abs64(exp_avgs), _abs64(exp_avg_sqs)
-    s = dataclasses.replace(sc, neg_step_size=abs(sc.neg_step_size), decay_factor=abs(sc.decay_factor))
-    reference.mf_adam_(w, _abs64(grads), m, v, [], s, None if inv is None else inv.abs(), None)
-    return w, m, v
+    """As _sgd_scales for MF-Adam: (scale of w, of m, of v, of the AMSGrad maxima)."""
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = ref
+    w, m, v, vmax = _abs64(masters or params), _abs64(exp_avgs), _abs64(exp_avg_sqs), _abs64(max_exp_avg_sqs)
+    s = dataclasses.replace(sc, neg_step_size=abs(sc.neg_step_size), decay_factor=abs(sc.decay_factor), maximize=0.0)
+    reference.mf_adam_(w, _abs64(grads), m, v, vmax, [], s, None if inv is None else inv.abs(), None)
+    return w, m, v, vmax
 
 
 def _check_masters(params, masters):
@@ -240,12 +297,13 @@ def run_sgd(cfg, dtypes, shapes, seed=0, steps=STEPS):
         sc = S.sgd_step_scalars(
             lr=0.1, momentum=_per_step(cfg.get("momentum", 0.0), step), dampening=cfg.get("dampening", 0.0),
             weight_decay=cfg.get("weight_decay", 0.0), nesterov=cfg.get("nesterov", False),
-            decoupled_weight_decay=cfg.get("decoupled", False), first_step=step == 0)
+            decoupled_weight_decay=cfg.get("decoupled", False), first_step=step == 0,
+            maximize=cfg.get("maximize", False))
         w_scale, u_scale = _sgd_scales(ref, grads, sc, inv)
         tk.mf_sgd_(params, grads, bufs, masters, _vec(sc), inv, found)
         reference.mf_sgd_(ref[0], grads, ref[1], ref[2], sc, inv, found)
         _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale if masters else []],
-                     ["params", "momentum_buffers", "master_params"])
+                     ["params", "momentum_buffers", "master_params"], exact=fma_rounds_as_torch())
         _check_masters(params, masters)
         _resync([params, bufs, masters], ref)
     return params, bufs, masters
@@ -258,33 +316,58 @@ def run_adam(cfg, dtypes, shapes, seed=0, steps=STEPS):
     masters = [p.to(F32, copy=True) for p in params] if has_master else []
     exp_avgs = [torch.zeros_like(p, dtype=F32) for p in params]
     exp_avg_sqs = [torch.zeros_like(p, dtype=F32) for p in params]
-    ref = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs), _clones(masters)]
+    # AMSGrad's maxima start at zero, as torch.optim.Adam(amsgrad=True) makes them
+    max_exp_avg_sqs = [torch.zeros_like(p, dtype=F32) for p in params] if cfg.get("amsgrad") else []
+    ref = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs), _clones(max_exp_avg_sqs), _clones(masters)]
     scale = cfg.get("grad_scale")
     inv = _device_scalar(1.0 / scale) if scale else None
     found = _device_scalar(0.0) if cfg.get("found_inf0") else None
     beta1_product = 1.0
+    max_above_v = 0  # elements where the AMSGrad maximum is not this step's v
     for step in range(steps):
         grads = [_randn(s, gdt, gen, scale=scale or 1.0) for s in shapes]
         beta1 = _per_step(cfg["beta1"], step)
         beta1_product *= beta1
         sc = S.adam_step_scalars(
-            lr=0.01, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=cfg.get("weight_decay", 0.0),
-            decoupled_weight_decay=cfg.get("decoupled", False), step=step + 1, beta1_product=beta1_product)
-        w_scale, m_scale, v_scale = _adam_scales(ref, grads, sc, inv)
-        tk.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, _vec(sc), inv, found)
-        reference.mf_adam_(ref[0], grads, ref[1], ref[2], ref[3], sc, inv, found)
-        _check_lists([params, exp_avgs, exp_avg_sqs, masters], ref,
-                     [w_scale, m_scale, v_scale, w_scale if masters else []],
-                     ["params", "exp_avgs", "exp_avg_sqs", "master_params"])
+            lr=0.01, beta1=beta1, beta2=cfg.get("beta2", 0.999), eps=1e-8, weight_decay=cfg.get("weight_decay", 0.0),
+            decoupled_weight_decay=cfg.get("decoupled", False), step=step + 1, beta1_product=beta1_product,
+            maximize=cfg.get("maximize", False))
+        w_scale, m_scale, v_scale, vmax_scale = _adam_scales(ref, grads, sc, inv)
+        tk.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, _vec(sc), inv, found)
+        reference.mf_adam_(ref[0], grads, ref[1], ref[2], ref[3], ref[4], sc, inv, found)
+        _check_lists([params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters], ref,
+                     [w_scale, m_scale, v_scale, vmax_scale, w_scale if masters else []],
+                     ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"])
         _check_masters(params, masters)
-        _resync([params, exp_avgs, exp_avg_sqs, masters], ref)
+        max_above_v += sum(int((vm > v).sum()) for vm, v in zip(ref[3], ref[2]))
+        _resync([params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters], ref)
+    return max_above_v
 
 
 # ---------------------------------------------------------------------------------------------
 # the matrix
 
 
+def test_fma_probe_sees_single_rounding_where_both_fuse():
+    """The probe behind the bitwise comparisons is not silently off where both sides fuse: torch on
+    an x86 CPU with AVX2 (or aarch64) and tl.fma in Triton >= 3.9's interpreter (or on a GPU)."""
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    if DEV.type == "cpu":
+        if version < (3, 9):
+            pytest.skip(f"Triton {triton.__version__}'s interpreter rounds tl.fma twice")
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") and not platform.machine() == "aarch64":
+            pytest.skip("torch does not fuse on this CPU")
+    assert fma_rounds_as_torch()
+
+
+
+
 def test_slots_match_fusedmf_scalars():
+    from fusedmf.triton_kernels import _slots
+    assert S.SGD_SLOTS[-1] == S.ADAM_SLOTS[-1] == S.SMEGA2_SLOTS[-1] == "maximize"
+    assert tk.SGD_MAXIMIZE == _slots.SGD_MAXIMIZE == S.SGD_NUM_SCALARS - 1
+    assert tk.ADAM_MAXIMIZE == _slots.ADAM_MAXIMIZE == S.ADAM_NUM_SCALARS - 1
+    assert _slots.SMEGA2_MAXIMIZE == S.SMEGA2_NUM_SCALARS - 1 and _slots.SMEGA2_NUM_SCALARS == S.SMEGA2_NUM_SCALARS
     assert tk.SGD_SLOTS == S.SGD_SLOTS and tk.SGD_NUM_SCALARS == S.SGD_NUM_SCALARS
     assert tk.ADAM_SLOTS == S.ADAM_SLOTS and tk.ADAM_NUM_SCALARS == S.ADAM_NUM_SCALARS
     for i, name in enumerate(S.SGD_SLOTS):
@@ -310,7 +393,17 @@ def test_mf_sgd_matches_reference(config, dtypes):
 
 @_matrix(ADAM_CONFIGS, "adam_l2_mf_scaled")
 def test_mf_adam_matches_reference(config, dtypes):
-    run_adam(ADAM_CONFIGS[config], DTYPES[dtypes], SHAPES)
+    max_above_v = run_adam(ADAM_CONFIGS[config], DTYPES[dtypes], SHAPES)
+    if ADAM_CONFIGS[config].get("amsgrad"):
+        assert max_above_v > 1000, "the steps never made the AMSGrad maximum differ from v"
+
+
+@pytest.mark.parametrize("dtypes", ["bf16_master", "bf16_master_gradfp32", "fp16_nomaster_gradfp32", "bf16_nomaster"])
+def test_mf_adam_amsgrad_low_precision_params(dtypes):
+    """AMSGrad with bf16 masters and with fp16/bf16 params updated in place (no masters), unscaled,
+    maximizing, with found_inf read, over four steps (the matrix above covers fp32 and fp16 masters)."""
+    max_above_v = run_adam(ADAM_CONFIGS["amsgrad_l2_scaled_maximize"], DTYPES[dtypes], SHAPES, steps=4)
+    assert max_above_v > 1000, "the steps never made the AMSGrad maximum differ from v"
 
 
 @pytest.fixture
@@ -336,6 +429,7 @@ def test_mf_sgd_many_small_tensors_block_and_launch_boundaries(small_blocks, dty
 @pytest.mark.parametrize("dtypes", ["fp32", "bf16_master"])
 def test_mf_adam_many_small_tensors_block_and_launch_boundaries(small_blocks, dtypes):
     run_adam(ADAM_CONFIGS["adamw"], DTYPES[dtypes], MANY_SMALL, steps=2)
+    run_adam(ADAM_CONFIGS["amsgradw"], DTYPES[dtypes], MANY_SMALL, steps=2)
 
 
 def test_gpu_block_size_boundaries(monkeypatch):
@@ -344,6 +438,7 @@ def test_gpu_block_size_boundaries(monkeypatch):
     shapes = [(2048,), (4096,), (4097,), (2049,), (1,)]
     run_sgd(SGD_CONFIGS["damp_l2_scaled_mf"], DTYPES["bf16_master_gradfp32"], shapes, steps=2)
     run_adam(ADAM_CONFIGS["adam_l2_mf_scaled"], DTYPES["fp16_master"], shapes, steps=2)
+    run_adam(ADAM_CONFIGS["amsgrad_l2_scaled_maximize"], DTYPES["bf16_master"], shapes, steps=2)
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
@@ -372,7 +467,8 @@ def test_views_into_flat_buffers(offset):
     w_scale, u_scale = _sgd_scales(ref, grads, sc, None)
     tk.mf_sgd_(params, grads, bufs, masters, _vec(sc))
     reference.mf_sgd_(ref[0], grads, ref[1], ref[2], sc)
-    _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale], ["params", "bufs", "masters"])
+    _check_lists([params, bufs, masters], ref, [w_scale, u_scale, w_scale], ["params", "bufs", "masters"],
+                 exact=fma_rounds_as_torch())
     _check_masters(params, masters)
     for f, (head, tail) in zip(flats, outside):  # nothing outside the views was written
         assert_bit_identical(f[:offset], head, "before the first view")
@@ -431,7 +527,7 @@ def test_nan_is_stored_as_nan():
 
 
 @pytest.mark.parametrize("found_value", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
-@pytest.mark.parametrize("rule", ["sgd", "adam"])
+@pytest.mark.parametrize("rule", ["sgd", "adam", "amsgrad", "smega2"])
 def test_found_inf_writes_nothing(rule, found_value):
     """NOTE [skip on overflow]: every tensor bit-identical, on the first step too."""
     gen = torch.Generator().manual_seed(4)
@@ -439,16 +535,23 @@ def test_found_inf_writes_nothing(rule, found_value):
     params = [_randn(s, F16, gen) for s in shapes]
     masters = [_randn(s, F32, gen) for s in shapes]
     grads = [_randn(s, F16, gen) for s in shapes]
-    states = [[_randn(s, F32, gen, positive=True) for s in shapes] for _ in range(2)]
+    states = [[_randn(s, F32, gen, positive=True) for s in shapes] for _ in range(3)]
     snapshot = [_clones(lst) for lst in [params, masters, grads] + states]
     found = _device_scalar(found_value)
     inv = _device_scalar(0.5)
     if rule == "sgd":
-        sc = S.sgd_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, first_step=True)
+        sc = S.sgd_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, first_step=True,
+                                maximize=True)
         tk.mf_sgd_(params, grads, states[0], masters, _vec(sc), inv, found)
-    else:
+    elif rule == "adam":
         sc = S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
-        tk.mf_adam_(params, grads, states[0], states[1], masters, _vec(sc), inv, found)
+        tk.mf_adam_(params, grads, states[0], states[1], [], masters, _vec(sc), inv, found)
+    elif rule == "amsgrad":  # max_exp_avg_sqs (states[2]) untouched too
+        sc = S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, maximize=True)
+        tk.mf_adam_(params, grads, states[0], states[1], states[2], masters, _vec(sc), inv, found)
+    else:
+        sc = S.smega2_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01, num_workers=1, cycle=0, maximize=True)
+        tk.smega2_(params, grads, states[0], states[1], masters, _vec(sc), inv, found)
     for lst, snap in zip([params, masters, grads] + states, snapshot):
         for i, (t, s) in enumerate(zip(lst, snap)):
             assert_bit_identical(t, s, f"tensor {i}")
@@ -458,13 +561,134 @@ def test_found_inf_writes_nothing(rule, found_value):
 def test_empty_lists_and_zero_size_tensors_are_no_ops():
     sc = _vec(S.sgd_step_scalars(lr=0.1, momentum=0.9))
     tk.mf_sgd_([], [], [], [], sc)
-    tk.mf_adam_([], [], [], [], [], torch.zeros(3))  # nothing to check the scalars against: no-op
+    tk.mf_adam_([], [], [], [], [], [], torch.zeros(3))  # nothing to check the scalars against: no-op
     z = [torch.empty(0, 3, device=DEV)]
     tk.mf_sgd_(z, [torch.empty(0, 3, device=DEV)], [torch.empty(0, 3, device=DEV)], [], sc)
     found = _device_scalar(0.0)
     tk.non_finite_check_([], found)
     tk.non_finite_check_([torch.empty(0, device=DEV)], found)
     assert found.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# maximize and AMSGrad (reference.py: _unscaled, mf_adam_)
+
+
+def _run_rule(rule, grads, maximize, seed=11):
+    """One step of ``rule`` from a fixed state (fp16 params + masters, L2, unscaling) with the given
+    grads; returns every tensor it writes."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [g.shape for g in grads]
+    params = [_randn(s, F16, gen) for s in shapes]
+    masters = [_randn(s, F32, gen) for s in shapes]
+    states = [[_randn(s, F32, gen, positive=True) for s in shapes] for _ in range(3)]
+    inv = _device_scalar(0.5)
+    if rule in ("sgd_plain", "sgd_momentum", "sgd_nesterov"):
+        sc = S.sgd_step_scalars(lr=0.1, momentum=0.0 if rule == "sgd_plain" else 0.9, weight_decay=0.01,
+                                nesterov=rule == "sgd_nesterov", maximize=maximize)
+        bufs = [] if rule == "sgd_plain" else states[0]
+        tk.mf_sgd_(params, grads, bufs, masters, _vec(sc), inv)
+        return params + masters + bufs
+    if rule in ("adam", "amsgrad"):
+        sc = S.adam_step_scalars(lr=0.01, beta1=0.9, beta2=0.6, eps=1e-8, weight_decay=0.01, step=2,
+                                 beta1_product=0.81, maximize=maximize)
+        maxes = states[2] if rule == "amsgrad" else []
+        tk.mf_adam_(params, grads, states[0], states[1], maxes, masters, _vec(sc), inv)
+        return params + masters + states[0] + states[1] + maxes
+    sc = S.smega2_step_scalars(lr=0.1, momentum=0.9, weight_decay=0.01, num_workers=2, cycle=1, maximize=maximize)
+    tk.smega2_(params, grads, states[0], states[1], masters, _vec(sc), inv)
+    return params + masters + states[0] + states[1]
+
+
+MAXIMIZE_RULES = ["sgd_plain", "sgd_momentum", "sgd_nesterov", "adam", "amsgrad", "smega2"]
+
+
+@pytest.mark.parametrize("rule", MAXIMIZE_RULES)
+def test_maximize_is_the_step_on_negated_gradients_bit_for_bit(rule):
+    """Negation is exact, so maximizing with g must write exactly what minimizing with -g writes
+    (every tensor, bitwise), and differ from minimizing with g."""
+    gen = torch.Generator().manual_seed(12)
+    grads = [_randn(s, F16, gen) for s in [(4097,), (3, 8, 5, 7), (1,)]]
+    ascended = _run_rule(rule, grads, maximize=True)
+    negated = _run_rule(rule, [-g for g in grads], maximize=False)
+    for i, (a, b) in enumerate(zip(ascended, negated)):
+        assert_bit_identical(a, b, f"{rule}: tensor {i}")
+    descended = _run_rule(rule, grads, maximize=False)
+    assert not torch.equal(ascended[0], descended[0]), f"{rule}: maximize changed nothing"
+
+
+def _smega2_scales(ref, grads, sc, inv):
+    """As _sgd_scales for SMEGA2: (scale of w, of v, of G)."""
+    params, bufs, accs, masters = ref
+    w, v, acc = _abs64(masters or params), _abs64(bufs), _abs64(accs)
+    s = dataclasses.replace(sc, lr=-abs(sc.lr), maximize=0.0)
+    reference.smega2_(w, _abs64(grads), v, acc, [], s, None if inv is None else inv.abs(), None)
+    return w, v, acc
+
+
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16_master", "bf16_nomaster"])
+def test_smega2_maximize_matches_reference(dtypes):
+    """SMEGA2 maximizing over two cycles of two workers (v refreshed at each cycle end), unscaled,
+    with L2 and found_inf read."""
+    pdt, gdt, has_master = DTYPES[dtypes]
+    gen = torch.Generator().manual_seed(13)
+    params = [_randn(s, pdt, gen) for s in SHAPES]
+    masters = [p.to(F32, copy=True) for p in params] if has_master else []
+    bufs = [_randn(s, F32, gen) for s in SHAPES]
+    accs = [torch.zeros_like(b) for b in bufs]
+    ref = [_clones(params), _clones(bufs), _clones(accs), _clones(masters)]
+    inv, found = _device_scalar(1.0 / 256), _device_scalar(0.0)
+    for step in range(4):
+        grads = [_randn(s, gdt, gen, scale=256.0) for s in SHAPES]
+        sc = S.smega2_step_scalars(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, num_workers=2,
+                                   cycle=step % 2, maximize=True)
+        w_scale, v_scale, acc_scale = _smega2_scales(ref, grads, sc, inv)
+        tk.smega2_(params, grads, bufs, accs, masters, _vec(sc), inv, found)
+        reference.smega2_(ref[0], grads, ref[1], ref[2], ref[3], sc, inv, found)
+        _check_lists([params, bufs, accs, masters], ref, [w_scale, v_scale, acc_scale, w_scale if masters else []],
+                     ["params", "momentum_buffers", "grad_accumulators", "master_params"], exact=fma_rounds_as_torch())
+        _check_masters(params, masters)
+        _resync([params, bufs, accs, masters], ref)
+
+
+def test_amsgrad_maximum_propagates_nan_from_either_side():
+    """torch.maximum: a NaN in the stored maximum or in this step's v (from a NaN gradient) is what
+    the maximum becomes, and the weight turns NaN there; elsewhere nothing changes."""
+    n = 1000
+    gen = torch.Generator().manual_seed(14)
+    params = [_randn((n,), F32, gen)]
+    grads = [_randn((n,), F32, gen)]
+    grads[0][7] = float("nan")
+    exp_avgs = [torch.zeros(n, device=DEV)]
+    exp_avg_sqs = [_randn((n,), F32, gen, positive=True)]
+    maxes = [exp_avg_sqs[0] * 2]
+    maxes[0][500] = float("nan")
+    ref = [_clones(params), _clones(exp_avgs), _clones(exp_avg_sqs), _clones(maxes)]
+    sc = S.adam_step_scalars(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, step=3, beta1_product=0.729)
+    w_scale, m_scale, v_scale, vmax_scale = _adam_scales(ref + [[]], grads, sc, None)
+    tk.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, maxes, [], _vec(sc))
+    reference.mf_adam_(ref[0], grads, ref[1], ref[2], ref[3], [], sc)
+    assert maxes[0].isnan().nonzero().flatten().tolist() == [7, 500]
+    assert params[0].isnan().nonzero().flatten().tolist() == [7, 500]
+    _check_lists([params, exp_avgs, exp_avg_sqs, maxes], ref, [w_scale, m_scale, v_scale, vmax_scale],
+                 ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
+
+
+def test_amsgrad_op_schema_and_dispatch():
+    """torch.ops.fusedmf.triton_* follow fusedmf.functional._ops.SCHEMAS (mf_adam_ with max_exp_avg_sqs
+    after exp_avg_sqs), and the op reaches the kernel: AMSGrad through the op equals the direct call."""
+    from fusedmf.functional._ops import SCHEMAS
+    for rule, schema in SCHEMAS.items():
+        op = getattr(torch.ops.fusedmf, "triton_" + rule).default
+        assert op._schema == torch._C.parse_schema("fusedmf::triton_" + rule + schema), rule
+    args = _adam_args()
+    direct = {k: _clones(v) if isinstance(v, list) else v for k, v in args.items()}
+    torch.ops.fusedmf.triton_mf_adam_(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"],
+                                       args["max_exp_avg_sqs"], args["master_params"], args["scalars"])
+    tk.mf_adam_(**direct)
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        for i, (a, b) in enumerate(zip(args[key], direct[key])):
+            assert_bit_identical(a, b, f"{key}[{i}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +774,8 @@ def _adam_args():
     params = [_randn(s, F32, gen) for s in shapes]
     return dict(params=params, grads=[_randn(s, F32, gen) for s in shapes],
                 exp_avgs=[_randn(s, F32, gen) for s in shapes],
-                exp_avg_sqs=[_randn(s, F32, gen, positive=True) for s in shapes], master_params=[],
+                exp_avg_sqs=[_randn(s, F32, gen, positive=True) for s in shapes],
+                max_exp_avg_sqs=[_randn(s, F32, gen, positive=True) for s in shapes], master_params=[],
                 scalars=_vec(S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1,
                                                  beta1_product=0.9)))
 
@@ -583,7 +808,8 @@ SGD_BAD = {
                           r"grads\[2\] has dtype torch.float16 but grads\[0\] has torch.float32"),
     "device": (_set("grads", 1, lambda t: torch.empty(t.shape, device="meta")), r"grads\[1\] is on meta"),
     "not_a_tensor": (_set("momentum_buffers", 1, 3.0), r"momentum_buffers\[1\] is a float, not a tensor"),
-    "scalars_length": (_set("scalars", None, lambda a: a["scalars"][:6]), r"scalars must be a float32 tensor of 7"),
+    "scalars_length": (_set("scalars", None, lambda a: a["scalars"][:-1]),
+                       rf"scalars must be a float32 tensor of {S.SGD_NUM_SCALARS} values"),
     "scalars_dtype": (_set("scalars", None, lambda a: a["scalars"].double()), r"scalars must be a float32 tensor"),
     "inv_grad_scale_size": (_set("inv_grad_scale", None, lambda a: torch.ones(2, device=DEV)),
                             r"inv_grad_scale must be a 1-element float32 tensor"),
@@ -630,8 +856,24 @@ def test_validation_error_is_value_and_runtime_error():
 ADAM_BAD = {
     "exp_avg_sqs_missing": (_set("exp_avg_sqs", None, []), r"exp_avg_sqs has 0 tensors but params has 3; expected 3$"),
     "exp_avgs_shape": (_set("exp_avgs", 2, lambda t: t.new_zeros(2, 4)), r"exp_avgs\[2\] has shape \[2, 4\]"),
-    "scalars_sgd_length": (_set("scalars", None, lambda a: torch.zeros(7, device=DEV)),
-                           r"scalars must be a float32 tensor of 10"),
+    "scalars_sgd_length": (_set("scalars", None, lambda a: torch.zeros(S.SGD_NUM_SCALARS, device=DEV)),
+                           rf"scalars must be a float32 tensor of {S.ADAM_NUM_SCALARS} values"),
+    # AMSGrad's list: empty or one fp32 tensor per param, checked like exp_avg_sqs
+    "max_exp_avg_sqs_length": (_set("max_exp_avg_sqs", None, lambda a: a["max_exp_avg_sqs"][:2]),
+                               r"max_exp_avg_sqs has 2 tensors but params has 3; expected 3 \(or 0\)$"),
+    "max_exp_avg_sqs_too_long": (_set("max_exp_avg_sqs", None, lambda a: a["max_exp_avg_sqs"] * 2),
+                                 r"max_exp_avg_sqs has 6 tensors but params has 3"),
+    "max_exp_avg_sqs_dtype": (lambda a: a.update(max_exp_avg_sqs=[t.half() for t in a["max_exp_avg_sqs"]]),
+                              r"max_exp_avg_sqs\[0\] has dtype torch.float16.*max_exp_avg_sqs must be float32"),
+    "max_exp_avg_sqs_bf16": (lambda a: a.update(max_exp_avg_sqs=[t.bfloat16() for t in a["max_exp_avg_sqs"]]),
+                             r"max_exp_avg_sqs\[0\] has dtype torch.bfloat16"),
+    "max_exp_avg_sqs_mixed_dtype": (_set("max_exp_avg_sqs", 2, lambda t: t.double()),
+                                    r"max_exp_avg_sqs\[2\] has dtype torch.float64 but max_exp_avg_sqs\[0\] has "
+                                    r"torch.float32"),
+    "max_exp_avg_sqs_shape": (_set("max_exp_avg_sqs", 1, lambda t: t.new_zeros(5)),
+                              r"max_exp_avg_sqs\[1\] has shape \[5\] but params\[1\] has \[6\]"),
+    "max_exp_avg_sqs_device": (_set("max_exp_avg_sqs", 0, lambda t: torch.empty(t.shape, device="meta")),
+                               r"max_exp_avg_sqs\[0\] is on meta"),
 }
 
 
@@ -849,61 +1091,193 @@ def test_cuda_graph_capture_and_replay():
 # compiled code, without a GPU
 
 
-_SM90_SCRIPT = r"""
-import json, re, sys
+# Records what each host function launches instead of launching it: the kernel, its arguments and
+# its options exactly as mt.launch passes them. The AOT compile below builds each kernel's signature,
+# constexprs and options from such a record, so they cannot drift from the kernels or the launchers.
+_RECORDER = r"""
+import torch
+
+
+class LaunchRecorder:
+    def __init__(self, mt, forward):
+        self.mt, self.forward, self.launches, self._launch = mt, forward, [], mt.launch
+
+    def __enter__(self):
+        def launch(kernel, *args, **kwargs):
+            return self._launch(_Recording(kernel, self), *args, **kwargs)
+        self.mt.launch = launch
+        return self
+
+    def __exit__(self, *exc):
+        self.mt.launch = self._launch
+
+
+class _Recording:
+    def __init__(self, kernel, recorder):
+        self.kernel, self.recorder = kernel, recorder
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.recorder.launches.append((self.kernel, args, kwargs))
+            if self.recorder.forward:
+                self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def kernel_name(kernel):
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
+def call_every_host_function(tk, device):
+    # One small call of every host function (4096 elements, 16-byte aligned, bf16/fp16 where the
+    # kernels have a low-precision variant).
+    f32 = lambda n=4096: torch.randn(n, device=device)
+    from fusedmf.functional import scalars as S
+    vec = lambda sc: torch.tensor(sc.as_list(), dtype=torch.float32, device=device)
+    one = lambda v: torch.full((1,), v, dtype=torch.float32, device=device)
+    p16 = [f32().half()]
+    tk.mf_sgd_([f32()], [f32()], [f32()], [], vec(S.sgd_step_scalars(lr=0.1, momentum=0.9)))
+    flat_p, flat_g = f32(4097).bfloat16(), f32(4097).half()  # views at an odd offset: unaligned
+    tk.mf_sgd_([flat_p[1:]], [flat_g[1:]], [], [f32()], vec(S.sgd_step_scalars(lr=0.1, momentum=0.0)),
+               one(1.0), one(0.0))
+    adam = vec(S.adam_step_scalars(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9))
+    tk.mf_adam_(p16, [f32().half()], [f32()], [f32().abs()], [], [f32()], adam, one(1.0), one(0.0))
+    tk.mf_adam_([f32()], [f32()], [f32()], [f32().abs()], [f32().abs()], [], adam)
+    tk.smega2_(p16, [f32().half()], [f32()], [f32()], [f32()],
+               vec(S.smega2_step_scalars(lr=0.1, momentum=0.9, num_workers=2, cycle=1)), one(1.0), one(0.0))
+    tk.smega2_estimate_(p16, [f32()], [f32()], [f32()], [f32().half()],
+                        vec(S.smega2_estimate_scalars(lr=0.1, momentum=0.9, num_workers=2, cycle=1)))
+    tk.non_finite_check_([f32().bfloat16()], one(0.0), one(0.0))
+    tk.pack_([f32()], torch.empty(4096, dtype=torch.float16, device=device), 0.5)
+    tk.pack_delta_([f32().half()], [f32()], [torch.empty(4096, dtype=torch.bfloat16, device=device)], 0.5)
+    tk.apply_average_([f32().half()], [f32()], [f32()], [f32().half()], True)
+"""
+
+_SM90_SCRIPT = _RECORDER + r"""
+import json, re, sys, warnings
 sys.path.insert(0, sys.argv[1])
-import triton, triton.language as tl
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fusedmf.triton_kernels import adam, non_finite, pack, sgd
+import fusedmf
 
-PTRS = {"tensor_table": "*i64", "block_table": "*i64", "scalars_ptr": "*fp32",
-        "inv_grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-def ptx(fn, sig, consts):
-    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+tk = fusedmf._backends.triton_module()[0]
+from fusedmf.triton_kernels import _multi_tensor as mt
+
+POINTER = {torch.int64: "*i64", torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return POINTER[value.dtype]
+    if isinstance(value, float):
+        return "fp32"  # how Triton passes a Python float
+    raise TypeError(f"no signature type for a {type(value).__name__} kernel argument")
+
+
+def compile_launch(kernel, args, kwargs, **override):
+    names = kernel.arg_names
+    bound = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+    assert set(bound) == set(names), (kernel_name(kernel), set(names) - set(bound))
+    constexprs = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr}
+    signature = {n: "constexpr" if n in constexprs else arg_type(bound[n]) for n in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    options.update(override)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def ops(text):
-    return sorted(set(re.findall(r"\b(ld\.global\.v\d\.b32|st\.global\.v\d\.b32|div\.\w+\.f32|sqrt\.\w+\.f32)", text)))
+    return sorted(set(re.findall(r"\b(ld\.global\.v\d\.b32|st\.global\.v\d\.b32|div\.\w+\.f32|sqrt\.\w+\.f32"
+                                 r"|fma\.rn\.f32)", text)))
+
+
+def contractible(text):
+    # f32 multiplies and adds without a rounding modifier: ptxas may fuse those into an fma
+    # (instructions only: an atomic's red.global.add.f32 is not one)
+    return sorted(set(re.findall(r"(?<![\w.])(?:mul|add|sub)(?:\.ftz)?\.f32\b", text)))
+
+
+with LaunchRecorder(mt, forward=False) as rec:
+    call_every_host_function(tk, torch.device("cpu"))
+names = ["sgd_fp32_aligned", "sgd_bf16_master_unaligned", "adam_fp16_master_aligned", "adam_amsgrad_fp32",
+         "smega2_fp16_master", "smega2_estimate", "non_finite_bf16_sumsq", "pack_fp32_to_fp16_aligned",
+         "pack_delta_fp16_to_bf16", "apply_average_fp16"]
+assert len(rec.launches) == len(names), [kernel_name(k) for k, _, _ in rec.launches]
 out = {}
-out["sgd_fp32_aligned"] = ops(ptx(sgd.mf_sgd_kernel, PTRS, dict(
-    PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32, HAS_MOMENTUM=True, HAS_MASTER=False,
-    HAS_INV_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True, BLOCK=2048)))
-out["sgd_bf16_master_unaligned"] = ops(ptx(sgd.mf_sgd_kernel, PTRS, dict(
-    PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.float16, HAS_MOMENTUM=False, HAS_MASTER=True,
-    HAS_INV_SCALE=True, HAS_FOUND_INF=True, ALIGNED=False, BLOCK=2048)))
-out["adam_fp16_master_aligned"] = ops(ptx(adam.mf_adam_kernel, PTRS, dict(
-    PARAM_DTYPE=tl.float16, GRAD_DTYPE=tl.float16, HAS_MASTER=True, HAS_INV_SCALE=True,
-    HAS_FOUND_INF=True, ALIGNED=True, BLOCK=2048)))
-out["pack_fp32_to_fp16_aligned"] = ops(ptx(pack.pack_kernel,
-    {"tensor_table": "*i64", "block_table": "*i64", "scale": "fp32"},
-    dict(GRAD_DTYPE=tl.float32, OUT_DTYPE=tl.float16, ALIGNED=True, BLOCK=2048)))
-out["non_finite_bf16"] = ops(ptx(non_finite.non_finite_kernel,
-    {"tensor_table": "*i64", "block_table": "*i64", "found_inf_ptr": "*fp32"},
-    dict(DTYPE=tl.bfloat16, ALIGNED=True, BLOCK=2048)))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for name, (kernel, args, kwargs) in zip(names, rec.launches):
+        compiled = compile_launch(kernel, args, kwargs)
+        ptx = compiled.asm["ptx"]
+        out[name] = dict(kernel=kernel_name(kernel), ops=ops(ptx), contractible=contractible(ptx),
+                         launch_fp_fusion=kwargs.get("enable_fp_fusion"),
+                         compiled_fp_fusion=compiled.metadata.enable_fp_fusion)
+    # control: the same SGD kernel compiled with fusion enabled has contractible operations
+    kernel, args, kwargs = rec.launches[0]
+    out["control_sgd_fusion_enabled"] = contractible(compile_launch(kernel, args, kwargs, enable_fp_fusion=True)
+                                                     .asm["ptx"])
+out["warnings"] = [str(w.message) for w in caught]
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_sm90_with_vector_access_and_ieee_div_sqrt():
-    """Compile representative variants for sm_90 (no GPU needed: Triton ships LLVM and ptxas) and
-    check what the interpreter cannot: they compile, full blocks use vector accesses when aligned
-    (pack_ included), and Adam uses IEEE division and square root, not div.full / sqrt.approx."""
+    """Compile every kernel for sm_90 (no GPU needed: Triton ships LLVM and ptxas), from the launches
+    of the host functions (signatures, constexprs and options as launched), and check what the
+    interpreter cannot: they compile, full blocks use vector accesses when aligned (pack_ included),
+    Adam uses IEEE division and square root, not div.full / sqrt.approx, and every kernel is
+    compiled with the fp-fusion choice it launches with (NOTE [explicit fp fusion]): disabled, so
+    the PTX has only rounded f32 multiplies and adds (ptxas may not fuse them) and an fma exactly
+    where the kernel writes tl.fma."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no NVIDIA backend")
     import json
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Triton's default left as shipped: a launch without an explicit choice would compile with it
+    # (enabled up to 3.9, with a warning in 3.9) and fail the checks below.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DISABLE_FP_FUSION")}
     proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, ROOT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "ld.global.v4.b32" in out["sgd_fp32_aligned"] and "st.global.v4.b32" in out["sgd_fp32_aligned"], out
-    assert not any(op.startswith(("ld.global.v", "st.global.v")) for op in out["sgd_bf16_master_unaligned"]), out
-    adam_ops = out["adam_fp16_master_aligned"]
-    assert "div.rn.f32" in adam_ops and "sqrt.rn.f32" in adam_ops, adam_ops
-    assert not any(op in adam_ops for op in ("div.full.f32", "div.approx.f32", "sqrt.approx.f32")), adam_ops
-    assert "ld.global.v4.b32" in adam_ops and "ld.global.v2.b32" in adam_ops, adam_ops  # fp32 and fp16 x 4
-    assert "ld.global.v2.b32" in out["non_finite_bf16"], out
+    assert not [w for w in out.pop("warnings") if "FP_FUSION" in w], out
+    control = out.pop("control_sgd_fusion_enabled")
+    assert control, "the contractible-operation check would not see fusion enabled"
+    fma_kernels = {"mf_sgd_kernel", "mf_adam_kernel", "smega2_kernel", "smega2_estimate_kernel"}
+    assert fma_kernels | {"non_finite_kernel", "pack_kernel", "pack_delta_kernel", "apply_average_kernel"} == \
+        {case["kernel"] for case in out.values()}
+    for name, case in out.items():
+        assert case["launch_fp_fusion"] is False and case["compiled_fp_fusion"] is False, (name, case)
+        assert not case["contractible"], (name, case)
+        assert ("fma.rn.f32" in case["ops"]) == (case["kernel"] in fma_kernels), (name, case)
+    ops = {name: case["ops"] for name, case in out.items()}
+    assert "ld.global.v4.b32" in ops["sgd_fp32_aligned"] and "st.global.v4.b32" in ops["sgd_fp32_aligned"], ops
+    assert not any(op.startswith(("ld.global.v", "st.global.v")) for op in ops["sgd_bf16_master_unaligned"]), ops
+    for name in ("adam_fp16_master_aligned", "adam_amsgrad_fp32"):
+        adam_ops = ops[name]
+        assert "div.rn.f32" in adam_ops and "sqrt.rn.f32" in adam_ops, (name, adam_ops)
+        assert not any(op in adam_ops for op in ("div.full.f32", "div.approx.f32", "sqrt.approx.f32")), adam_ops
+    assert "ld.global.v2.b32" in ops["adam_fp16_master_aligned"], ops  # fp16 x 4
+    assert "ld.global.v4.b32" in ops["adam_amsgrad_fp32"] and "st.global.v4.b32" in ops["adam_amsgrad_fp32"], ops
+    assert "ld.global.v2.b32" in ops["non_finite_bf16_sumsq"], ops
     # pack_: fp32 grads in as 128-bit loads, 4 fp16 values out as one 64-bit store
-    assert "ld.global.v4.b32" in out["pack_fp32_to_fp16_aligned"], out
-    assert "st.global.v2.b32" in out["pack_fp32_to_fp16_aligned"], out
+    assert "ld.global.v4.b32" in ops["pack_fp32_to_fp16_aligned"], ops
+    assert "st.global.v2.b32" in ops["pack_fp32_to_fp16_aligned"], ops
+
+
+def test_every_launch_states_its_fp_fusion_choice():
+    """NOTE [explicit fp fusion]: every kernel is launched with enable_fp_fusion given (disabled), and
+    mt.launch refuses a launch that leaves it to Triton's default."""
+    namespace = {}
+    exec(_RECORDER, namespace)
+    with namespace["LaunchRecorder"](mt, forward=True) as rec:
+        namespace["call_every_host_function"](tk, DEV)
+    kernels = {name for module in (tk.sgd, tk.adam, tk.smega2, tk.non_finite, tk.pack, tk.average)
+               for name in vars(module) if name.endswith("_kernel")}
+    assert {namespace["kernel_name"](k) for k, _, _ in rec.launches} == kernels
+    for kernel, _, kwargs in rec.launches:
+        assert kwargs.get("enable_fp_fusion") is False, namespace["kernel_name"](kernel)
+    with pytest.raises(TypeError, match="enable_fp_fusion"):
+        mt.launch(tk.sgd.mf_sgd_kernel, None, (), {})

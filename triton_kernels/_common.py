@@ -23,10 +23,31 @@ flat memory of its tensors. Full blocks take an unmasked path so that the compil
 accesses when every address is aligned to 4 elements (ALIGNED, decided on the host); only the last
 block of a tensor is masked. The interpreter supports the int64 -> pointer cast on CPU tensors
 (their addresses are real host addresses), so CI runs this same path.
+
+NOTE [explicit fp fusion]
+Every launch states whether the compiler may contract ``a * b + c`` into one fused multiply-add
+(the launch option ``enable_fp_fusion``; mt.launch requires it). Left to Triton, the choice is
+TRITON_DEFAULT_FP_FUSION, whose default Triton announces will change from enabled to disabled,
+and an enabled choice lets LLVM and ptxas pick which products to fuse. Every kernel here launches
+with fp fusion disabled (FP_FUSION below) and writes ``tl.fma`` exactly where the specification
+rounds once: reference.py runs on torch's CPU kernels, which fuse ``t.add(o, alpha=a)``,
+``t.lerp(e, w)`` and ``t.addcmul(a, b, value=s)`` on CPUs with FMA (NOTE [fma placement] in
+csrc/update_math.h) and round everything else (mul, div, sqrt, add of two tensors, addcdiv)
+separately. Disabled, the compiled code carries the IEEE round-to-nearest forms of each operation
+(``mul.rn.f32`` / ``add.rn.f32`` in PTX, which ptxas may not fuse either), so a GPU rounds as the
+CUDA and CPU backends do. Kernels without a multiply-add in their math (pack_delta_,
+apply_average_) and the sums of squares (non_finite_check_, pack_: the reference sums in float64,
+so any order is an approximation) take the same choice: the interpreter (TRITON_INTERPRET=1, how
+CI runs them) rounds every product and sum, and so the GPU computes what CI tests. (The interpreter
+evaluates ``tl.fma`` as a product and a sum, each rounded; there the fused operations differ from
+the reference by a few fp32 ulps.)
 """
 
 import triton
 import triton.language as tl
+
+# NOTE [explicit fp fusion]: the launch options of every kernel (passed to mt.launch).
+FP_FUSION = dict(enable_fp_fusion=False)
 
 # Column of the element count in every tensor-table row; the tensor addresses follow it.
 COL_NUMEL = tl.constexpr(0)

@@ -335,8 +335,14 @@ def _build_block_table(device: torch.device, numels: tuple, ncols: int, block: i
     return _DeviceTable(torch.stack([row_offset, start], 1).reshape(-1), device), num_blocks
 
 
-def launch(kernel, tables: Tables, args: tuple, meta: dict) -> None:
-    """One launch (more only past MAX_BLOCKS_PER_LAUNCH programs) over every block of ``tables``."""
+def launch(kernel, tables: Tables, args: tuple, meta: dict, *, enable_fp_fusion: bool) -> None:
+    """One launch (more only past MAX_BLOCKS_PER_LAUNCH programs) over every block of ``tables``.
+
+    ``enable_fp_fusion`` is required (NOTE [explicit fp fusion] in _common.py): whether the compiler
+    may contract a * b + c into one fma changes the rounding, so each kernel states its choice
+    rather than inheriting Triton's default (TRITON_DEFAULT_FP_FUSION, whose value changes between
+    releases).
+    """
     device = tables.tensor_table.device
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device)
@@ -353,7 +359,8 @@ def launch(kernel, tables: Tables, args: tuple, meta: dict) -> None:
             count = min(MAX_BLOCKS_PER_LAUNCH, tables.num_blocks - lo)
             block_table = tables.block_table if lo == 0 else tables.block_table[2 * lo:]
             kernel[(count,)](tables.tensor_table, block_table, *args,
-                             ALIGNED=tables.aligned, BLOCK=tables.block, num_warps=NUM_WARPS, **meta)
+                             ALIGNED=tables.aligned, BLOCK=tables.block, num_warps=NUM_WARPS,
+                             enable_fp_fusion=bool(enable_fp_fusion), **meta)
 
 
 class _NullGuard:

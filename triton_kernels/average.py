@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32, _store_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32, _store_f32
 
 _FP32 = (torch.float32,)
 
@@ -128,7 +128,7 @@ def pack_delta_(sources: Sequence[torch.Tensor], consensus: Sequence[torch.Tenso
     rows = [(r[0], r[2], r[1], r[3]) for r in rows]
     tables = mt.get_tables(device, rows, (dtypes[1], dtypes[0], dtypes[2]))
     mt.launch(pack_delta_kernel, tables, (float(scale),),
-              dict(SRC_DTYPE=mt.TORCH_TO_TL[dtypes[0]], OUT_DTYPE=mt.TORCH_TO_TL[dtypes[1]]))
+              dict(SRC_DTYPE=mt.TORCH_TO_TL[dtypes[0]], OUT_DTYPE=mt.TORCH_TO_TL[dtypes[1]]), **FP_FUSION)
 
 
 @torch.no_grad()
@@ -147,7 +147,7 @@ def apply_average_(averages: Sequence[torch.Tensor], consensus: Sequence[torch.T
     tables = mt.get_tables(device, rows, (dtypes[1], dtypes[2], dtypes[3], dtypes[0]))
     mt.launch(apply_average_kernel, tables, (),
               dict(AVG_DTYPE=mt.TORCH_TO_TL[dtypes[1]], PARAM_DTYPE=mt.TORCH_TO_TL[dtypes[0]],
-                   HAS_MASTER=bool(masters), UPDATE=bool(update_consensus)))
+                   HAS_MASTER=bool(masters), UPDATE=bool(update_consensus)), **FP_FUSION)
 
 
 # ---- torch op registration: torch.ops.fusedmf.triton_pack_delta_ / triton_apply_average_ ---------

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32
 
 _COL_DATA = tl.constexpr(1)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -86,4 +86,5 @@ def non_finite_check_(tensors: Sequence[torch.Tensor], found_inf: torch.Tensor,
             rows.append((t.numel(), t.data_ptr()))
         tables = mt.get_tables(device, rows, (dtype,))
         mt.launch(non_finite_kernel, tables, (found_inf, found_inf if sumsq is None else sumsq),
-                  dict(DTYPE=mt.TORCH_TO_TL[dtype], SUMSQ=sumsq is not None))
+                  dict(DTYPE=mt.TORCH_TO_TL[dtype], SUMSQ=sumsq is not None),
+                  **FP_FUSION)  # the squares are summed rounded, as in the interpreter

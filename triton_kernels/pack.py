@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32, _store_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32, _store_f32
 
 # NOTE [pack layout]: the one definition of the slot offsets is fusedmf/functional/pack.py's
 from fusedmf.functional.pack import PACK_ALIGN_BYTES, pack_offsets  # noqa: E402
@@ -119,4 +119,5 @@ def pack_(grads: Sequence[torch.Tensor], out: torch.Tensor, scale: float,
     for dtype, rows in groups.items():
         tables = mt.get_tables(device, rows, (out.dtype, dtype))
         mt.launch(pack_kernel, tables, (scale, out if sumsq is None else sumsq),
-                  dict(GRAD_DTYPE=mt.TORCH_TO_TL[dtype], OUT_DTYPE=out_dtype, SUMSQ=sumsq is not None))
+                  dict(GRAD_DTYPE=mt.TORCH_TO_TL[dtype], OUT_DTYPE=out_dtype, SUMSQ=sumsq is not None),
+                  **FP_FUSION)  # the squares are summed rounded, as in the interpreter

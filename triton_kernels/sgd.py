@@ -1,11 +1,12 @@
 """MF-SGD / MF-NAG: one multi-tensor launch per call (algorithms.md, "MF-SGD (heavy ball) and MF-NAG").
 
-The order of floating-point operations is fusedmf/functional/reference.py::mf_sgd_'s:
-    g = grad * inv_scale ; if l2 != 0: g = g + l2 * w
-    u = g (first step, the buffer is not read) | u * momentum + one_minus_dampening * g
-    d = g + momentum * u (nesterov) | u        (d = g without momentum buffers)
+The order of floating-point operations is fusedmf/functional/reference.py::mf_sgd_'s, with fma
+where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):
+    g = grad * inv_scale ; if maximize: g = -g ; if l2 != 0: g = fma(w, l2, g)
+    u = g (first step, the buffer is not read) | fma(g, one_minus_dampening, u * momentum)
+    d = fma(u, momentum, g) (nesterov) | u     (d = g without momentum buffers)
     if decay_factor != 1: w = w * decay_factor
-    w = w + (-lr) * d
+    w = fma(d, -lr, w)
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32, _store_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32, _store_f32
 from ._slots import (
     SGD_DECAY_FACTOR,
     SGD_FIRST_STEP,
     SGD_L2_WEIGHT_DECAY,
     SGD_LR,
+    SGD_MAXIMIZE,
     SGD_MOMENTUM,
     SGD_NESTEROV,
     SGD_NUM_SCALARS,
@@ -42,6 +44,7 @@ _L2 = tl.constexpr(SGD_L2_WEIGHT_DECAY)
 _DECAY = tl.constexpr(SGD_DECAY_FACTOR)
 _NESTEROV = tl.constexpr(SGD_NESTEROV)
 _FIRST_STEP = tl.constexpr(SGD_FIRST_STEP)
+_MAXIMIZE = tl.constexpr(SGD_MAXIMIZE)
 
 
 @triton.jit
@@ -62,8 +65,10 @@ def _sgd_block(row_ptr, start, numel, scalars_ptr, inv_scale,
     g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED)
     if HAS_INV_SCALE:
         g = g * inv_scale
+    if tl.load(scalars_ptr + _MAXIMIZE) != 0.0:
+        g = -g  # exact; after unscaling and before L2, as reference.py::_unscaled
     if l2 != 0.0:
-        g = g + l2 * w
+        g = tl.fma(w, l2, g)  # g.add(w, alpha=l2)
 
     if HAS_MOMENTUM:
         momentum = tl.load(scalars_ptr + _MOMENTUM)
@@ -72,10 +77,10 @@ def _sgd_block(row_ptr, start, numel, scalars_ptr, inv_scale,
         else:
             one_minus_dampening = tl.load(scalars_ptr + _ONE_MINUS_DAMPENING)
             u = _load_f32(row_ptr, _COL_MOMENTUM, start, offs, mask, tl.float32, ALIGNED, MASKED)
-            u = u * momentum + one_minus_dampening * g
+            u = tl.fma(g, one_minus_dampening, u * momentum)  # buf.mul_(momentum).add_(g, alpha=1 - dampening)
         _store_f32(row_ptr, _COL_MOMENTUM, start, offs, u, mask, tl.float32, ALIGNED, MASKED)
         if tl.load(scalars_ptr + _NESTEROV) != 0.0:
-            d = g + momentum * u
+            d = tl.fma(u, momentum, g)  # g.add(u, alpha=momentum)
         else:
             d = u
     else:
@@ -83,7 +88,7 @@ def _sgd_block(row_ptr, start, numel, scalars_ptr, inv_scale,
 
     if decay != 1.0:
         w = w * decay
-    w = w + (-lr) * d
+    w = tl.fma(d, -lr, w)  # w.add(d, alpha=-lr)
     if HAS_MASTER:
         _store_f32(row_ptr, _COL_MASTER, start, offs, w, mask, tl.float32, ALIGNED, MASKED)
     _store_f32(row_ptr, _COL_PARAM, start, offs, w, mask, PARAM_DTYPE, ALIGNED, MASKED)
@@ -153,4 +158,5 @@ def mf_sgd_(
         dict(PARAM_DTYPE=mt.TORCH_TO_TL[dtypes[0]], GRAD_DTYPE=mt.TORCH_TO_TL[dtypes[1]],
              HAS_MOMENTUM=dtypes[2] is not None, HAS_MASTER=dtypes[3] is not None,
              HAS_INV_SCALE=inv_grad_scale is not None, HAS_FOUND_INF=found_inf is not None),
+        **FP_FUSION,
     )

@@ -3,11 +3,11 @@
 The operations are fusedmf/functional/reference.py's smega2_ / smega2_estimate_, in its order, with
 tl.fma exactly where the reference (torch's CPU kernels) fuses a multiply-add (NOTE [fma placement]
 in csrc/update_math.h), and the launch compiled with enable_fp_fusion=False so that Triton adds no
-contraction of its own: on a GPU the kernels round as the CUDA and CPU kernels do. (Triton's
-interpreter evaluates tl.fma as a product and a sum, each rounded, so under TRITON_INTERPRET=1
-results differ from the reference by a few fp32 ulps.)
+contraction of its own (NOTE [explicit fp fusion] in _common.py): on a GPU the kernels round as the
+CUDA and CPU kernels do. (Triton's interpreter evaluates tl.fma as a product and a sum, each
+rounded, so under TRITON_INTERPRET=1 results differ from the reference by a few fp32 ulps.)
 
-    g = grad * inv_scale ; if l2 != 0: g = fma(w, l2, g)
+    g = grad * inv_scale ; if maximize: g = -g ; if l2 != 0: g = fma(w, l2, g)
     G = G + g ;  d = fma(v, momentum, g)
     if cycle_end: v = fma(G, momentum_scale, v * momentum) ; G = 0      (v is written only then)
     w = fma(d, -lr, w)
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor as mt
-from ._common import COL_NUMEL, _load_f32, _store_f32
+from ._common import COL_NUMEL, FP_FUSION, _load_f32, _store_f32
 from ._slots import (
     SMEGA2_CYCLE_END,
     SMEGA2_ESTIMATE_ACCUMULATOR_COEF,
@@ -31,6 +31,7 @@ from ._slots import (
     SMEGA2_ESTIMATE_NUM_SCALARS,
     SMEGA2_L2_WEIGHT_DECAY,
     SMEGA2_LR,
+    SMEGA2_MAXIMIZE,
     SMEGA2_MOMENTUM,
     SMEGA2_MOMENTUM_SCALE,
     SMEGA2_NUM_SCALARS,
@@ -53,11 +54,9 @@ _MOMENTUM = tl.constexpr(SMEGA2_MOMENTUM)
 _MOMENTUM_SCALE = tl.constexpr(SMEGA2_MOMENTUM_SCALE)
 _L2 = tl.constexpr(SMEGA2_L2_WEIGHT_DECAY)
 _CYCLE_END = tl.constexpr(SMEGA2_CYCLE_END)
+_MAXIMIZE = tl.constexpr(SMEGA2_MAXIMIZE)
 _ACC_COEF = tl.constexpr(SMEGA2_ESTIMATE_ACCUMULATOR_COEF)
 _MOM_COEF = tl.constexpr(SMEGA2_ESTIMATE_MOMENTUM_COEF)
-
-# Triton may not contract a * b + c into an fma by itself (see the module docstring).
-_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
 @triton.jit
@@ -77,6 +76,8 @@ def _smega2_block(row_ptr, start, numel, scalars_ptr, inv_scale,
     g = _load_f32(row_ptr, _COL_GRAD, start, offs, mask, GRAD_DTYPE, ALIGNED, MASKED)
     if HAS_INV_SCALE:
         g = g * inv_scale
+    if tl.load(scalars_ptr + _MAXIMIZE) != 0.0:
+        g = -g  # exact; after unscaling and before L2, as reference.py::_unscaled
     if l2 != 0.0:
         g = tl.fma(w, l2, g)
     v = _load_f32(row_ptr, _COL_MOMENTUM, start, offs, mask, tl.float32, ALIGNED, MASKED)
@@ -199,7 +200,8 @@ def smega2_(
          found_inf if found_inf is not None else scalars),
         dict(PARAM_DTYPE=mt.TORCH_TO_TL[dtypes[0]], GRAD_DTYPE=mt.TORCH_TO_TL[dtypes[1]],
              HAS_MASTER=dtypes[4] is not None, HAS_INV_SCALE=inv_grad_scale is not None,
-             HAS_FOUND_INF=found_inf is not None, **_COMPILE_OPTIONS),
+             HAS_FOUND_INF=found_inf is not None),
+        **FP_FUSION,
     )
 
 
@@ -236,5 +238,5 @@ def smega2_estimate_(
     weight_dtype = torch.float32 if master else dtypes[0]
     tables = mt.get_tables(device, rows, [weight_dtype, dtypes[1], dtypes[2], dtypes[4]])
     mt.launch(smega2_estimate_kernel, tables, (scalars,),
-              dict(WEIGHT_DTYPE=mt.TORCH_TO_TL[weight_dtype], OUT_DTYPE=mt.TORCH_TO_TL[dtypes[4]],
-                   **_COMPILE_OPTIONS))
+              dict(WEIGHT_DTYPE=mt.TORCH_TO_TL[weight_dtype], OUT_DTYPE=mt.TORCH_TO_TL[dtypes[4]]),
+              **FP_FUSION)
