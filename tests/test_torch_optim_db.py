@@ -18,8 +18,9 @@ on CPU and checks fusedmf's drop-in classes against torch's own optimizers:
   torch's for-loop is the reference there, see torch_kwargs).
 - backends: every configuration on the default backend ("auto": the C++ cpu backend for
   float32 and bfloat16, the reference backend for float64), and the samples without a flag in
-  float32 on each other backend that runs CPU tensors here (reference, cuda_emu, and triton
-  under TRITON_INTERPRET=1).
+  float32 on each other backend that runs CPU tensors here: all of them on the reference backend,
+  and on cuda_emu and on triton (under TRITON_INTERPRET=1), where each launch costs milliseconds
+  of Python, the few that between them switch on every option any sample does (``covering``).
 - errors (one test id per error input): fusedmf raises (or warns) torch's exception class, and
   the message matches torch's regex, at construction or at the first step as ``error_on`` says,
   as torch's own tests assert it.
@@ -156,16 +157,37 @@ def _is_plain(sample) -> bool:
     return not any(sample.kwargs.get(flag) for flag in ("foreach", "fused", "differentiable"))
 
 
+def _features(sample) -> set:
+    """What a sample switches on that a kernel or the host plan treats differently (a float lr of
+    another value is just another number)."""
+    out = {k for k, v in sample.kwargs.items() if k != "lr" and v}
+    if isinstance(sample.kwargs.get("lr"), torch.Tensor):
+        out.add("tensor lr")
+    return out
+
+
+def covering(samples: list) -> list:
+    """Few samples that switch on, between them, every feature any of `samples` does (greedy, in
+    torch's order): the subset run on the backends whose every launch costs milliseconds of Python
+    (the Triton interpreter, the CUDA emulator)."""
+    left, chosen = set().union(*(_features(s) for s in samples)), []
+    while left:
+        best = max(samples, key=lambda s: len(_features(s) & left))
+        chosen.append(best)
+        left -= _features(best)
+    return [s for s in samples if any(s is c for c in chosen)]
+
+
 def all_configs() -> list:
     configs = []
     for name, info in INFOS.items():
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             for sample in _samples(info, dtype):
                 configs.append(Config(name, dtype, "auto", sample.desc, sample.kwargs))
+        plain = [s for s in _samples(info, torch.float32) if _is_plain(s)]
         for backend in _cpu_backends():
-            for sample in _samples(info, torch.float32):
-                if _is_plain(sample):
-                    configs.append(Config(name, torch.float32, backend, sample.desc, sample.kwargs))
+            for sample in plain if backend == "reference" else covering(plain):
+                configs.append(Config(name, torch.float32, backend, sample.desc, sample.kwargs))
     return configs
 
 
