@@ -205,6 +205,9 @@ class MFOptimizerBase(Optimizer):
         self.backends_used: dict[str, int] = {}
         self._group_keys = tuple(defaults)  # the hyperparameters a group of ours carries
         self._layout_cache = None             # NOTE [launch layout cache]
+        # the settings are checked before the params are looked at, as torch.optim does: a bad
+        # setting is named as such whatever the params are
+        self._check_group(dict(defaults))
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction checks
