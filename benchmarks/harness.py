@@ -1,4 +1,4 @@
-"""The one benchmark harness (style.md §10, performance.md "How to measure").
+"""The one benchmark harness (docs/performance.md, how benchmarks measure).
 
 A benchmark is a list of :class:`Case` objects: a name, a setup factory that builds random inputs
 and returns a zero-argument callable to time, and the bytes that callable must move per call.
@@ -72,7 +72,7 @@ class Case:
 
     name:            unique id (``group/implementation/config`` by convention, matched by --cases)
     setup:           builds random inputs and returns the zero-arg callable to time
-    bytes_per_call:  bytes the operation must move per call (the floor's count, see performance.md)
+    bytes_per_call:  bytes the operation must move per call (the floor's count, see docs/performance.md)
     info:            free-form fields recorded as-is (rule, backend, dtypes, ...)
     baseline:        name of another case; ``speedup`` = baseline median / this median
     check:           optional correctness check run before setup: returns a dict with at least
@@ -216,7 +216,7 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int, repeats: int, flush_l2: boo
 #                when the step cannot be captured (CPU-side work inside it, a sync) or on the CPU;
 #   host time    wall time of the Python call itself, started on an idle stream and not waiting for
 #                the device (host_repeats_s / host_median_s): what the host spends to issue one step.
-# The target (performance.md) is host time below device time: the host stays ahead of the device.
+# The target (docs/performance.md) is host time below device time: the host stays ahead of the device.
 # On the CPU a step is synchronous: its wall time is both (repeats_s, host_*), device time is None.
 def time_host_calls(fn: Callable[[], Any], *, repeats: int, clock: Callable[[], float] = time.perf_counter,
                     sync: Optional[Callable[[], None]] = None) -> list:

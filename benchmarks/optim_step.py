@@ -10,7 +10,7 @@ The parameter set is ResNet-50's (torchvision layout, 161 tensors, 25,557,032 pa
 fusedmf.models, no torchvision), filled with random values and random gradients (never zeros).
 Every case times steady-state steps (the first, buffer-initialising step is part of warm-up).
 
-Bytes per parameter are the floors' counts from performance.md: the bytes the update itself must
+Bytes per parameter are the floors' counts of docs/performance.md: the bytes the update itself must
 move, not what an implementation happens to move. So GB/s is "effective" bandwidth and every
 implementation of one result is charged the same bytes (a torch path that casts grads to fp32
 first moves more, and shows up slower, not as more GB/s):
@@ -21,7 +21,7 @@ first moves more, and shows up slower, not as more GB/s):
     mixed Adam           read g16, master, m, v; write master, m, v, p16    28 B
 
 Each case's "speedup" is torch.optim's fused implementation of the same rule (fp32) divided by the
-case, measured in the same run; the comparisons that performance.md's targets name are printed
+case, measured in the same run; the comparisons that docs/performance.md's targets name are printed
 at the end and stored under "comparisons" in the JSON.
 """
 
@@ -343,7 +343,7 @@ def select(cases: list, patterns) -> list:
 
 # ---------------------------------------------------------------------------------------- comparisons
 def key_ratios(cuda: bool) -> list:
-    """(label, case, vs, target speedup) for the ratios performance.md's targets name; ``vs`` may be
+    """(label, case, vs, target speedup) for the ratios docs/performance.md's targets name; ``vs`` may be
     a tuple of ways to the same result, of which the fastest measured one counts."""
     out = []
     for rule, rule_name in (("sgd", "MF-SGD"), ("adam", "MF-Adam")):
@@ -370,7 +370,7 @@ def key_ratios(cuda: bool) -> list:
 
 
 def comparisons(result: dict) -> dict:
-    """The ratios performance.md's targets name, each from this run only. A speedup is the
+    """The ratios docs/performance.md's targets name, each from this run only. A speedup is the
     interleaved measurement (harness.run_pair) when there is one, else the ratio of the two cases'
     medians; both are recorded."""
     recs = {r["name"]: r for r in result["cases"]}

@@ -68,7 +68,7 @@ DEFAULT_NS, NETWORKS, Network, Timeline, efficiency_curve, predict, recommend_bu
 LR, MOMENTUM = 0.1, 0.9
 ALLREDUCE_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22)      # bytes of fp16 buffers for the α/B fit
 ALLREDUCE_SIZES_GPU = (1 << 24, 1 << 26)                    # NCCL: large messages too (bandwidth-bound)
-TARGETS = {8: 0.98, 64: 0.975}                             # performance.md: E(8) one NVLink node, E(64) over IB
+TARGETS = {8: 0.98, 64: 0.975}                             # docs/performance.md: E(8) one NVLink node, E(64) over IB
 
 
 def _model_args(args) -> SimpleNamespace:
@@ -520,7 +520,7 @@ def run(args) -> Optional[dict]:
     elif args.device == "cpu":
         tl = resnet50_like_timeline(0.010)
         tl.batch = 32
-        tl.source += "; illustrative H200 ResNet-50 step at batch 32 of 10 ms (performance.md), not a measurement"
+        tl.source += "; illustrative H200 ResNet-50 step at batch 32 of 10 ms (docs/performance.md), not a measurement"
         tls["illustrative timeline (synthetic ResNet-50, H200, b32)"] = tl
     result["curves"] = {label: curves(tl) for label, tl in tls.items()}
     result["predicted_targets"] = _targets(result["curves"])
@@ -537,7 +537,7 @@ def run(args) -> Optional[dict]:
 
 def _targets(all_curves: dict) -> dict:
     """Predicted E(8) (one NVLink node) and E(64) (8 nodes over 400 Gb/s IB) per timeline and bucketing,
-    next to performance.md's targets."""
+    next to docs/performance.md's targets."""
     out = {"targets": {str(k): v for k, v in TARGETS.items()}, "network": "nvlink-ib400", "by_timeline": {}}
     for label, cur in all_curves.items():
         d = cur["networks"]["nvlink-ib400"]
@@ -591,7 +591,7 @@ def format_table(result: dict) -> str:
             lines.append(f"  recommended fusedmf fp16 cap: {rc['8']['best_cap_mb']} MB at N=8, "
                          f"{rc['64']['best_cap_mb']} MB at N=64")
     t = result["predicted_targets"]["targets"]
-    lines.append(f"targets (performance.md): E(8) >= {t['8']} on one NVLink node, E(64) >= {t['64']} over 400 Gb/s IB")
+    lines.append(f"targets (docs/performance.md): E(8) >= {t['8']} on one NVLink node, E(64) >= {t['64']} over 400 Gb/s IB")
     plots = result["paths"]["plots"]
     lines.append(f"wrote {result['paths']['json']}" + (f" + {len(plots)} PNG" if plots else
                                                      f" (no plots: {result.get('plots_skipped')})")

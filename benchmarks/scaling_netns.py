@@ -508,7 +508,7 @@ def predicted_curves(state: dict, impls: Sequence[str], per_decade: int = 8) -> 
 
 
 def checks(points: List[dict]) -> dict:
-    """What issue 13 checks, computed from the points (no judgement here: the figures side by side)."""
+    """What the network-lab acceptance checks, computed from the points (no judgement here: the figures side by side)."""
     errs = [abs(p["error"]) for p in points]
     by_bw: Dict[float, Dict[str, dict]] = {}
     for p in points:
@@ -531,7 +531,7 @@ def checks(points: List[dict]) -> dict:
         per_bw[f"{bw:g}"] = row
     return {"points": len(points), "bandwidths": len(by_bw),
             "max_abs_error": max(errs) if errs else None, "median_abs_error": _median(errs) if errs else None,
-            "targets": "issue 13: >= 8 points over >= 3 rates; |error| <= 0.10 everywhere, <= 0.05 median; best "
+            "targets": ">= 8 points over >= 3 rates; |error| <= 0.10 everywhere, <= 0.05 median; best "
                        "fusedmf E >= DDP default E at every rate <= 1 Gb/s; recommended cap no worse than 25 MB",
             "per_bandwidth": per_bw}
 

@@ -1,9 +1,9 @@
 """Which backends this build and machine can run, and the one place a backend gets chosen.
 
-Importing fusedmf never fails because the compiled extension is missing (prior-art.md, complaint 1):
+Importing fusedmf never fails because the compiled extension is missing (a top complaint about apex: docs/backends.md):
 the reason is recorded and reported by ``available_backends()`` and by the error raised when a
 missing backend is asked for. The "auto" choice never falls back silently either: a fallback to
-the reference backend warns once, naming the reason (complaint 2).
+the reference backend warns once, naming the reason, instead of silently running something slower.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Used by setup.py (loaded by file path: fusedmf need not be importable at build time) and by
 ``jit_build()`` (torch.utils.cpp_extension.load with ninja), so the ahead-of-time and JIT builds
-cannot drift apart (style.md §11). Keep this module free of imports of fusedmf itself.
+cannot drift apart (docs/style.md, one concept in one place). Keep this module free of imports of fusedmf itself.
 
 One environment variable decides CUDA, FUSEDMF_CUDA:
   "auto" (default)  CUDA kernels iff torch is a CUDA build and nvcc is found (CUDA_HOME, PATH or

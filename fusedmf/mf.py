@@ -352,7 +352,7 @@ def effective_lr(lr: float, mf: float, dampening: float = 0.0) -> float:
     """The step size a constant MF amounts to in the long run: ``lr * (1 - dampening) / (1 - mf)``.
 
     For heavy ball / NAG a gradient g applied at every step moves θ by η·(1 − τ)/(1 − μ)·g in the
-    steady state. Log it every step when the MF changes (algorithms.md).
+    steady state. Log it every step when the MF changes (docs/algorithms.md).
     """
     lr = check_lr(lr)
     mf = check_mf("mf", mf)

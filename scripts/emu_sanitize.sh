@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The emulated CUDA kernels (backend "cuda_emu", csrc/cuda/emu/) under AddressSanitizer and
-# UndefinedBehaviorSanitizer, and the emulated tests against them (issue 10).
+# UndefinedBehaviorSanitizer, and the emulated tests against them.
 #
 # The checkout's tracked and untracked, not ignored, files are copied to build/sanitize/src (or
 # $FUSEDMF_SANITIZE_DIR/src) and built there with FUSEDMF_CUDA=0 FUSEDMF_CUDA_EMU=1 and the

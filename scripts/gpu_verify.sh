@@ -102,7 +102,7 @@ stage_optim() {
   ensure_built || return 1
   x "$PY" "$ROOT/benchmarks/optim_step.py" --device cuda --out "$OUTDIR"
   # device time (CUDA-graph replay) against host time (the Python call) per case, NOTE [device and host
-  # time] in benchmarks/harness.py: performance.md's target is host below device (the host stays ahead)
+  # time] in benchmarks/harness.py: docs/performance.md's target is host below device (the host stays ahead)
   local oj
   oj="$(latest "$OUTDIR"/optim_step_cuda_2*.json)"
   [ -n "$oj" ] && x "$PY" - "$oj" <<'PYEOF'

@@ -581,7 +581,7 @@ def noise_scale_suite(rank, world_size):
     return out
 
 
-# ------------------------------------------------------------------------------------------ optimizer surface (issue 14)
+# ------------------------------------------------------------------------------------------ optimizer surface
 class BNNet(nn.Module):
     """conv -> BatchNorm -> tanh -> linear: buffers that training changes (running statistics)."""
 

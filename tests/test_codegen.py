@@ -34,7 +34,7 @@ REQUIRED = os.environ.get("FUSEDMF_REQUIRE_CODEGEN") == "1" or os.environ.get("C
 # Kernels allowed a stack frame, with the most bytes and local accesses seen and why. A kernel that
 # no longer needs its entry fails test_known_spills_are_current, so the list cannot go stale.
 KNOWN_LOCAL: dict = {
-    # empty since the Adam kernels got __launch_bounds__(512, 2) (issue 10 part 4): until then
+    # empty since the Adam kernels got __launch_bounds__(512, 2): until then
     # AdamOp<float, f16, false> kept its converted f16 grad on an 8-byte stack frame across the
     # calls of the correctly rounded division / square root in its unaligned path
 }
@@ -132,7 +132,7 @@ def test_vector_path_uses_vector_accesses(kernels):
 
 def test_unrolled_loads_are_in_flight_together(kernels):
     """The aligned loop issues the loads of kUnroll iterations, every stream, before it stores either
-    (NOTE [ILP-4], issue 10 item 4: a launch of few waves is bound by memory latency, so each thread
+    (NOTE [ILP-4]: a launch of few waves is bound by memory latency, so each thread
     must keep 2 x kIlp elements of every list in flight)."""
     unroll = lm.read_kunroll()
     assert unroll >= 2, f"kUnroll = {unroll}: two aligned iterations in flight are required"

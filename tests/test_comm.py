@@ -598,7 +598,7 @@ def test_process_group_of_one_rank():
     assert_within_bound(r["params"], ref, bound, 5, "process group of one rank")
 
 
-# ------------------------------------------------------------------------------------------ a torch Optimizer (issue 14)
+# ------------------------------------------------------------------------------------------ a torch Optimizer
 @pytest.fixture(scope="module")
 def surface():
     return W.ok_results(W.launch(W.surface_suite, 2, pg_timeout=PG_TIMEOUT))

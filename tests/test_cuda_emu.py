@@ -1,4 +1,4 @@
-"""Backend "cuda_emu": the CUDA kernel sources (csrc/cuda/*.cu) executed on CPU tensors (issue 10).
+"""Backend "cuda_emu": the CUDA kernel sources (csrc/cuda/*.cu) executed on CPU tensors (docs/backends.md).
 
 FUSEDMF_CUDA_EMU=1 builds compile csrc/cuda a second time with g++ against the shim of
 csrc/cuda/emu/ (GPU threads as fibers, barriers, full-warp shuffles, the _rn intrinsics, f16/bf16

@@ -1,5 +1,5 @@
 """Launch counts of the CUDA launcher, executed by the host emulator of csrc/cuda (backend "cuda_emu",
-issue 10): ResNet-50's 161 tensors are one launch per rule with a CUDA >= 12.1 driver (32 KiB kernel
+docs/performance.md): ResNet-50's 161 tensors are one launch per rule with a CUDA >= 12.1 driver (32 KiB kernel
 arguments), and as many as benchmarks/launch_model.py predicts from csrc/cuda/launch_limits.h with
 the 4 KiB fallback (driver < 12.1); both modes give identical results.
 

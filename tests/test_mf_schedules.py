@@ -172,7 +172,7 @@ def test_schedule_every_backend_matches_float64(backend, opt_cls, kwargs):
 
 
 def _hand_sgd(params, steps, lr, schedule, tied, mu_ref, nesterov=False):
-    """algorithms.md's MF-SGD written out in float64 with the opt-in options."""
+    """docs/algorithms.md's MF-SGD written out in float64 with the opt-in options."""
     ps = [p.detach().double().cpu().clone() for p in params]
     bufs = [None] * len(ps)
     eff = []

@@ -2,7 +2,7 @@
 
 - fp32 with an MF that changes every step: every backend matches the float64 reference.
 - fp16/bf16 params with fp32 masters: within twice the error of torch's own low-precision path
-  against float64 (algorithms.md, issue 2), and the fp32 master stays fp32-accurate.
+  against float64 (docs/algorithms.md), and the fp32 master stays fp32-accurate.
 - functional level: every (param, grad, master) dtype combination against the reference.
 """
 

@@ -1,4 +1,4 @@
-"""fusedmf.models: ResNet-50 in torchvision's layout (performance.md, "The workload")."""
+"""fusedmf.models: ResNet-50 in torchvision's layout (docs/performance.md, the workload)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The reference backend is the spec: check it against the formulas of algorithms.md, written out
+"""The reference backend is the spec: check it against the formulas of docs/algorithms.md, written out
 independently here in float64 plain Python-on-tensors, with an MF that changes every step."""
 
 import pytest

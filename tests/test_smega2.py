@@ -1,4 +1,4 @@
-"""SMEGA2 (algorithms.md, "SMEGA2"): the master step and the look-ahead estimate on every backend.
+"""SMEGA2 (docs/algorithms.md): the master step and the look-ahead estimate on every backend.
 
 - The step and estimate() follow the equations over 2N+3 master steps (both estimate modes, with
   and without dampening and weight decay, a constant and a scheduled MF), against an independent
@@ -52,7 +52,7 @@ def set_grads(params, grads):
 
 
 class Equations:
-    """SMEGA2 written from the equations (algorithms.md / issue 12), in float64, one param list."""
+    """SMEGA2 written from the equations (docs/algorithms.md), in float64, one param list."""
 
     def __init__(self, thetas, *, lr, num_workers, gamma, dampening, weight_decay, estimate):
         self.theta = [t.detach().double().clone() for t in thetas]

@@ -1,4 +1,4 @@
-"""MF-Adam / MF-AdamW: one multi-tensor launch per call (algorithms.md, "MF-Adam / MF-AdamW").
+"""MF-Adam / MF-AdamW: one multi-tensor launch per call (docs/algorithms.md, MF-Adam).
 
 The order of floating-point operations is fusedmf/functional/reference.py::mf_adam_'s, with fma
 where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):

@@ -1,4 +1,4 @@
-"""MF-SGD / MF-NAG: one multi-tensor launch per call (algorithms.md, "MF-SGD (heavy ball) and MF-NAG").
+"""MF-SGD / MF-NAG: one multi-tensor launch per call (docs/algorithms.md, MF-SGD and MF-NAG).
 
 The order of floating-point operations is fusedmf/functional/reference.py::mf_sgd_'s, with fma
 where torch's CPU kernels fuse (NOTE [explicit fp fusion] in _common.py):

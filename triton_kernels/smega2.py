@@ -1,4 +1,4 @@
-"""SMEGA2's master step and look-ahead estimate: one multi-tensor launch each (algorithms.md, "SMEGA2").
+"""SMEGA2's master step and look-ahead estimate: one multi-tensor launch each (docs/algorithms.md, SMEGA2).
 
 The operations are fusedmf/functional/reference.py's smega2_ / smega2_estimate_, in its order, with
 tl.fma exactly where the reference (torch's CPU kernels) fuses a multiply-add (NOTE [fma placement]

@@ -59,7 +59,7 @@ class Network:
         return asdict(self)
 
 
-# NVLink figures from performance.md (~370 GB/s bus bandwidth measured on 8xH200 for large messages);
+# NVLink figures (docs/performance.md) (~370 GB/s bus bandwidth measured on 8xH200 for large messages);
 # 400 Gb/s InfiniBand = 50 GB/s per NIC, 8 NICs per node (one per GPU, DGX/HGX layout).
 NETWORKS: Dict[str, Network] = {
     "nvlink-ib400": Network("nvlink-ib400", 8, 370e9, 5e-6, 50e9, 8, 10e-6,

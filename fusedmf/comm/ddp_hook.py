@@ -10,7 +10,7 @@ For users who keep torch's DistributedDataParallel:
 torch's ``fp16_compress_hook`` makes three passes per bucket (cast to fp16, divide by the world size,
 and after the allreduce cast back and copy); this hook makes one before the allreduce
 (``fusedmf.functional.pack``: cast(grad / N), the division first so that fp16 cannot overflow in the
-sum, prior-art.md complaint 6) and one after it (the copy back into DDP's bucket).
+sum: fp16 sums of N unscaled gradients overflow) and one after it (the copy back into DDP's bucket).
 
 With ``optimizer=`` (an MFSGD/MFAdam over the DDP model's parameters) the copy back is dropped too: the
 hook runs the fused update itself, at the end of backward, reading each parameter's gradient as a

@@ -1,7 +1,7 @@
 """DistributedOptimizer: a torch.optim.Optimizer that averages gradients over the ranks in bucketed,
 compressed allreduces and feeds the reduced buffers to the wrapped optimizer's update.
 
-One training step on N ranks (design.md, "One training step with DistributedOptimizer"):
+One training step on N ranks (docs/design.md, one distributed step):
 
     construct  the ranks' parameters, buffers and settings are checked (rank_check.py), then every
                parameter (and with ``module=`` every buffer) is broadcast from rank 0 (broadcast.py)

@@ -1,6 +1,6 @@
 """LocalSGD: post-local SGD (Parallel Restarted SGD) with MF momentum and fused, compressed model averaging.
 
-The schedule (algorithms.md, "Local SGD / Parallel Restarted SGD"; Yu, Yang, Zhu, AAAI 2019; Lin et al.,
+The schedule (docs/algorithms.md, local SGD; Yu, Yang, Zhu, AAAI 2019; Lin et al.,
 ICLR 2020), on N ranks:
 
     step() calls 1 .. warmup_steps    gradients averaged across the ranks every step, exactly as

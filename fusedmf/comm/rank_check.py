@@ -2,7 +2,7 @@
 collectives of different steps or silently averaging different things.
 
 - at construction (:func:`verify_same_signature`): the same parameters (count, shapes, dtypes),
-  buffers and settings on every rank (prior-art.md, complaint 7);
+  buffers and settings on every rank (silently diverging replicas are the failure to prevent);
 - every round (:class:`RoundCheck`): the step number, the backward passes of the round and, with
   ``module=``, the training-mode forward passes so far, in one small all_gather launched after the
   buckets (NOTE [round check]);

@@ -109,7 +109,7 @@ def mf_sgd(
     found_inf: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> str:
-    """One fused MF-SGD / MF-NAG step over lists of tensors (see algorithms.md).
+    """One fused MF-SGD / MF-NAG step over lists of tensors (see docs/algorithms.md).
 
     ``momentum_buffers`` None/empty runs plain SGD (d = g). ``first_step`` makes the buffer start
     as g (torch semantics) without reading it.

@@ -6,7 +6,7 @@ CPU and CUDA) and ``torch.ops.fusedmf.triton_pack_delta_`` / ``triton_apply_aver
 (triton_kernels/average.py).
 
 NOTE [model averaging rounding]
-Local SGD (algorithms.md) averages the *differences* from the last consensus c, an fp32 copy of the
+Local SGD (docs/algorithms.md) averages the *differences* from the last consensus c, an fp32 copy of the
 weights every rank agreed on at the last average, instead of the weights:
 
     pack_delta_(sources, consensus, out, scale):

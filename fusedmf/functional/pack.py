@@ -17,7 +17,7 @@ allreduce and never trips a non-finite check.
 
 Arithmetic: the product is formed in fp32 (in the grad's dtype for fp32/fp64 grads) and rounded
 once to ``out.dtype``. Multiplying by 1/world_size *before* the sum is what keeps an fp16 allreduce
-from overflowing at scale (prior-art.md, complaint 6).
+from overflowing at scale (docs/design.md, compression).
 
 Compiled backends provide the same signature ``pack_(grads: List[Tensor], out: Tensor, scale: float)``
 for fp32/fp16/bf16 grads and buffers: ``torch.ops.fusedmf.pack_`` (csrc/bindings.cpp; the loops in

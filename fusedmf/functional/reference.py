@@ -156,7 +156,7 @@ def smega2_(
     inv_grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    """One SMEGA2 master step (algorithms.md): the gradient of one worker.
+    """One SMEGA2 master step (docs/algorithms.md): the gradient of one worker.
 
     The momentum buffer v is written only when the step closes a cycle (``cycle_end``); the
     accumulator G is always written (G + g, or 0 at the end of a cycle)."""

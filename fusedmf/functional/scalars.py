@@ -259,7 +259,7 @@ def write_slots(scalars, out: "torch.Tensor") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# SMEGA2 (algorithms.md, "SMEGA2"). Keep in sync with csrc/update_math.h (kSmega2* constants) and
+# SMEGA2 (docs/algorithms.md). Keep in sync with csrc/update_math.h (kSmega2* constants) and
 # triton_kernels/_slots.py (SMEGA2_* constants).
 SMEGA2_SLOTS = (
     "lr",               # η

@@ -1,4 +1,4 @@
-"""SMEGA2's two fused calls: the master step and the look-ahead estimate (algorithms.md, "SMEGA2").
+"""SMEGA2's two fused calls: the master step and the look-ahead estimate (docs/algorithms.md, SMEGA2).
 
 Same contract as the other rules (fusedmf/functional/__init__.py): one device per call, params
 fp32/fp16/bf16 (float64 on the reference backend), grads fp32/fp16/bf16, momentum buffers,

@@ -1,7 +1,7 @@
 """ResNet in torchvision's layout, without a torchvision dependency.
 
 ``resnet50()`` has the parameter names, shapes and order of ``torchvision.models.resnet50()``:
-25,557,032 parameters in 161 tensors (performance.md, "The workload"), so benchmarks and
+25,557,032 parameters in 161 tensors (docs/performance.md, the workload), so benchmarks and
 checkpoints line up with the model everyone quotes. ``resnet()`` builds smaller variants (fewer
 blocks, a narrower base width) for CPU runs; with torchvision's block counts and width 64 it
 reproduces resnet18/34/50/101/152.

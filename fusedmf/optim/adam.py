@@ -18,7 +18,7 @@ class MFAdam(MFOptimizerBase):
 
     With an ``mf_schedule`` the first-moment bias correction uses the running product
     P_t = beta1_1 · … · beta1_t (kept per param in float64 as ``state["beta1_product"]``), not
-    beta1_t ** t, which would be wrong as soon as beta1 varies (algorithms.md).
+    beta1_t ** t, which would be wrong as soon as beta1 varies (docs/algorithms.md, MF-Adam).
 
     ``capturable=True`` (torch's meaning): step counts, beta1 products, the MF and every per-step
     scalar live in device tensors and the skip decision never leaves the device, so ``step()`` can be

@@ -41,7 +41,7 @@ class MFSGD(MFOptimizerBase):
             so the effective step η_t/(1 − μ_t) stays lr/(1 − μ_ref) as the MF changes (opt-in).
 
     After each step ``last_effective_lr`` holds, per param group, η_t·(1 − τ_t)/(1 − μ_t) (η_t
-    when the group has no momentum) for the update just planned (algorithms.md: log it every step).
+    when the group has no momentum) for the update just planned (docs/algorithms.md: log it every step).
 
     State per param: ``momentum_buffer`` (fp32, or None without momentum, as torch), ``step`` (int)
     and ``master_param`` (fp32) for low-precision params with masters.
@@ -110,7 +110,7 @@ class MFSGD(MFOptimizerBase):
         if self._uses_momentum(group):
             if state.get("momentum_buffer") is None:
                 # zeros, not empty_like: a state_dict taken before the first applied step must not
-                # expose garbage (torch fused SGD's empty_like buffer, prior-art.md complaint 5)
+                # expose garbage (torch's fused SGD starts its buffer with empty_like)
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=self._state_dtype(p),
                                                             memory_format=torch.preserve_format)
         else:

@@ -2,7 +2,7 @@
 
 Cohen, Hakimi, Schuster, "SMEGA2: Distributed Asynchronous Deep Neural Network Training With a
 Single Momentum Buffer", ICPP 2022; the rule is that of their reference code
-(github.com/rafi-cohen/SMEGA2, smega2.py), see algorithms.md.
+(github.com/rafi-cohen/SMEGA2, smega2.py), see docs/algorithms.md.
 """
 
 from __future__ import annotations
