@@ -60,7 +60,8 @@ std::string dtype_name(at::ScalarType t) {
     case at::kComplexHalf:
       return "complex32";
     default:
-      return c10::getDtypeNames(t).first;  // "int32", "bool", ... as torch.<name>
+      // "int32", "bool", ... as torch.<name>; a std::string_view from torch 2.13 on, so copied
+      return std::string(c10::getDtypeNames(t).first);
   }
 }
 
