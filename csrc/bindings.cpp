@@ -618,8 +618,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_capability", &cpu::set_capability, py::arg("name"),
         "For tests: use the 'base' or 'avx2' CPU kernels; False if this CPU or build cannot.");
   // NOTE [one scalar layout]: the kernels' slot constants (csrc/update_math.h) by name, checked
-  // against fusedmf/functional/scalars.py SGD_SLOTS / ADAM_SLOTS when the ops are first loaded.
-  py::dict sgd, adam;
+  // against fusedmf/functional/scalars.py SGD_SLOTS / ADAM_SLOTS when the ops are first loaded
+  // (SMEGA2_SLOT_INDEX by tests/test_binding.py).
+  py::dict sgd, adam, smega2;
   sgd["lr"] = kSgdLr;
   sgd["momentum"] = kSgdMomentum;
   sgd["one_minus_dampening"] = kSgdOneMinusDampening;
@@ -627,6 +628,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sgd["decay_factor"] = kSgdDecayFactor;
   sgd["nesterov"] = kSgdNesterov;
   sgd["first_step"] = kSgdFirstStep;
+  sgd["maximize"] = kSgdMaximize;
   adam["lr"] = kAdamLr;
   adam["beta1"] = kAdamBeta1;
   adam["one_minus_beta1"] = kAdamOneMinusBeta1;
@@ -637,8 +639,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   adam["decay_factor"] = kAdamDecayFactor;
   adam["neg_step_size"] = kAdamNegStepSize;
   adam["bias_correction2_sqrt"] = kAdamBiasCorrection2Sqrt;
+  adam["maximize"] = kAdamMaximize;
+  smega2["lr"] = kSmega2Lr;
+  smega2["momentum"] = kSmega2Momentum;
+  smega2["momentum_scale"] = kSmega2MomentumScale;
+  smega2["l2_weight_decay"] = kSmega2L2WeightDecay;
+  smega2["cycle_end"] = kSmega2CycleEnd;
+  smega2["maximize"] = kSmega2Maximize;
   m.attr("SGD_SLOT_INDEX") = sgd;
   m.attr("ADAM_SLOT_INDEX") = adam;
+  m.attr("SMEGA2_SLOT_INDEX") = smega2;
+  m.attr("SMEGA2_NUM_SCALARS") = kSmega2NumScalars;
   m.attr("SGD_NUM_SCALARS") = kSgdNumScalars;
   m.def("has_cuda_emu", []() {
 #ifdef FUSEDMF_WITH_CUDA_EMU

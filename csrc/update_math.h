@@ -45,10 +45,10 @@ namespace fusedmf {
 // Element types of params and grads. Masters and optimizer states are always F32.
 enum class DType : int8_t { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Slots of the per-step scalar vector; keep in the order of SGD_SLOTS / ADAM_SLOTS in
+// Slots of the per-step scalar vector; keep in the order of SGD_SLOTS / ADAM_SLOTS / SMEGA2_SLOTS in
 // fusedmf/functional/scalars.py (NOTE [per-step scalars are data]). The binding rejects a vector
 // of another length, and exports every constant by name (fusedmf._C.SGD_SLOT_INDEX /
-// ADAM_SLOT_INDEX), which fusedmf/functional/_ops.py checks against the Python tuples before the
+// ADAM_SLOT_INDEX / SMEGA2_SLOT_INDEX), which fusedmf/functional/_ops.py checks against the Python tuples before the
 // first launch (NOTE [one scalar layout]).
 constexpr int kSgdLr = 0;
 constexpr int kSgdMomentum = 1;
@@ -57,7 +57,8 @@ constexpr int kSgdL2WeightDecay = 3;
 constexpr int kSgdDecayFactor = 4;
 constexpr int kSgdNesterov = 5;
 constexpr int kSgdFirstStep = 6;
-constexpr int kSgdNumScalars = 7;
+constexpr int kSgdMaximize = 7;
+constexpr int kSgdNumScalars = 8;
 
 constexpr int kAdamLr = 0;
 constexpr int kAdamBeta1 = 1;
@@ -69,7 +70,8 @@ constexpr int kAdamL2WeightDecay = 6;
 constexpr int kAdamDecayFactor = 7;
 constexpr int kAdamNegStepSize = 8;
 constexpr int kAdamBiasCorrection2Sqrt = 9;
-constexpr int kAdamNumScalars = 10;
+constexpr int kAdamMaximize = 10;
+constexpr int kAdamNumScalars = 11;
 
 // SMEGA2 (SMEGA2_SLOTS / SMEGA2_ESTIMATE_SLOTS in scalars.py).
 constexpr int kSmega2Lr = 0;
@@ -77,7 +79,8 @@ constexpr int kSmega2Momentum = 1;
 constexpr int kSmega2MomentumScale = 2;
 constexpr int kSmega2L2WeightDecay = 3;
 constexpr int kSmega2CycleEnd = 4;
-constexpr int kSmega2NumScalars = 5;
+constexpr int kSmega2Maximize = 5;
+constexpr int kSmega2NumScalars = 6;
 
 constexpr int kSmega2EstimateAccumulatorCoef = 0;
 constexpr int kSmega2EstimateMomentumCoef = 1;
@@ -113,6 +116,7 @@ struct SgdScalars {
   // CPU vectorizers handle, a bool loaded from memory is not (GCC 12).
   float nesterov;
   float first_step;
+  float maximize;  // flag: the unscaled gradient is negated (ascent)
 
   FUSEDMF_HOST_DEVICE static SgdScalars load(const float* v) {
     SgdScalars s;
@@ -123,6 +127,7 @@ struct SgdScalars {
     s.decay_factor = v[kSgdDecayFactor];
     s.nesterov = v[kSgdNesterov];
     s.first_step = v[kSgdFirstStep];
+    s.maximize = v[kSgdMaximize];
     return s;
   }
 };
@@ -137,6 +142,7 @@ struct AdamScalars {
   float decay_factor;
   float neg_step_size;
   float bias_correction2_sqrt;
+  float maximize;  // flag
 
   FUSEDMF_HOST_DEVICE static AdamScalars load(const float* v) {
     AdamScalars s;
@@ -149,6 +155,7 @@ struct AdamScalars {
     s.decay_factor = v[kAdamDecayFactor];
     s.neg_step_size = v[kAdamNegStepSize];
     s.bias_correction2_sqrt = v[kAdamBiasCorrection2Sqrt];
+    s.maximize = v[kAdamMaximize];
     return s;
   }
 };
@@ -159,6 +166,7 @@ struct Smega2Scalars {
   float momentum_scale;  // (1 - dampening) / N
   float l2_weight_decay;
   float cycle_end;  // flag: this step closes a cycle of N gradients
+  float maximize;   // flag
 
   FUSEDMF_HOST_DEVICE static Smega2Scalars load(const float* v) {
     Smega2Scalars s;
@@ -167,6 +175,7 @@ struct Smega2Scalars {
     s.momentum_scale = v[kSmega2MomentumScale];
     s.l2_weight_decay = v[kSmega2L2WeightDecay];
     s.cycle_end = v[kSmega2CycleEnd];
+    s.maximize = v[kSmega2Maximize];
     return s;
   }
 };
@@ -182,6 +191,17 @@ struct Smega2EstimateScalars {
     return s;
   }
 };
+
+// NOTE [maximize]
+// torch's maximize negates the unscaled gradient, g = -(grad * inv_grad_scale), before L2 weight
+// decay (reference.py _unscaled). Round to nearest is symmetric, RN(grad * -s) == -RN(grad * s), and
+// grad * -1.0f == -grad without a scale, so every caller negates the unscale factor once per call
+// instead: the per-element updates below (whose `inv_grad_scale` carries that sign) never see the
+// flag, and cost no register or instruction for it (the 40-register budget of the CUDA SGD kernels
+// has none to spare: a per-element select spilled there).
+FUSEDMF_HOST_DEVICE inline float signed_inv_grad_scale(float inv_grad_scale, float maximize) {
+  return maximize != 0.0f ? -inv_grad_scale : inv_grad_scale;
+}
 
 // Storage types of the 16-bit formats: raw IEEE binary16 / bfloat16 bits. Only the conversions
 // below interpret them, so host and device code share one type.
@@ -370,7 +390,8 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float lerp(float start, float end, float weig
 }
 
 // One MF-SGD / MF-NAG element. `w` is the weight (fp32 master, or the param as float), `grad` the
-// raw gradient as float, `inv_grad_scale` 1.0f when there is none. With kMomentum, `u` is the
+// raw gradient as float, `inv_grad_scale` 1.0f when there is none, negated to maximize (NOTE
+// [maximize], as in every update below). With kMomentum, `u` is the
 // momentum buffer: read unless `first_step` (then it may hold anything, and is not looked at) and
 // always written. Returns the new weight.
 template <bool kMomentum>

@@ -9,6 +9,8 @@ test_optim_vs_torch.py and test_overflow.py):
 - MF-SGD is bit-identical to the reference when both run FMA kernels (NOTE [fma placement] in
   csrc/update_math.h); MF-Adam is within a few ulps (torch's CPU sqrt is MKL's, not correctly
   rounded); low-precision params are exactly the round-to-nearest-even cast of the fp32 master;
+- maximize (SGD, SMEGA2), on the CPU kernels and the emulated CUDA kernels, against the reference
+  with the tolerances above;
 - found_inf set: nothing written at all (bit-identical tensors);
 - non_finite_check_;
 - pack_ against fusedmf.functional.pack.pack_ (NOTE [pack layout]): every (grad, out) dtype pair,
@@ -527,7 +529,7 @@ def test_rejects_unsupported_dtype_combinations(what):
 
 def test_rejects_bad_scalar_vectors():
     a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS) - 1))
-    expect_rejected(K.mf_sgd_, a, ValueError, "scalars has 6 elements but must have 7", "SGD_SLOTS")
+    expect_rejected(K.mf_sgd_, a, ValueError, "scalars has 7 elements but must have 8", "SGD_SLOTS")
     a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS), dtype=torch.float64))
     expect_rejected(K.mf_sgd_, a, TypeError, "scalars has dtype float64 but must be float32")
     a = sgd_call(inv_grad_scale=torch.ones(2))
@@ -537,7 +539,7 @@ def test_rejects_bad_scalar_vectors():
     params = _params()
     adam = dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params), exp_avg_sqs=clone_all(params),
                 master_params=[], scalars=sgd_vector(lr=0.1, momentum=0.9)[1], inv_grad_scale=None, found_inf=None)
-    expect_rejected(K.mf_adam_, adam, ValueError, "scalars has 7 elements but must have 10", "ADAM_SLOTS")
+    expect_rejected(K.mf_adam_, adam, ValueError, "scalars has 8 elements but must have 11", "ADAM_SLOTS")
     expect_rejected(K.mf_sgd_, dict(sgd_call(), params=[], grads=[], momentum_buffers=[],
                                     scalars=torch.zeros(3)), ValueError, "scalars has 3 elements")
 
@@ -909,3 +911,88 @@ def test_cuda_pack_matches_reference(gpu, combo):
     gpu.sync()
     assert_bitwise(mine.cpu(), ref.cpu(), f"{gpu.kind} pack_ {combo}")
     assert (mine.cpu()[padding] == PACK_SENTINEL[out_dtype]).all(), "padding written"
+
+
+# ---- maximize, on the CPU kernels and the emulated CUDA kernels ------------------------------------
+# Each test runs the C++ CPU loops ("cpu") and csrc/cuda's kernels on the host ("cuda_emu"), against
+# reference.py. Tolerances are the ones above: bit for bit where both round with FMA (SGD, SMEGA2),
+# a few ulps for Adam (torch's MKL sqrt is not correctly rounded, NOTE [fma placement]).
+
+UPDATE_BACKENDS = ["cpu", "cuda_emu"]
+
+
+@pytest.fixture(params=UPDATE_BACKENDS)
+def update_backend(request):
+    if request.param == "cuda_emu":
+        _require_emu()
+    return request.param
+
+
+def _update_op(backend, rule):
+    return getattr(K, ("cuda_emu_" if backend == "cuda_emu" else "") + rule)
+
+
+def _exact(backend) -> bool:
+    """Whether `backend` rounds exactly where the reference does: FMA on both sides. The emulated
+    CUDA kernels always fuse (std::fma, as __fmaf_rn does); the CPU loops in their AVX2 build."""
+    return torch_runs_fma_kernels() and (backend == "cuda_emu" or C._cpu_capability() == "avx2")
+
+
+MAXIMIZE_COMBOS = [(F32, F32, False), (BF16, F16, True), (F16, BF16, False)]
+MAXIMIZE_SGD = {k: MOMENTUM_CONFIGS[k] for k in ("plain", "heavyball", "nesterov")}
+
+
+@pytest.mark.parametrize("mconf", list(MAXIMIZE_SGD), ids=str)
+@pytest.mark.parametrize("combo", MAXIMIZE_COMBOS, ids=combo_id)
+def test_sgd_maximize_matches_reference(update_backend, combo, mconf):
+    param_dtype, grad_dtype, master = combo
+    kw = dict(MAXIMIZE_SGD[mconf], weight_decay=1e-2)
+    use_momentum = kw["momentum"] > 0
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, use_momentum)
+    mine = {"params": params, "momentum_buffers": bufs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    # the same step descending along -g: maximize negates the unscaled gradient exactly
+    neg = {k: clone_all(v) for k, v in mine.items()}
+    neg_grads = [g.neg() for g in grads]
+    inv = torch.tensor([0.5])
+    op = _update_op(update_backend, "mf_sgd_")
+    for step in range(3):
+        s, vec = sgd_vector(lr=0.1, first_step=step == 0, maximize=True, **kw)
+        op(params, grads, bufs, masters, vec, inv, None)
+        reference.mf_sgd_(ref["params"], grads, ref["momentum_buffers"], ref["master_params"], s, inv, None)
+        _, vec_min = sgd_vector(lr=0.1, first_step=step == 0, **kw)
+        op(neg["params"], neg_grads, neg["momentum_buffers"], neg["master_params"], vec_min, inv, None)
+    exact = _exact(update_backend)
+    name = f"{update_backend} mf_sgd_ maximize {combo_id(combo)} {mconf}"
+    check_update(name, mine, ref, master, param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
+    check_update(name + " vs -g", mine, neg, master, param_dtype, 0)
+
+
+@pytest.mark.parametrize("combo", MAXIMIZE_COMBOS, ids=combo_id)
+def test_smega2_maximize_matches_reference(update_backend, combo):
+    from fusedmf.functional.scalars import smega2_step_scalars
+
+    param_dtype, grad_dtype, master = combo
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, True)
+    gen = torch.Generator().manual_seed(4)
+    accs = [torch.empty_like(p, dtype=F32).copy_(torch.randn(p.shape, generator=gen) * 0.1) for p in params]
+    mine = {"params": params, "momentum_buffers": bufs, "grad_accumulators": accs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    inv = torch.tensor([0.5])
+    op = _update_op(update_backend, "smega2_")
+    for step in range(4):  # two workers: the cycle closes on every second step
+        s = smega2_step_scalars(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, num_workers=2,
+                                cycle=step % 2, maximize=True)
+        op(params, grads, bufs, accs, masters, torch.tensor(s.as_list()), inv, None)
+        reference.smega2_(ref["params"], grads, ref["momentum_buffers"], ref["grad_accumulators"],
+                          ref["master_params"], s, inv, None)
+    exact = _exact(update_backend)
+    check_update(f"{update_backend} smega2_ maximize {combo_id(combo)}", mine, ref, master, param_dtype,
+                 0 if exact else 4, atol=0 if exact else 1e-6)
+
+
+def test_smega2_slot_layout_matches_python_slots_by_name():
+    from fusedmf.functional.scalars import SMEGA2_SLOTS
+
+    assert C.SMEGA2_NUM_SCALARS == len(SMEGA2_SLOTS)
+    assert dict(C.SMEGA2_SLOT_INDEX) == {name: i for i, name in enumerate(SMEGA2_SLOTS)}

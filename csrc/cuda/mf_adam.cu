@@ -88,7 +88,7 @@ struct AdamOp {
     c.exp_avg = static_cast<float*>(base[kExpAvg]) + begin;
     c.exp_avg_sq = static_cast<float*>(base[kExpAvgSq]) + begin;
     c.s = AdamScalars::load(scalars);
-    c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+    c.inv_grad_scale = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, c.s.maximize);
     typename AdamChunk<P, G, kUseMaster>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
