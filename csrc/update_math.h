@@ -94,7 +94,8 @@ constexpr int kMaster = 2;    // fp32 master weights, optional; when present the
 constexpr int kMomentum = 3;  // SGD: fp32 momentum buffer, optional
 constexpr int kExpAvg = 3;    // Adam: fp32 first moment
 constexpr int kExpAvgSq = 4;  // Adam: fp32 second moment
-constexpr int kMaxSlots = 5;
+constexpr int kMaxExpAvgSq = 5;  // Adam: fp32 running maximum of the second moment, AMSGrad only
+constexpr int kMaxSlots = 6;
 // SMEGA2: kParam, kGrad, kMaster, kMomentum and its fp32 gradient accumulator G. Its estimate has
 // no grad: the look-ahead weights go to kEstimateOut (any of F32/F16/BF16), the rest is read.
 constexpr int kGradAccumulator = 4;
@@ -383,6 +384,10 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE bool non_finite(bf16 x) { return (x.bits & 0x
 // reference skips that multiplication). The L2 term keeps its test: fma(w, 0, g) is not always g
 // (w = inf gives NaN, g = -0 gives +0).
 
+// torch.maximum(a, b) for AMSGrad's running maximum: the larger, and NaN when either is NaN (torch
+// propagates a NaN from both sides, where fmaxf would drop it).
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float maximum_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // torch's lerp (ATen/native/Lerp.h), as its CPU kernel rounds it.
 FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float lerp(float start, float end, float weight) {
   const float diff = sub_rn(end, start);
@@ -409,17 +414,21 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float sgd_update(const SgdScalars& s, float i
   return madd(d, -s.lr, w);       // w.add(d, alpha=-lr)
 }
 
-// One MF-Adam / MF-AdamW element; `m`, `v` are read and written. Returns the new weight.
+// One MF-Adam / MF-AdamW element; `m`, `v` are read and written. With kAmsgrad, `vmax` (the running
+// maximum of v) is read and written and the denominator uses it instead of v; without, it is not
+// looked at. Returns the new weight.
+template <bool kAmsgrad>
 FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float adam_update(const AdamScalars& s, float inv_grad_scale, float w, float grad,
-                                                     float& m, float& v) {
+                                                     float& m, float& v, float& vmax) {
   float g = mul_rn(grad, inv_grad_scale);
   if (s.l2_weight_decay != 0.0f) g = madd(w, s.l2_weight_decay, g);  // g.add(w, alpha=l2)
   w = mul_rn(w, s.decay_factor);                                      // w.mul(decay_factor)
   m = lerp(m, g, s.one_minus_beta1);                                  // m.lerp_(g, 1 - beta1)
   // v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
   v = madd(mul_rn(s.one_minus_beta2, g), g, mul_rn(v, s.beta2));
-  // (v.sqrt() / bias_correction2_sqrt).add_(eps)
-  const float denom = add_rn(div_rn(sqrt_rn(v), s.bias_correction2_sqrt), s.eps);
+  if (kAmsgrad) vmax = maximum_nan(vmax, v);  // torch.maximum(max_exp_avg_sq, v)
+  // (v.sqrt() / bias_correction2_sqrt).add_(eps), of vmax with AMSGrad
+  const float denom = add_rn(div_rn(sqrt_rn(kAmsgrad ? vmax : v), s.bias_correction2_sqrt), s.eps);
   // w.addcdiv(m, denom, value=neg_step_size): torch's CPU kernel computes w + (value * m) / denom
   // (its CUDA kernel computes w + value * (m / denom); the reference runs on the CPU).
   return add_rn(div_rn(mul_rn(s.neg_step_size, m), denom), w);

@@ -115,7 +115,7 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
   if (skipped(found_inf)) return;
   const AdamScalars s = AdamScalars::load(scalars);
   const float inv = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, s.maximize);
-  const AdamKernel kernel = table().adam(param, grad, lists.has(kMaster));
+  const AdamKernel kernel = table().adam(param, grad, lists.has(kMaster), lists.has(kMaxExpAvgSq));
   for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
     kernel(tensor_ptrs(lists, i), begin, end, s, inv);
   });
