@@ -163,10 +163,10 @@ RULES = {
                         kernel="SgdOp<float, float, false, true>"),
     # 16-bit param (written), fp32 master, exp_avg, exp_avg_sq, 16-bit grad: 28 B/param
     "mf_adam_mixed": Rule("mf_adam_mixed", 5, read_bytes=(4, 4, 4, 2), write_bytes=(2, 4, 4, 4),
-                          kernel="AdamOp<bf16, bf16, true>"),
+                          kernel="AdamOp<bf16, bf16, true, false>"),
     # fp32 param, grad, exp_avg, exp_avg_sq: 28 B/param (read 4 streams, write 3)
     "mf_adam_fp32": Rule("mf_adam_fp32", 5, read_bytes=(4, 4, 4, 4), write_bytes=(4, 4, 4),
-                         kernel="AdamOp<float, float, false>"),
+                         kernel="AdamOp<float, float, false, false>"),
 }
 
 # Registers per thread of each rule's kernel (nvcc 13.0, sm_90): "before" at commit ce8a500 (4 KiB

@@ -60,7 +60,8 @@ std::string dtype_name(at::ScalarType t) {
     case at::kComplexHalf:
       return "complex32";
     default:
-      return c10::getDtypeNames(t).first;  // "int32", "bool", ... as torch.<name>
+      // "int32", "bool", ... as torch.<name>; a std::string_view from torch 2.13 on, so copied
+      return std::string(c10::getDtypeNames(t).first);
   }
 }
 
@@ -169,6 +170,20 @@ at::Device check_lists(const char* op, const std::vector<NamedList>& lists) {
     }
   }
   return device;
+}
+
+// `written[i]` must not be the memory of another list's tensor i: the kernel reads every list of an
+// element before it writes any, so a shared tensor would be left holding one list's value.
+void check_not_aliased(const char* op, const NamedList& written, const std::vector<NamedList>& lists) {
+  for (size_t i = 0; i < written.tensors.size(); ++i) {
+    const at::Tensor& w = written.tensors[i];
+    if (w.numel() == 0) continue;
+    for (const NamedList& l : lists) {
+      if (&l == &written || l.tensors.empty()) continue;
+      TORCH_CHECK_VALUE(l.tensors[i].data_ptr() != w.data_ptr(), "fusedmf.", op, ": ", written.name, "[", i,
+                        "] and ", l.name, "[", i, "] are the same memory; they must be separate tensors");
+    }
+  }
 }
 
 void check_state_dtype(const char* op, const NamedList& l, const char* what) {
@@ -313,13 +328,16 @@ void mf_sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
 
 template <CpuKernels kKernels>
 void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
-              TensorList exp_avg_sqs, TensorList master_params, const at::Tensor& scalars,
-              const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
+              TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList master_params,
+              const at::Tensor& scalars, const OptTensor& inv_grad_scale, const OptTensor& found_inf) {
   constexpr const char* op = "mf_adam_";
+  // max_exp_avg_sqs empty: plain Adam; one fp32 tensor per param: AMSGrad (the kernels pick the
+  // variant from whether the list is present).
   const std::vector<NamedList> lists{{"params", params, kParam, false},
                                      {"grads", grads, kGrad, false},
                                      {"exp_avgs", exp_avgs, kExpAvg, false},
                                      {"exp_avg_sqs", exp_avg_sqs, kExpAvgSq, false},
+                                     {"max_exp_avg_sqs", max_exp_avg_sqs, kMaxExpAvgSq, true},
                                      {"master_params", master_params, kMaster, true}};
   const auto device =
       check_update_call(op, lists, scalars, kAdamNumScalars, "ADAM_SLOTS", inv_grad_scale, found_inf);
@@ -329,6 +347,8 @@ void mf_adam_(TensorList params, TensorList grads, TensorList exp_avgs,
       master_params.empty() ? std::nullopt : std::optional<at::ScalarType>(master_params[0].scalar_type()));
   check_state_dtype(op, lists[2], "Adam states");
   check_state_dtype(op, lists[3], "Adam states");
+  check_state_dtype(op, lists[4], "Adam states");
+  check_not_aliased(op, lists[4], lists);
   const Prepared p = prepare(lists);
   if (device->is_cpu() && kKernels == CpuKernels::kCudaEmu) {
     FUSEDMF_RUN_EMU(op, mf_adam(p.lists, d.param, d.grad, scalars.data_ptr<float>(), data_or_null(inv_grad_scale),
@@ -562,7 +582,8 @@ py::dict build_info() {
   "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
 #define FUSEDMF_SCHEMA_MF_ADAM                                                                               \
   "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "                \
-  "Tensor(d!)[] master_params, Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
+  "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor scalars, "                             \
+  "Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()"
 #define FUSEDMF_SCHEMA_NON_FINITE_CHECK "(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()"
 #define FUSEDMF_SCHEMA_PACK "(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()"
 
@@ -617,8 +638,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_capability", &cpu::set_capability, py::arg("name"),
         "For tests: use the 'base' or 'avx2' CPU kernels; False if this CPU or build cannot.");
   // NOTE [one scalar layout]: the kernels' slot constants (csrc/update_math.h) by name, checked
-  // against fusedmf/functional/scalars.py SGD_SLOTS / ADAM_SLOTS when the ops are first loaded.
-  py::dict sgd, adam;
+  // against fusedmf/functional/scalars.py SGD_SLOTS / ADAM_SLOTS / SMEGA2_SLOTS when the ops are
+  // first loaded.
+  py::dict sgd, adam, smega2;
   sgd["lr"] = kSgdLr;
   sgd["momentum"] = kSgdMomentum;
   sgd["one_minus_dampening"] = kSgdOneMinusDampening;
@@ -626,6 +648,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sgd["decay_factor"] = kSgdDecayFactor;
   sgd["nesterov"] = kSgdNesterov;
   sgd["first_step"] = kSgdFirstStep;
+  sgd["maximize"] = kSgdMaximize;
   adam["lr"] = kAdamLr;
   adam["beta1"] = kAdamBeta1;
   adam["one_minus_beta1"] = kAdamOneMinusBeta1;
@@ -636,8 +659,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   adam["decay_factor"] = kAdamDecayFactor;
   adam["neg_step_size"] = kAdamNegStepSize;
   adam["bias_correction2_sqrt"] = kAdamBiasCorrection2Sqrt;
+  adam["maximize"] = kAdamMaximize;
+  smega2["lr"] = kSmega2Lr;
+  smega2["momentum"] = kSmega2Momentum;
+  smega2["momentum_scale"] = kSmega2MomentumScale;
+  smega2["l2_weight_decay"] = kSmega2L2WeightDecay;
+  smega2["cycle_end"] = kSmega2CycleEnd;
+  smega2["maximize"] = kSmega2Maximize;
   m.attr("SGD_SLOT_INDEX") = sgd;
   m.attr("ADAM_SLOT_INDEX") = adam;
+  m.attr("SMEGA2_SLOT_INDEX") = smega2;
+  m.attr("SMEGA2_NUM_SCALARS") = kSmega2NumScalars;
   m.attr("SGD_NUM_SCALARS") = kSgdNumScalars;
   m.def("has_cuda_emu", []() {
 #ifdef FUSEDMF_WITH_CUDA_EMU

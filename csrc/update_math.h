@@ -45,10 +45,10 @@ namespace fusedmf {
 // Element types of params and grads. Masters and optimizer states are always F32.
 enum class DType : int8_t { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Slots of the per-step scalar vector; keep in the order of SGD_SLOTS / ADAM_SLOTS in
+// Slots of the per-step scalar vector; keep in the order of SGD_SLOTS / ADAM_SLOTS / SMEGA2_SLOTS in
 // fusedmf/functional/scalars.py (NOTE [per-step scalars are data]). The binding rejects a vector
 // of another length, and exports every constant by name (fusedmf._C.SGD_SLOT_INDEX /
-// ADAM_SLOT_INDEX), which fusedmf/functional/_ops.py checks against the Python tuples before the
+// ADAM_SLOT_INDEX / SMEGA2_SLOT_INDEX), which fusedmf/functional/_ops.py checks against the Python tuples before the
 // first launch (NOTE [one scalar layout]).
 constexpr int kSgdLr = 0;
 constexpr int kSgdMomentum = 1;
@@ -57,7 +57,8 @@ constexpr int kSgdL2WeightDecay = 3;
 constexpr int kSgdDecayFactor = 4;
 constexpr int kSgdNesterov = 5;
 constexpr int kSgdFirstStep = 6;
-constexpr int kSgdNumScalars = 7;
+constexpr int kSgdMaximize = 7;
+constexpr int kSgdNumScalars = 8;
 
 constexpr int kAdamLr = 0;
 constexpr int kAdamBeta1 = 1;
@@ -69,7 +70,8 @@ constexpr int kAdamL2WeightDecay = 6;
 constexpr int kAdamDecayFactor = 7;
 constexpr int kAdamNegStepSize = 8;
 constexpr int kAdamBiasCorrection2Sqrt = 9;
-constexpr int kAdamNumScalars = 10;
+constexpr int kAdamMaximize = 10;
+constexpr int kAdamNumScalars = 11;
 
 // SMEGA2 (SMEGA2_SLOTS / SMEGA2_ESTIMATE_SLOTS in scalars.py).
 constexpr int kSmega2Lr = 0;
@@ -77,7 +79,8 @@ constexpr int kSmega2Momentum = 1;
 constexpr int kSmega2MomentumScale = 2;
 constexpr int kSmega2L2WeightDecay = 3;
 constexpr int kSmega2CycleEnd = 4;
-constexpr int kSmega2NumScalars = 5;
+constexpr int kSmega2Maximize = 5;
+constexpr int kSmega2NumScalars = 6;
 
 constexpr int kSmega2EstimateAccumulatorCoef = 0;
 constexpr int kSmega2EstimateMomentumCoef = 1;
@@ -91,7 +94,8 @@ constexpr int kMaster = 2;    // fp32 master weights, optional; when present the
 constexpr int kMomentum = 3;  // SGD: fp32 momentum buffer, optional
 constexpr int kExpAvg = 3;    // Adam: fp32 first moment
 constexpr int kExpAvgSq = 4;  // Adam: fp32 second moment
-constexpr int kMaxSlots = 5;
+constexpr int kMaxExpAvgSq = 5;  // Adam: fp32 running maximum of the second moment, AMSGrad only
+constexpr int kMaxSlots = 6;
 // SMEGA2: kParam, kGrad, kMaster, kMomentum and its fp32 gradient accumulator G. Its estimate has
 // no grad: the look-ahead weights go to kEstimateOut (any of F32/F16/BF16), the rest is read.
 constexpr int kGradAccumulator = 4;
@@ -113,6 +117,7 @@ struct SgdScalars {
   // CPU vectorizers handle, a bool loaded from memory is not (GCC 12).
   float nesterov;
   float first_step;
+  float maximize;  // flag: the unscaled gradient is negated (ascent)
 
   FUSEDMF_HOST_DEVICE static SgdScalars load(const float* v) {
     SgdScalars s;
@@ -123,6 +128,7 @@ struct SgdScalars {
     s.decay_factor = v[kSgdDecayFactor];
     s.nesterov = v[kSgdNesterov];
     s.first_step = v[kSgdFirstStep];
+    s.maximize = v[kSgdMaximize];
     return s;
   }
 };
@@ -137,6 +143,7 @@ struct AdamScalars {
   float decay_factor;
   float neg_step_size;
   float bias_correction2_sqrt;
+  float maximize;  // flag
 
   FUSEDMF_HOST_DEVICE static AdamScalars load(const float* v) {
     AdamScalars s;
@@ -149,6 +156,7 @@ struct AdamScalars {
     s.decay_factor = v[kAdamDecayFactor];
     s.neg_step_size = v[kAdamNegStepSize];
     s.bias_correction2_sqrt = v[kAdamBiasCorrection2Sqrt];
+    s.maximize = v[kAdamMaximize];
     return s;
   }
 };
@@ -159,6 +167,7 @@ struct Smega2Scalars {
   float momentum_scale;  // (1 - dampening) / N
   float l2_weight_decay;
   float cycle_end;  // flag: this step closes a cycle of N gradients
+  float maximize;   // flag
 
   FUSEDMF_HOST_DEVICE static Smega2Scalars load(const float* v) {
     Smega2Scalars s;
@@ -167,6 +176,7 @@ struct Smega2Scalars {
     s.momentum_scale = v[kSmega2MomentumScale];
     s.l2_weight_decay = v[kSmega2L2WeightDecay];
     s.cycle_end = v[kSmega2CycleEnd];
+    s.maximize = v[kSmega2Maximize];
     return s;
   }
 };
@@ -182,6 +192,17 @@ struct Smega2EstimateScalars {
     return s;
   }
 };
+
+// NOTE [maximize]
+// torch's maximize negates the unscaled gradient, g = -(grad * inv_grad_scale), before L2 weight
+// decay (reference.py _unscaled). Round to nearest is symmetric, RN(grad * -s) == -RN(grad * s), and
+// grad * -1.0f == -grad without a scale, so every caller negates the unscale factor once per call
+// instead: the per-element updates below (whose `inv_grad_scale` carries that sign) never see the
+// flag, and cost no register or instruction for it (the 40-register budget of the CUDA SGD kernels
+// has none to spare: a per-element select spilled there).
+FUSEDMF_HOST_DEVICE inline float signed_inv_grad_scale(float inv_grad_scale, float maximize) {
+  return maximize != 0.0f ? -inv_grad_scale : inv_grad_scale;
+}
 
 // Storage types of the 16-bit formats: raw IEEE binary16 / bfloat16 bits. Only the conversions
 // below interpret them, so host and device code share one type.
@@ -363,6 +384,10 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE bool non_finite(bf16 x) { return (x.bits & 0x
 // reference skips that multiplication). The L2 term keeps its test: fma(w, 0, g) is not always g
 // (w = inf gives NaN, g = -0 gives +0).
 
+// torch.maximum(a, b) for AMSGrad's running maximum: the larger, and NaN when either is NaN (torch
+// propagates a NaN from both sides, where fmaxf would drop it).
+FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float maximum_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // torch's lerp (ATen/native/Lerp.h), as its CPU kernel rounds it.
 FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float lerp(float start, float end, float weight) {
   const float diff = sub_rn(end, start);
@@ -370,7 +395,8 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float lerp(float start, float end, float weig
 }
 
 // One MF-SGD / MF-NAG element. `w` is the weight (fp32 master, or the param as float), `grad` the
-// raw gradient as float, `inv_grad_scale` 1.0f when there is none. With kMomentum, `u` is the
+// raw gradient as float, `inv_grad_scale` 1.0f when there is none, negated to maximize (NOTE
+// [maximize], as in every update below). With kMomentum, `u` is the
 // momentum buffer: read unless `first_step` (then it may hold anything, and is not looked at) and
 // always written. Returns the new weight.
 template <bool kMomentum>
@@ -388,17 +414,21 @@ FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float sgd_update(const SgdScalars& s, float i
   return madd(d, -s.lr, w);       // w.add(d, alpha=-lr)
 }
 
-// One MF-Adam / MF-AdamW element; `m`, `v` are read and written. Returns the new weight.
+// One MF-Adam / MF-AdamW element; `m`, `v` are read and written. With kAmsgrad, `vmax` (the running
+// maximum of v) is read and written and the denominator uses it instead of v; without, it is not
+// looked at. Returns the new weight.
+template <bool kAmsgrad>
 FUSEDMF_HOST_DEVICE FUSEDMF_INLINE float adam_update(const AdamScalars& s, float inv_grad_scale, float w, float grad,
-                                                     float& m, float& v) {
+                                                     float& m, float& v, float& vmax) {
   float g = mul_rn(grad, inv_grad_scale);
   if (s.l2_weight_decay != 0.0f) g = madd(w, s.l2_weight_decay, g);  // g.add(w, alpha=l2)
   w = mul_rn(w, s.decay_factor);                                      // w.mul(decay_factor)
   m = lerp(m, g, s.one_minus_beta1);                                  // m.lerp_(g, 1 - beta1)
   // v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
   v = madd(mul_rn(s.one_minus_beta2, g), g, mul_rn(v, s.beta2));
-  // (v.sqrt() / bias_correction2_sqrt).add_(eps)
-  const float denom = add_rn(div_rn(sqrt_rn(v), s.bias_correction2_sqrt), s.eps);
+  if (kAmsgrad) vmax = maximum_nan(vmax, v);  // torch.maximum(max_exp_avg_sq, v)
+  // (v.sqrt() / bias_correction2_sqrt).add_(eps), of vmax with AMSGrad
+  const float denom = add_rn(div_rn(sqrt_rn(kAmsgrad ? vmax : v), s.bias_correction2_sqrt), s.eps);
   // w.addcdiv(m, denom, value=neg_step_size): torch's CPU kernel computes w + (value * m) / denom
   // (its CUDA kernel computes w + value * (m / denom); the reference runs on the CPU).
   return add_rn(div_rn(mul_rn(s.neg_step_size, m), denom), w);

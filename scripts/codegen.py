@@ -353,9 +353,9 @@ def streams(k: Kernel) -> Optional[tuple]:
     if name == "SgdOp" and len(a) == 4:  # <P, G, kUseMaster, kUseMomentum>
         p, g, m, u = a[0], a[1], t(a[2]), t(a[3])
         return [f32 if m else p, g] + [f32] * u, [f32] * u + [f32] * m + [p]
-    if name == "AdamOp" and len(a) == 3:  # <P, G, kUseMaster>: m, v fp32
-        p, g, m = a[0], a[1], t(a[2])
-        return [f32 if m else p, g, f32, f32], [f32, f32] + [f32] * m + [p]
+    if name == "AdamOp" and len(a) == 4:  # <P, G, kUseMaster, kAmsgrad>: m, v (and vmax with AMSGrad) fp32
+        p, g, m, ams = a[0], a[1], t(a[2]), t(a[3])
+        return [f32 if m else p, g, f32, f32] + [f32] * ams, [f32, f32] + [f32] * ams + [f32] * m + [p]
     if name == "Smega2Op" and len(a) == 3:  # <P, G, kUseMaster>: momentum, accumulator fp32
         p, g, m = a[0], a[1], t(a[2])
         return [f32 if m else p, g, f32, f32], [f32, f32] + [f32] * m + [p]

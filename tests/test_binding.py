@@ -9,6 +9,8 @@ test_optim_vs_torch.py and test_overflow.py):
 - MF-SGD is bit-identical to the reference when both run FMA kernels (NOTE [fma placement] in
   csrc/update_math.h); MF-Adam is within a few ulps (torch's CPU sqrt is MKL's, not correctly
   rounded); low-precision params are exactly the round-to-nearest-even cast of the fp32 master;
+- maximize (SGD, Adam, SMEGA2) and AMSGrad (mf_adam_'s max_exp_avg_sqs), on the CPU kernels and the
+  emulated CUDA kernels, against the reference with the tolerances above;
 - found_inf set: nothing written at all (bit-identical tensors);
 - non_finite_check_;
 - pack_ against fusedmf.functional.pack.pack_ (NOTE [pack layout]): every (grad, out) dtype pair,
@@ -264,8 +266,8 @@ def test_adam_matches_reference(combo, decay, inv_scale, mf):
         product *= beta1
         s, vec = adam_vector(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, step=step, beta1_product=product,
                              **DECAY_CONFIGS[decay])
-        K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, inv, None)
-        reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["master_params"], s, inv,
+        K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, [], masters, vec, inv, None)
+        reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], [], ref["master_params"], s, inv,
                            None)
     # a few ulps: torch's CPU sqrt (MKL) is off by an ulp in ~20% of cases, ours is IEEE
     check_update(f"mf_adam_ {combo_id(combo)} {decay}", mine, ref, master, param_dtype, 4, atol=1e-6)
@@ -292,8 +294,8 @@ def test_base_capability_matches_reference(combo):
     ref = {k: clone_all(v) for k, v in mine.items()}
     s, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, weight_decay=0.1,
                          decoupled_weight_decay=True)
-    K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, None, None)
-    reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["master_params"], s)
+    K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, [], masters, vec, None, None)
+    reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], [], ref["master_params"], s)
     check_update("mf_adam_ base", mine, ref, master, param_dtype, 4, atol=1e-6)
 
 
@@ -340,7 +342,7 @@ def test_found_inf_writes_nothing(combo, first_step):
     before = {"params": clone_all(params), "m": clone_all(exp_avgs), "v": clone_all(exp_avg_sqs),
               "masters": clone_all(masters)}
     _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
-    K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, masters, vec, None, torch.tensor([float("inf")]))
+    K.mf_adam_(params, grads, exp_avgs, exp_avg_sqs, [], masters, vec, None, torch.tensor([float("inf")]))
     assert_unchanged(before, {"params": params, "m": exp_avgs, "v": exp_avg_sqs, "masters": masters})
 
 
@@ -388,9 +390,10 @@ def test_empty_lists_are_noops():
     _, vec = sgd_vector(lr=0.1, momentum=0.9)
     K.mf_sgd_([], [], [], [], vec, None, None)
     _, vec = adam_vector(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
-    K.mf_adam_([], [], [], [], [], vec, None, None)
+    K.mf_adam_([], [], [], [], [], [], vec, None, None)
     p = [torch.empty(0), torch.empty(3, 0)]
-    K.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), [], vec, None, None)
+    K.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), [], [], vec, None, None)
+    K.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), clone_all(p), [], vec, None, None)  # AMSGrad
 
 
 def test_scalar_vector_layout_matches_python_slots_by_name():
@@ -490,7 +493,7 @@ def test_rejects_wrong_state_dtype():
     expect_rejected(K.mf_sgd_, a, TypeError, "momentum_buffers[0] has dtype float16", "must be float32")
     params = _params()
     expect_rejected(K.mf_adam_, dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params),
-                                     exp_avg_sqs=[p.double() for p in params], master_params=[],
+                                     exp_avg_sqs=[p.double() for p in params], max_exp_avg_sqs=[], master_params=[],
                                      scalars=adam_vector(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, step=1,
                                                          beta1_product=0.9)[1],
                                      inv_grad_scale=None, found_inf=None),
@@ -520,7 +523,7 @@ def test_rejects_unsupported_dtype_combinations(what):
 
 def test_rejects_bad_scalar_vectors():
     a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS) - 1))
-    expect_rejected(K.mf_sgd_, a, ValueError, "scalars has 6 elements but must have 7", "SGD_SLOTS")
+    expect_rejected(K.mf_sgd_, a, ValueError, "scalars has 7 elements but must have 8", "SGD_SLOTS")
     a = sgd_call(scalars=torch.zeros(len(SGD_SLOTS), dtype=torch.float64))
     expect_rejected(K.mf_sgd_, a, TypeError, "scalars has dtype float64 but must be float32")
     a = sgd_call(inv_grad_scale=torch.ones(2))
@@ -529,8 +532,9 @@ def test_rejects_bad_scalar_vectors():
     expect_rejected(K.mf_sgd_, a, TypeError, "found_inf has dtype float16")
     params = _params()
     adam = dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params), exp_avg_sqs=clone_all(params),
-                master_params=[], scalars=sgd_vector(lr=0.1, momentum=0.9)[1], inv_grad_scale=None, found_inf=None)
-    expect_rejected(K.mf_adam_, adam, ValueError, "scalars has 7 elements but must have 10", "ADAM_SLOTS")
+                max_exp_avg_sqs=[], master_params=[], scalars=sgd_vector(lr=0.1, momentum=0.9)[1],
+                inv_grad_scale=None, found_inf=None)
+    expect_rejected(K.mf_adam_, adam, ValueError, "scalars has 8 elements but must have 11", "ADAM_SLOTS")
     expect_rejected(K.mf_sgd_, dict(sgd_call(), params=[], grads=[], momentum_buffers=[],
                                     scalars=torch.zeros(3)), ValueError, "scalars has 3 elements")
 
@@ -679,8 +683,8 @@ def test_cuda_sgd_and_adam_match_cpu_kernels(gpu, combo):
     dev = {k: _to(v, gpu.device, True) for k, v in cpu.items()}
     _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, weight_decay=0.1,
                          decoupled_weight_decay=True)
-    K.mf_adam_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"], cpu["master_params"], vec, inv, None)
-    gpu.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], dev["master_params"],
+    K.mf_adam_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"], [], cpu["master_params"], vec, inv, None)
+    gpu.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], [], dev["master_params"],
                  vec.to(gpu.device), inv.to(gpu.device), None)
     check_update(f"{gpu.kind} mf_adam_ {combo_id(combo)}", {k: _to(v, "cpu", False) for k, v in dev.items()}, cpu, master,
                  param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
@@ -902,3 +906,278 @@ def test_cuda_pack_matches_reference(gpu, combo):
     gpu.sync()
     assert_bitwise(mine.cpu(), ref.cpu(), f"{gpu.kind} pack_ {combo}")
     assert (mine.cpu()[padding] == PACK_SENTINEL[out_dtype]).all(), "padding written"
+
+
+# ---- maximize and AMSGrad, on the CPU kernels and the emulated CUDA kernels ------------------------
+# Each test runs the C++ CPU loops ("cpu") and csrc/cuda's kernels on the host ("cuda_emu"), against
+# reference.py. Tolerances are the ones above: bit for bit where both round with FMA (SGD, SMEGA2),
+# a few ulps for Adam (torch's MKL sqrt is not correctly rounded, NOTE [fma placement]).
+
+UPDATE_BACKENDS = ["cpu", "cuda_emu"]
+
+
+@pytest.fixture(params=UPDATE_BACKENDS)
+def update_backend(request):
+    if request.param == "cuda_emu":
+        _require_emu()
+    return request.param
+
+
+def _update_op(backend, rule):
+    return getattr(K, ("cuda_emu_" if backend == "cuda_emu" else "") + rule)
+
+
+def _exact(backend) -> bool:
+    """Whether `backend` rounds exactly where the reference does: FMA on both sides. The emulated
+    CUDA kernels always fuse (std::fma, as __fmaf_rn does); the CPU loops in their AVX2 build."""
+    return torch_runs_fma_kernels() and (backend == "cuda_emu" or C._cpu_capability() == "avx2")
+
+
+MAXIMIZE_COMBOS = [(F32, F32, False), (BF16, F16, True), (F16, BF16, False)]
+MAXIMIZE_SGD = {k: MOMENTUM_CONFIGS[k] for k in ("plain", "heavyball", "nesterov")}
+
+
+@pytest.mark.parametrize("mconf", list(MAXIMIZE_SGD), ids=str)
+@pytest.mark.parametrize("combo", MAXIMIZE_COMBOS, ids=combo_id)
+def test_sgd_maximize_matches_reference(update_backend, combo, mconf):
+    param_dtype, grad_dtype, master = combo
+    kw = dict(MAXIMIZE_SGD[mconf], weight_decay=1e-2)
+    use_momentum = kw["momentum"] > 0
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, use_momentum)
+    mine = {"params": params, "momentum_buffers": bufs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    # the same step descending along -g: maximize negates the unscaled gradient exactly
+    neg = {k: clone_all(v) for k, v in mine.items()}
+    neg_grads = [g.neg() for g in grads]
+    inv = torch.tensor([0.5])
+    op = _update_op(update_backend, "mf_sgd_")
+    for step in range(3):
+        s, vec = sgd_vector(lr=0.1, first_step=step == 0, maximize=True, **kw)
+        op(params, grads, bufs, masters, vec, inv, None)
+        reference.mf_sgd_(ref["params"], grads, ref["momentum_buffers"], ref["master_params"], s, inv, None)
+        _, vec_min = sgd_vector(lr=0.1, first_step=step == 0, **kw)
+        op(neg["params"], neg_grads, neg["momentum_buffers"], neg["master_params"], vec_min, inv, None)
+    exact = _exact(update_backend)
+    name = f"{update_backend} mf_sgd_ maximize {combo_id(combo)} {mconf}"
+    check_update(name, mine, ref, master, param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
+    check_update(name + " vs -g", mine, neg, master, param_dtype, 0)
+
+
+@pytest.mark.parametrize("combo", MAXIMIZE_COMBOS, ids=combo_id)
+def test_adam_maximize_matches_reference(update_backend, combo):
+    param_dtype, grad_dtype, master = combo
+    params, grads, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    mine = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    plain = {k: clone_all(v) for k, v in mine.items()}
+    inv = torch.tensor([0.25])
+    op = _update_op(update_backend, "mf_adam_")
+    product = 1.0
+    for step in range(1, 4):
+        product *= 0.9
+        kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=step, beta1_product=product, weight_decay=1e-2)
+        s, vec = adam_vector(maximize=True, **kw)
+        op(params, grads, exp_avgs, exp_avg_sqs, [], masters, vec, inv, None)
+        reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], [], ref["master_params"], s,
+                           inv, None)
+        op(plain["params"], grads, plain["exp_avgs"], plain["exp_avg_sqs"], [], plain["master_params"],
+           adam_vector(**kw)[1], inv, None)
+    check_update(f"{update_backend} mf_adam_ maximize {combo_id(combo)}", mine, ref, master, param_dtype, 4,
+                 atol=1e-6)
+    assert not torch.equal(_flat(mine["exp_avgs"]), _flat(plain["exp_avgs"])), "maximize changed nothing"
+
+
+@pytest.mark.parametrize("combo", MAXIMIZE_COMBOS, ids=combo_id)
+def test_smega2_maximize_matches_reference(update_backend, combo):
+    from fusedmf.functional.scalars import smega2_step_scalars
+
+    param_dtype, grad_dtype, master = combo
+    params, grads, bufs, masters = sgd_inputs(param_dtype, grad_dtype, master, True)
+    gen = torch.Generator().manual_seed(4)
+    accs = [torch.empty_like(p, dtype=F32).copy_(torch.randn(p.shape, generator=gen) * 0.1) for p in params]
+    mine = {"params": params, "momentum_buffers": bufs, "grad_accumulators": accs, "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    inv = torch.tensor([0.5])
+    op = _update_op(update_backend, "smega2_")
+    for step in range(4):  # two workers: the cycle closes on every second step
+        s = smega2_step_scalars(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, num_workers=2,
+                                cycle=step % 2, maximize=True)
+        op(params, grads, bufs, accs, masters, torch.tensor(s.as_list()), inv, None)
+        reference.smega2_(ref["params"], grads, ref["momentum_buffers"], ref["grad_accumulators"],
+                          ref["master_params"], s, inv, None)
+    exact = _exact(update_backend)
+    check_update(f"{update_backend} smega2_ maximize {combo_id(combo)}", mine, ref, master, param_dtype,
+                 0 if exact else 4, atol=0 if exact else 1e-6)
+
+
+def amsgrad_grads(params, grad_dtype, steps, seed=7):
+    """Per-step grads whose size drops 100-fold after the second step on about half the elements, so
+    that v decreases there and AMSGrad's maximum is what the denominator uses."""
+    gen = torch.Generator().manual_seed(seed)
+    drop = [torch.rand(p.shape, generator=gen) < 0.5 for p in params]
+    out = []
+    for step in range(steps):
+        gs = []
+        for p, d in zip(params, drop):
+            g = torch.randn(p.shape, generator=gen)
+            if step >= 2:
+                g = torch.where(d, g * 0.01, g)
+            gs.append(torch.empty_like(p, dtype=grad_dtype).copy_(g))  # the param's layout
+        out.append(gs)
+    return out
+
+
+AMSGRAD_COMBOS = [(F32, F32, False), (F16, F16, True), (BF16, BF16, True), (BF16, F32, False), (F16, BF16, True)]
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("inv_scale", [None, 0.25], ids=["noscale", "invscale"])
+@pytest.mark.parametrize("combo", AMSGRAD_COMBOS, ids=combo_id)
+def test_adam_amsgrad_matches_reference(update_backend, combo, inv_scale, maximize):
+    param_dtype, grad_dtype, master = combo
+    params, _, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    gen = torch.Generator().manual_seed(5)
+    # zeros as torch.optim.Adam starts them, and some larger than the first v
+    max_sqs = []
+    for v in exp_avg_sqs:
+        big = torch.rand(v.shape, generator=gen) < 0.3
+        max_sqs.append(torch.empty_like(v).copy_(torch.rand(v.shape, generator=gen) * 0.2 * big))
+    mine = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_sqs,
+            "master_params": masters}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    inv = None if inv_scale is None else torch.tensor([inv_scale])
+    op = _update_op(update_backend, "mf_adam_")
+    steps = amsgrad_grads(params, grad_dtype, 6)
+    product = 1.0
+    for step, grads in enumerate(steps, start=1):
+        product *= 0.9
+        s, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.9, eps=1e-8, step=step, beta1_product=product,
+                             weight_decay=1e-2, decoupled_weight_decay=step % 2 == 0, maximize=maximize)
+        op(params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, vec, inv, None)
+        reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["max_exp_avg_sqs"],
+                           ref["master_params"], s, inv, None)
+        check_update(f"{update_backend} mf_adam_ amsgrad {combo_id(combo)} step {step}", mine, ref, master,
+                     param_dtype, 4, atol=1e-6)
+        # Each step starts from the reference's state: a 16-bit param without master keeps a one-ulp
+        # flip (the MKL sqrt's ulp at a rounding boundary) for good, and as the weight shrinks that same
+        # difference grows to several ulps of the smaller weight, which is no error of the step.
+        for name, tensors in mine.items():
+            for t, r in zip(tensors, ref[name]):
+                t.copy_(r)
+    v, vmax = _flat(exp_avg_sqs), _flat(max_sqs)
+    assert (vmax >= v).all()
+    assert (vmax > v).float().mean() > 0.3, "the maximum never bit: v did not decrease"
+
+
+def test_adam_amsgrad_propagates_nan_like_torch_maximum(update_backend):
+    params = [torch.randn(37), torch.randn(4, 5)]
+    grads = [torch.randn_like(p) for p in params]
+    exp_avgs = [torch.randn_like(p) * 0.1 for p in params]
+    exp_avg_sqs = [torch.rand_like(p) for p in params]
+    max_sqs = [torch.rand_like(p) for p in params]
+    max_sqs[0][3] = float("nan")  # the old maximum is NaN
+    exp_avg_sqs[1][2, 1] = float("nan")  # the new v is NaN
+    mine = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_sqs,
+            "master_params": []}
+    ref = {k: clone_all(v) for k, v in mine.items()}
+    s, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=3, beta1_product=0.729)
+    _update_op(update_backend, "mf_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_sqs, [], vec, None, None)
+    reference.mf_adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], ref["max_exp_avg_sqs"], [], s)
+    assert max_sqs[0][3].isnan() and max_sqs[1][2, 1].isnan()
+    assert params[0][3].isnan() and params[1][2, 1].isnan()
+    check_update(f"{update_backend} mf_adam_ amsgrad nan", mine, ref, False, F32, 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("combo", [(F32, F32, False), (BF16, F16, True)], ids=combo_id)
+def test_adam_amsgrad_found_inf_writes_nothing(update_backend, combo):
+    param_dtype, grad_dtype, master = combo
+    params, grads, exp_avgs, exp_avg_sqs, masters = adam_inputs(param_dtype, grad_dtype, master)
+    max_sqs = clone_all(exp_avg_sqs)
+    before = {"params": clone_all(params), "m": clone_all(exp_avgs), "v": clone_all(exp_avg_sqs),
+              "vmax": clone_all(max_sqs), "masters": clone_all(masters)}
+    _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9, maximize=True)
+    _update_op(update_backend, "mf_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, vec,
+                                           torch.tensor([0.5]), torch.tensor([1.0]))
+    assert_unchanged(before, {"params": params, "m": exp_avgs, "v": exp_avg_sqs, "vmax": max_sqs, "masters": masters})
+
+
+def _amsgrad_call():
+    params = _params()
+    return dict(params=params, grads=clone_all(params), exp_avgs=clone_all(params),
+                exp_avg_sqs=[p.abs() for p in params], max_exp_avg_sqs=[p.abs() for p in params], master_params=[],
+                scalars=adam_vector(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, step=1, beta1_product=0.9)[1],
+                inv_grad_scale=None, found_inf=None)
+
+
+@pytest.mark.parametrize("case", ["length", "dtype", "mixed_dtype", "shape", "strides", "aliases_exp_avg_sqs",
+                                  "aliases_params"])
+def test_adam_rejects_bad_max_exp_avg_sqs(update_backend, case):
+    a = _amsgrad_call()
+    vm = a["max_exp_avg_sqs"]
+    if case == "length":
+        a["max_exp_avg_sqs"] = vm[:3]
+        want = (ValueError, "max_exp_avg_sqs has 3 tensors but params has 4", "must be empty")
+    elif case == "dtype":
+        a["max_exp_avg_sqs"] = [t.half() for t in vm]
+        want = (TypeError, "max_exp_avg_sqs[0] has dtype float16", "must be float32")
+    elif case == "mixed_dtype":
+        vm[2] = vm[2].double()
+        want = (TypeError, "max_exp_avg_sqs[2] has dtype float64 but max_exp_avg_sqs[0] has dtype float32")
+    elif case == "shape":
+        vm[1] = torch.rand(4, 5)
+        want = (ValueError, "max_exp_avg_sqs[1] has shape [4, 5] but params[1] has shape [5, 4]")
+    elif case == "strides":
+        vm[1] = torch.rand(4, 5).t()
+        want = (ValueError, "max_exp_avg_sqs[1] has strides [1, 5] but params[1] has strides [4, 1]")
+    elif case == "aliases_exp_avg_sqs":
+        vm[3] = a["exp_avg_sqs"][3]
+        want = (ValueError, "max_exp_avg_sqs[3] and exp_avg_sqs[3] are the same memory")
+    else:
+        vm[0] = a["params"][0]
+        want = (ValueError, "max_exp_avg_sqs[0] and params[0] are the same memory")
+    expect_rejected(_update_op(update_backend, "mf_adam_"), a, *want)
+
+
+def test_smega2_slot_layout_matches_python_slots_by_name():
+    from fusedmf.functional.scalars import SMEGA2_SLOTS
+
+    assert C.SMEGA2_NUM_SCALARS == len(SMEGA2_SLOTS)
+    assert dict(C.SMEGA2_SLOT_INDEX) == {name: i for i, name in enumerate(SMEGA2_SLOTS)}
+
+
+@pytest.mark.parametrize("driver", [13000, 12000], ids=["args32k", "args4k"])
+@pytest.mark.parametrize("combo", [(F32, F32, False), (BF16, F16, True), (F16, F32, False)], ids=combo_id)
+def test_cuda_adam_amsgrad_matches_cpu_kernels(gpu, combo, driver):
+    """AMSGrad's six-list launches (several of them: more tensors and chunks than one launch holds,
+    with 32 KiB or 4 KiB of kernel arguments), on the vector, unaligned and tail paths, maximizing:
+    bit for bit the CPU kernels' results."""
+    if gpu.kind == "cuda_emu":
+        before = C._cuda_emu_driver_version()
+        C._cuda_emu_set_driver_version(driver)
+    elif driver != 13000:
+        pytest.skip("a real driver's version cannot be chosen")
+    try:
+        param_dtype, grad_dtype, master = combo
+        gen = torch.Generator().manual_seed(11)
+        params = _launcher_zoo(param_dtype)
+        grads = _views_like(params, grad_dtype, gen)
+        cpu = {"params": clone_all(params), "exp_avgs": _views_like(params, F32, gen, 0.1),
+               "exp_avg_sqs": _views_like(params, F32, gen, 0.1, positive=True),
+               "max_exp_avg_sqs": _views_like(params, F32, gen, 0.1, positive=True),
+               "master_params": [p.to(F32) for p in params] if master else []}
+        dev = {k: _to(v, gpu.device, True) for k, v in cpu.items()}
+        grads_dev = _to(grads, gpu.device, True)
+        inv = torch.tensor([0.5])
+        for step in (1, 2):
+            _, vec = adam_vector(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=step, beta1_product=0.9**step,
+                                 weight_decay=0.1, maximize=True)
+            K.mf_adam_(cpu["params"], grads, cpu["exp_avgs"], cpu["exp_avg_sqs"], cpu["max_exp_avg_sqs"],
+                       cpu["master_params"], vec, inv, None)
+            gpu.mf_adam_(dev["params"], grads_dev, dev["exp_avgs"], dev["exp_avg_sqs"], dev["max_exp_avg_sqs"],
+                         dev["master_params"], vec.to(gpu.device), inv.to(gpu.device), None)
+        exact = C._cpu_capability() == "avx2"
+        check_update(f"{gpu.kind} mf_adam_ amsgrad {combo_id(combo)}", {k: _to(v, "cpu", False) for k, v in dev.items()},
+                     cpu, master, param_dtype, 0 if exact else 4, atol=0 if exact else 1e-6)
+    finally:
+        if gpu.kind == "cuda_emu":
+            C._cuda_emu_set_driver_version(before)

@@ -20,7 +20,7 @@ CHUNK = lm.CHUNK_SIZE
 
 def test_limits_are_read_from_the_launcher_header():
     limits = lm.launch_limits()
-    assert set(limits) == {(a, d) for a in (4096, 32764) for d in (1, 2, 4, 5)}
+    assert set(limits) == {(a, d) for a in (4096, 32764) for d in (1, 2, 4, 5, 6)}
     assert limits[(4096, 4)] == (48, 320)  # the 48 tensors at depth 4 of issue 10
 
 
@@ -168,12 +168,12 @@ def test_model_packs_like_the_launcher(packing_binary, case):
     numels = EDGE_CASES[case] or lm.resnet50_numels()
     table = _run_packing(packing_binary, numels)
     for arg_bytes in (4096, 32764):
-        for depth in (1, 2, 4, 5):
+        for depth in (1, 2, 4, 5, 6):
             model = [len(b) for b in lm.pack_launches(numels, depth, arg_bytes)]
             assert table[(str(arg_bytes), depth)] == model, (case, arg_bytes, depth)
     # multi_tensor_apply's own choice of limit by driver version, as the model picks it
     for driver in (12000, 12010, 13000):
-        for depth in (1, 2, 4, 5):
+        for depth in (1, 2, 4, 5, 6):
             model = [len(b) for b in lm.pack_launches(numels, depth, lm.arg_bytes_for_driver(driver))]
             assert table[(f"driver{driver}", depth)] == model, (case, driver, depth)
 

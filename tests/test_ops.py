@@ -38,7 +38,7 @@ def _sgd_args(device, masters, momentum, scale):
     return (params, grads, bufs, mast, vec, inv, found)
 
 
-def _adam_args(device, masters, scale):
+def _adam_args(device, masters, scale, amsgrad=False):
     torch.manual_seed(1)
     shapes = [(7,), (2, 3)]
     pdt = torch.float16 if masters else torch.float32
@@ -46,12 +46,13 @@ def _adam_args(device, masters, scale):
     grads = [torch.randn(s, device=device) for s in shapes]
     m = [torch.randn(s, device=device) for s in shapes]
     v = [torch.rand(s, device=device) for s in shapes]
+    vmax = [torch.rand(s, device=device) for s in shapes] if amsgrad else []
     mast = [p.float() for p in params] if masters else []
     vec = torch.tensor(adam_step_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=2,
                                          beta1_product=0.81).as_list(), device=device)
     inv = torch.full((1,), 0.25, device=device) if scale else None
     found = torch.zeros(1, device=device) if scale else None
-    return (params, grads, m, v, mast, vec, inv, found)
+    return (params, grads, m, v, vmax, mast, vec, inv, found)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,7 +65,7 @@ def test_every_rule_is_an_op_with_the_shared_schema(backend):
         assert op._schema.returns == []
         mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         expected = {"mf_sgd_": ["params", "momentum_buffers", "master_params"],
-                    "mf_adam_": ["params", "exp_avgs", "exp_avg_sqs", "master_params"],
+                    "mf_adam_": ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"],
                     "non_finite_check_": ["found_inf", "sumsq"], "pack_": ["out", "sumsq"]}[rule]
         assert mutated == expected, (rule, mutated)
 
@@ -78,10 +79,12 @@ def test_opcheck_mf_sgd(backend, masters, momentum, scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("masters,scale", [(False, False), (True, True)], ids=["fp32", "fp16-master-amp"])
-def test_opcheck_mf_adam(backend, masters, scale):
+@pytest.mark.parametrize("masters,scale,amsgrad", [(False, False, False), (True, True, False), (False, True, True),
+                                                   (True, False, True)],
+                         ids=["fp32", "fp16-master-amp", "fp32-amsgrad-amp", "fp16-master-amsgrad"])
+def test_opcheck_mf_adam(backend, masters, scale, amsgrad):
     op = _op(backend, "mf_adam_")
-    torch.library.opcheck(op, _adam_args(_device(backend), masters, scale))
+    torch.library.opcheck(op, _adam_args(_device(backend), masters, scale, amsgrad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,9 +117,9 @@ def test_ops_run_on_meta_tensors_and_refuse_mixed_devices(backend):
     _device(backend)
     meta = _sgd_args(torch.device("meta"), True, True, True)
     _ops.op(backend, "mf_sgd_")(*meta)  # the fake kernel: no data read, nothing to return
-    args = list(_adam_args(torch.device("meta"), False, True))
+    args = list(_adam_args(torch.device("meta"), False, True, amsgrad=True))
     _ops.op(backend, "mf_adam_")(*args)
-    args[6] = torch.ones(1)  # inv_grad_scale on the CPU, the rest on meta
+    args[7] = torch.ones(1)  # inv_grad_scale on the CPU, the rest on meta
     with pytest.raises(ValueError, match=r"inv_grad_scale is on cpu but params\[0\] is on meta"):
         _ops.op(backend, "mf_adam_")(*args)
 

@@ -100,7 +100,7 @@ void mf_sgd(const TensorLists& lists, DType param, DType grad, const float* scal
             const float* found_inf) {
   if (skipped(found_inf)) return;
   const SgdScalars s = SgdScalars::load(scalars);
-  const float inv = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+  const float inv = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, s.maximize);
   const MomentumMode mode = !lists.has(kMomentum)   ? MomentumMode::kNone
                             : s.first_step != 0.0f ? MomentumMode::kFirstStep
                                                    : MomentumMode::kUpdate;
@@ -114,8 +114,8 @@ void mf_adam(const TensorLists& lists, DType param, DType grad, const float* sca
              const float* found_inf) {
   if (skipped(found_inf)) return;
   const AdamScalars s = AdamScalars::load(scalars);
-  const float inv = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
-  const AdamKernel kernel = table().adam(param, grad, lists.has(kMaster));
+  const float inv = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, s.maximize);
+  const AdamKernel kernel = table().adam(param, grad, lists.has(kMaster), lists.has(kMaxExpAvgSq));
   for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
     kernel(tensor_ptrs(lists, i), begin, end, s, inv);
   });
@@ -125,7 +125,7 @@ void smega2(const TensorLists& lists, DType param, DType grad, const float* scal
             const float* found_inf) {
   if (skipped(found_inf)) return;
   const Smega2Scalars s = Smega2Scalars::load(scalars);
-  const float inv = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+  const float inv = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, s.maximize);
   const Smega2Kernel kernel = table().smega2(param, grad, lists.has(kMaster), s.cycle_end != 0.0f);
   for_each_piece(lists, [&](int64_t i, int64_t begin, int64_t end) {
     kernel(tensor_ptrs(lists, i), begin, end, s, inv);

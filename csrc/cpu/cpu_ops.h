@@ -12,6 +12,7 @@ namespace cpu {
 void mf_sgd(const TensorLists& lists, DType param, DType grad, const float* scalars, const float* inv_grad_scale,
             const float* found_inf);
 
+// AMSGrad when lists.has(kMaxExpAvgSq).
 void mf_adam(const TensorLists& lists, DType param, DType grad, const float* scalars, const float* inv_grad_scale,
              const float* found_inf);
 

@@ -45,7 +45,7 @@ using Smega2EstimateKernel = void (*)(const TensorPtrs& t, int64_t begin, int64_
 struct KernelTable {
   const char* name;  // "avx2" or "base"
   SgdKernel (*sgd)(DType param, DType grad, bool master, MomentumMode momentum);
-  AdamKernel (*adam)(DType param, DType grad, bool master);
+  AdamKernel (*adam)(DType param, DType grad, bool master, bool amsgrad);
   NonFiniteKernel (*non_finite)(DType dtype, bool sumsq);
   PackKernel (*pack)(DType grad, DType out, bool sumsq);
   Smega2Kernel (*smega2)(DType param, DType grad, bool master, bool cycle_end);

@@ -59,7 +59,8 @@ FUSEDMF_CPU_TARGET void sgd_kernel(const TensorPtrs& t, int64_t begin, int64_t e
   }
 }
 
-template <class P, class G, bool kUseMaster>
+// kAmsgrad: also reads and writes the running maximum of v (kMaxExpAvgSq), which the denominator uses.
+template <class P, class G, bool kUseMaster, bool kAmsgrad>
 FUSEDMF_CPU_TARGET void adam_kernel(const TensorPtrs& t, int64_t begin, int64_t end, const AdamScalars& scalars,
                                     float inv_grad_scale) {
   P* __restrict param = static_cast<P*>(t.slot[kParam]);
@@ -67,6 +68,7 @@ FUSEDMF_CPU_TARGET void adam_kernel(const TensorPtrs& t, int64_t begin, int64_t 
   float* __restrict master = static_cast<float*>(t.slot[kMaster]);
   float* __restrict exp_avg = static_cast<float*>(t.slot[kExpAvg]);
   float* __restrict exp_avg_sq = static_cast<float*>(t.slot[kExpAvgSq]);
+  float* __restrict max_exp_avg_sq = static_cast<float*>(t.slot[kMaxExpAvgSq]);
   const AdamScalars s = scalars;
   const float inv = inv_grad_scale;
   for (int64_t i = begin; i < end; ++i) {
@@ -78,9 +80,12 @@ FUSEDMF_CPU_TARGET void adam_kernel(const TensorPtrs& t, int64_t begin, int64_t 
     }
     float m = exp_avg[i];
     float v = exp_avg_sq[i];
-    w = adam_update(s, inv, w, to_float(grad[i]), m, v);
+    float vmax = 0.0f;
+    if constexpr (kAmsgrad) vmax = max_exp_avg_sq[i];
+    w = adam_update<kAmsgrad>(s, inv, w, to_float(grad[i]), m, v, vmax);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
+    if constexpr (kAmsgrad) max_exp_avg_sq[i] = vmax;
     if constexpr (kUseMaster) master[i] = w;
     param[i] = from_float<P>(w);
   }
@@ -236,11 +241,13 @@ inline SgdKernel select_sgd(DType param, DType grad, bool master, MomentumMode m
   });
 }
 
-inline AdamKernel select_adam(DType param, DType grad, bool master) {
+inline AdamKernel select_adam(DType param, DType grad, bool master, bool amsgrad) {
   return visit_dtype(param, [&](auto p) {
     return visit_dtype(grad, [&](auto g) {
-      return visit_bool(master, [&](auto m) -> AdamKernel {
-        return &adam_kernel<decltype(p), decltype(g), decltype(m)::value>;
+      return visit_bool(master, [&](auto m) {
+        return visit_bool(amsgrad, [&](auto a) -> AdamKernel {
+          return &adam_kernel<decltype(p), decltype(g), decltype(m)::value, decltype(a)::value>;
+        });
       });
     });
   });

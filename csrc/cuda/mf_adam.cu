@@ -1,5 +1,6 @@
 // MF-Adam / MF-AdamW over lists of tensors: one pass over param (or master), grad, exp_avg and
-// exp_avg_sq, with the math of update_math.h (adam_update) on registers. Rounding as in mf_sgd.cu.
+// exp_avg_sq (and max_exp_avg_sq with AMSGrad, a sixth list), with the math of update_math.h
+// (adam_update) on registers. Rounding as in mf_sgd.cu.
 #include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -10,18 +11,20 @@ namespace {
 using FUSEDMF_MATH_NS::adam_update;
 using FUSEDMF_MATH_NS::to_float;
 
-template <class P, class G, bool kUseMaster>
+template <class P, class G, bool kUseMaster, bool kAmsgrad>
 struct AdamChunk {
   P* param;
   const G* grad;
   float* master;  // kUseMaster only
   float* exp_avg;
   float* exp_avg_sq;
+  float* max_exp_avg_sq;  // kAmsgrad only
   AdamScalars s;
   float inv_grad_scale;
 
   struct Frag {
     float w[kIlp], g[kIlp], m[kIlp], v[kIlp];
+    float vmax[kIlp];  // kAmsgrad only (otherwise never touched, and allocated no register)
   };
   // The unaligned path two lanes at a time: four lanes of four streams (16 floats) live next to the
   // 9 scalars and across the correctly rounded division's slow-path calls left the 16-bit params
@@ -31,7 +34,7 @@ struct AdamChunk {
 
   __device__ bool aligned() const {
     return ilp_aligned(param) && ilp_aligned(grad) && (!kUseMaster || ilp_aligned(master)) && ilp_aligned(exp_avg) &&
-           ilp_aligned(exp_avg_sq);
+           ilp_aligned(exp_avg_sq) && (!kAmsgrad || ilp_aligned(max_exp_avg_sq));
   }
   __device__ void load_vec(Frag& f, int64_t i) const {
     if constexpr (kUseMaster) {
@@ -42,10 +45,12 @@ struct AdamChunk {
     load_pack(grad + i, f.g);
     load_pack(exp_avg + i, f.m);
     load_pack(exp_avg_sq + i, f.v);
+    if constexpr (kAmsgrad) load_pack(max_exp_avg_sq + i, f.vmax);
   }
   __device__ void store_vec(const Frag& f, int64_t i) const {
     store_pack(exp_avg + i, f.m);
     store_pack(exp_avg_sq + i, f.v);
+    if constexpr (kAmsgrad) store_pack(max_exp_avg_sq + i, f.vmax);
     if constexpr (kUseMaster) store_pack(master + i, f.w);
     store_pack(param + i, f.w);
   }
@@ -58,19 +63,22 @@ struct AdamChunk {
     f.g[k] = to_float(grad[i]);
     f.m[k] = exp_avg[i];
     f.v[k] = exp_avg_sq[i];
+    if constexpr (kAmsgrad) f.vmax[k] = max_exp_avg_sq[i];
   }
   __device__ void store(const Frag& f, int k, int64_t i) const {
     exp_avg[i] = f.m[k];
     exp_avg_sq[i] = f.v[k];
+    if constexpr (kAmsgrad) max_exp_avg_sq[i] = f.vmax[k];
     if constexpr (kUseMaster) master[i] = f.w[k];
     param[i] = FUSEDMF_MATH_NS::from_float<P>(f.w[k]);
   }
   __device__ void compute(Frag& f, int k) const {
-    f.w[k] = adam_update(s, inv_grad_scale, f.w[k], f.g[k], f.m[k], f.v[k]);
+    f.w[k] = adam_update<kAmsgrad>(s, inv_grad_scale, f.w[k], f.g[k], f.m[k], f.v[k], f.vmax[k]);
   }
 };
 
-template <class P, class G, bool kUseMaster>
+// kAmsgrad: the sixth list (kMaxExpAvgSq) is read and written; a launch of depth 6.
+template <class P, class G, bool kUseMaster, bool kAmsgrad>
 struct AdamOp {
   // 2 x 512 threads per SM, 64 registers each (benchmarks/launch_model.py): without the bound the two
   // iterations in flight take 84-96 registers, one block per SM; with 3 (40 registers) ptxas spills.
@@ -81,15 +89,16 @@ struct AdamOp {
 
   __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // NOTE [skip on overflow]
-    AdamChunk<P, G, kUseMaster> c;
+    AdamChunk<P, G, kUseMaster, kAmsgrad> c;
     c.param = static_cast<P*>(base[kParam]) + begin;
     c.grad = static_cast<const G*>(base[kGrad]) + begin;
     c.master = kUseMaster ? static_cast<float*>(base[kMaster]) + begin : nullptr;
     c.exp_avg = static_cast<float*>(base[kExpAvg]) + begin;
     c.exp_avg_sq = static_cast<float*>(base[kExpAvgSq]) + begin;
+    c.max_exp_avg_sq = kAmsgrad ? static_cast<float*>(base[kMaxExpAvgSq]) + begin : nullptr;
     c.s = AdamScalars::load(scalars);
-    c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
-    typename AdamChunk<P, G, kUseMaster>::Frag f[kUnroll];
+    c.inv_grad_scale = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, c.s.maximize);
+    typename AdamChunk<P, G, kUseMaster, kAmsgrad>::Frag f[kUnroll];
     chunk_apply(c, n, f);
   }
 };
@@ -101,8 +110,12 @@ cudaError_t launch_mf_adam(const TensorLists& lists, DType param, DType grad, co
   return visit_dtype(param, [&](auto p) {
     return visit_dtype(grad, [&](auto g) {
       return visit_bool(lists.has(kMaster), [&](auto master) {
-        const AdamOp<decltype(p), decltype(g), decltype(master)::value> op{scalars, inv_grad_scale, found_inf};
-        return multi_tensor_apply<5>(lists, op, stream);
+        return visit_bool(lists.has(kMaxExpAvgSq), [&](auto amsgrad) {
+          constexpr bool kAmsgrad = decltype(amsgrad)::value;
+          const AdamOp<decltype(p), decltype(g), decltype(master)::value, kAmsgrad> op{scalars, inv_grad_scale,
+                                                                                       found_inf};
+          return multi_tensor_apply<kAmsgrad ? 6 : 5>(lists, op, stream);
+        });
       });
     });
   });

@@ -85,7 +85,7 @@ struct SgdOp {
     c.master = kUseMaster ? static_cast<float*>(base[kMaster]) + begin : nullptr;
     c.momentum = kUseMomentum ? static_cast<float*>(base[kMomentum]) + begin : nullptr;
     c.s = SgdScalars::load(scalars);
-    c.inv_grad_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+    c.inv_grad_scale = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, c.s.maximize);
     c.first_step = c.s.first_step != 0.0f;
     typename SgdChunk<P, G, kUseMaster, kUseMomentum>::Frag f[kUnroll];
     chunk_apply(c, n, f);

@@ -101,7 +101,7 @@ struct Smega2Op {
   __device__ void operator()(void* const* base, int64_t begin, int64_t n) const {
     if (found_inf != nullptr && *found_inf != 0.0f) return;  // NOTE [skip on overflow]
     const Smega2Scalars s = Smega2Scalars::load(scalars);
-    const float inv = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+    const float inv = signed_inv_grad_scale(inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f, s.maximize);
     if (s.cycle_end != 0.0f) {
       run<true>(base, begin, n, s, inv);
     } else {

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from .. import _backends
-from .scalars import ADAM_SLOTS, SGD_SLOTS
+from .scalars import ADAM_SLOTS, SGD_SLOTS, SMEGA2_SLOTS
 
 #: the signature of each rule, the same for every backend (csrc/bindings.cpp TORCH_LIBRARY holds
 #: the C++ copy of these strings; tests/test_ops.py checks that the two agree)
@@ -108,6 +108,8 @@ def _loaded(backend: str):
     check_slot_layout(backend, dict(module.SGD_SLOT_INDEX), SGD_SLOTS, "SGD")
     check_slot_layout(backend, dict(module.ADAM_SLOT_INDEX), ADAM_SLOTS, "Adam")
     if loader is not _backends.triton_module:
+        # csrc/smega2_ops.cpp reads the same update_math.h constants (Triton checks its own)
+        check_slot_layout(backend, dict(module.SMEGA2_SLOT_INDEX), SMEGA2_SLOTS, "SMEGA2")
         register_fakes(prefix)  # the C++ ops are defined in C++; their fakes live here
     return prefix
 

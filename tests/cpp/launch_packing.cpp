@@ -212,21 +212,24 @@ int main(int argc, char** argv) {
   fusedmf::TensorLists lists;
   lists.num_tensors = static_cast<int64_t>(numels.size());
   lists.numels = numels.data();
-  for (int d = 0; d < 5; ++d) lists.ptrs[d] = ptrs.data();
+  for (int d = 0; d < 6; ++d) lists.ptrs[d] = ptrs.data();
   using namespace fusedmf::cuda;
   packing_test::run<kSmallArgs, 1>(lists, expected);
   packing_test::run<kSmallArgs, 2>(lists, expected);
   packing_test::run<kSmallArgs, 4>(lists, expected);
   packing_test::run<kSmallArgs, 5>(lists, expected);
+  packing_test::run<kSmallArgs, 6>(lists, expected);
   packing_test::run<kLargeArgs, 1>(lists, expected);
   packing_test::run<kLargeArgs, 2>(lists, expected);
   packing_test::run<kLargeArgs, 4>(lists, expected);
   packing_test::run<kLargeArgs, 5>(lists, expected);
+  packing_test::run<kLargeArgs, 6>(lists, expected);
   for (int driver : {12000, 12010, 13000}) {  // FUSEDMF_LAUNCH is ours: no caching, see large_kernel_args()
     packing_test::run_auto<1>(lists, driver);
     packing_test::run_auto<2>(lists, driver);
     packing_test::run_auto<4>(lists, driver);
     packing_test::run_auto<5>(lists, driver);
+    packing_test::run_auto<6>(lists, driver);
   }
   return 0;
 }
