@@ -60,7 +60,7 @@ std::string dtype_name(at::ScalarType t) {
     case at::kComplexHalf:
       return "complex32";
     default:
-      return c10::getDtypeNames(t).first;  // "int32", "bool", ... as torch.<name>
+      return std::string(c10::getDtypeNames(t).first);  // "int32", "bool", ... as torch.<name>
   }
 }
 
