@@ -10,20 +10,27 @@
 #   disassembly tools of tests/test_codegen.py
 #   (cuobjdump, nvdisasm: the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm, pinned below;
 #   on the GPU machines the toolkit's own, from PATH or CUDA_HOME, see scripts/codegen.py find_tool).
-# Set FUSEDMF_PYTHON to force an interpreter.
+# Set FUSEDMF_PYTHON to force an interpreter. FUSEDMF_TORCH_VERSION (default 2.11.0) picks the torch
+# of .venv; "newest" takes the newest release pip resolves and upgrades a reused .venv on every run, so
+# that a new release is tried as soon as it is out (scripts/compat.sh, CI's compatibility step).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TORCH_VERSION="2.11.0"
+TORCH_VERSION="${FUSEDMF_TORCH_VERSION:-2.11.0}"
 # cuobjdump -sass / nvdisasm of the sm_90 cubins (tests/test_codegen.py). Any CUDA 13 release reads
 # nvcc 13.0's cubins; one version for both, since cuobjdump -sass runs nvdisasm.
 CODEGEN_TOOLS=("nvidia-cuda-cuobjdump==13.5.37" "nvidia-cuda-nvdisasm==13.5.37")
 
 has_torch() { "$1" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; }
+if [ "$TORCH_VERSION" = newest ]; then
+  TORCH_REQ=torch UPGRADE=--upgrade
+else
+  TORCH_REQ="torch==$TORCH_VERSION" UPGRADE=
+fi
 
 if [ -n "${FUSEDMF_PYTHON:-}" ]; then
   PY="$FUSEDMF_PYTHON"
-elif has_torch python3; then
+elif [ "$TORCH_VERSION" != newest ] && has_torch python3; then
   PY="$(command -v python3)"
 else
   if [ ! -x .venv/bin/python ]; then
@@ -33,11 +40,13 @@ else
   PY="$ROOT/.venv/bin/python"
   # one interpreter start for both checks: importing torch is most of a set-up that has nothing to do
   # (the codegen tools: both executables of the wheels present in site-packages/nvidia/cu13/bin)
-  if ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, expecttest, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
-    echo "[fusedmf] installing torch==$TORCH_VERSION (CUDA build), the build/test tools and cuobjdump/nvdisasm into .venv"
+  # ("newest" never counts as set up: pip decides, and has nothing to do when torch is up to date)
+  if [ "$TORCH_VERSION" = newest ] || ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, expecttest, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
+    echo "[fusedmf] installing $TORCH_REQ (CUDA build${UPGRADE:+, upgraded to the newest release}), the build/test tools and cuobjdump/nvdisasm into .venv"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "torch==$TORCH_VERSION" ninja pybind11 triton pytest expecttest numpy matplotlib tqdm "setuptools>=64" wheel \
+    "$PY" -m pip install -q $UPGRADE "$TORCH_REQ" ninja pybind11 triton pytest expecttest numpy matplotlib tqdm "setuptools>=64" wheel \
       "${CODEGEN_TOOLS[@]}"
+    echo "[fusedmf] .venv has torch $("$PY" -c "import torch; print(torch.__version__)")"
   fi
 fi
 export PY
