@@ -77,7 +77,7 @@ def trajectories(steps: int, cycle: bool, backend: str, seed: int = 0) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         with torch.no_grad():
             full = float(torch.nn.functional.mse_loss(net(x), y))
         runs[name] = (net, losses, full)
