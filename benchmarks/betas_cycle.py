@@ -82,8 +82,9 @@ def trajectories(steps: int, cycle: bool, backend: str, seed: int = 0) -> dict:
             full = float(torch.nn.functional.mse_loss(net(x), y))
         runs[name] = (net, losses, full)
     (a, la, fa), (b, lb, fb) = runs["torch"], runs["fusedmf"]
-    rel = max(float(((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
-              for p, q in zip(a.parameters(), b.parameters()))
+    with torch.no_grad():
+        rel = max(float((p - q).abs().max() / p.abs().max().clamp_min(1e-30))
+                  for p, q in zip(a.parameters(), b.parameters()))
     return {"cycle_momentum": cycle, "final_loss_torch": fa, "final_loss_fusedmf": fb,
             "final_loss_rel_diff": abs(fa - fb) / fa, "max_param_rel_diff": rel,
             "max_step_loss_rel_diff": max(abs(p - q) / max(abs(p), 1e-30) for p, q in zip(la, lb))}
