@@ -21,4 +21,4 @@ source "$DEST/scripts/env.sh"
 exec "$PY" -m pytest -q -ra -k "not triton" \
   tests/test_binding.py tests/test_ops.py tests/test_optim_vs_torch.py tests/test_torch_conventions.py \
   tests/test_mixed_precision.py tests/test_overflow.py tests/test_step_protocol.py tests/test_capturable.py \
-  tests/test_errors.py tests/test_state_dict.py tests/test_reference_spec.py "$@"
+  tests/test_errors.py tests/test_state_dict.py tests/test_reference_spec.py tests/test_torch_optim_db.py "$@"
