@@ -1,11 +1,11 @@
-"""Offline model of one fused optimizer step on an H200: bytes, launches, waves, latency (issue 10).
+"""Offline model of one fused optimizer step on an H200: bytes, launches, waves, latency (docs/performance.md).
 
 A prediction made before any GPU measurement, so that the measurement (scripts/gpu_verify.sh,
 owed) can confirm or refute it. For each rule (the dtypes of its streams) over a list of tensor
 sizes (default: ResNet-50's 161 parameter tensors, fusedmf.models.resnet50_param_shapes):
 
 - bytes moved: per element, the bytes each stream reads and writes (the floors of
-  ../shared/performance.md);
+  docs/performance.md);
 - launches and blocks per launch: the packing loop of csrc/cuda/multi_tensor_apply.cuh replayed
   (:func:`pack_launches`) with the limits read from csrc/cuda/launch_limits.h (:func:`launch_limits`,
   NOTE [launch limits]): the one description the launcher compiles from;
@@ -39,7 +39,7 @@ LIMITS_HEADER = os.path.join(ROOT, "csrc", "cuda", "launch_limits.h")
 
 # ---- the machine -------------------------------------------------------------------------------
 
-# ../shared/performance.md: "~4.3 TB/s device copy, read + write counted", measured on one H200.
+# docs/performance.md: "~4.3 TB/s device copy, read + write counted", measured on one H200.
 COPY_BANDWIDTH = 4.3e12  # bytes/s
 # H200 (GH100): 132 SMs, 2048 threads, 32 blocks and 65536 32-bit registers per SM; registers are
 # allocated per warp in units of 256 (8 per thread). Source: NVIDIA Hopper tuning guide / CUDA
@@ -55,7 +55,7 @@ REGISTER_GRANULE = 8  # per thread (256 per warp)
 LATENCY_S = (600e-9, 700e-9)
 # ASSUMPTION: device time per launch besides its blocks' streaming (the previous kernel's drain,
 # the launch of the next from the stream, the ramp of its first blocks), 2 us; the same for 4 KiB
-# and 32 KiB of arguments. This is the ~2 us by which issue 10 puts one launch (121 us) above the
+# and 32 KiB of arguments. This is the ~2 us by which one launch (121 us) is expected above the
 # mixed MF-SGD floor (119 us).
 LAUNCH_OVERHEAD_S = 2e-6
 
@@ -155,7 +155,7 @@ class Rule:
 
 # Steady state (not the first step, which does not read the momentum); 16-bit = bf16 or fp16.
 RULES = {
-    # bf16/fp16 param (written), fp32 master, fp32 momentum, 16-bit grad: performance.md's 20 B/param
+    # bf16/fp16 param (written), fp32 master, fp32 momentum, 16-bit grad: docs/performance.md's 20 B/param
     "mf_sgd_mixed": Rule("mf_sgd_mixed", 4, read_bytes=(4, 4, 2), write_bytes=(2, 4, 4),
                          kernel="SgdOp<bf16, bf16, true, true>"),
     # fp32 param, grad, momentum: 20 B/param

@@ -1,6 +1,6 @@
 // fusedmf._C: the Python binding of the CPU and CUDA kernels.
 //
-// The only file that includes pybind11 / torch/extension.h (style.md §3). It validates every
+// The only file that includes pybind11 / torch/extension.h (docs/style.md: thin layers). It validates every
 // tensor before any memory is touched, with messages that name the offending list and index, then
 // hands raw pointers (csrc/tensor_lists.h) to the CPU loops (csrc/cpu/cpu_ops.h) or to the CUDA
 // launchers (csrc/cuda/launch.h). All update functions are in place and return None; the contract

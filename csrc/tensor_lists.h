@@ -1,5 +1,5 @@
 // The raw view of one call's tensor lists that the binding hands to the CPU loops and to the CUDA
-// launchers, after it has validated every tensor (style.md §3: kernels see plain structs).
+// launchers, after it has validated every tensor (docs/style.md: kernels see plain structs, not tensors).
 #pragma once
 
 #include <cstdint>

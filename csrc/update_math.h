@@ -86,7 +86,7 @@ constexpr int kSmega2EstimateAccumulatorCoef = 0;
 constexpr int kSmega2EstimateMomentumCoef = 1;
 constexpr int kSmega2EstimateNumScalars = 2;
 
-// Tensor-list slots (style.md §4). The first three are common to every update rule, so a slot
+// Tensor-list slots (docs/backends.md, the scalar vector and the lists). The first three are common to every update rule, so a slot
 // index means the same list in the SGD and the Adam kernels; kMomentum and kExpAvg share index 3.
 constexpr int kParam = 0;     // params: F32, F16 or BF16; written
 constexpr int kGrad = 1;      // grads: F32, F16 or BF16; read

@@ -1,4 +1,4 @@
-"""benchmarks/launch_model.py (issue 10): its arithmetic against hand-computed numbers, and its replay
+"""benchmarks/launch_model.py: its arithmetic against hand-computed numbers, and its replay
 of the launcher's packing loop against the real loop of csrc/cuda/multi_tensor_apply.cuh, compiled
 for the host with a recording launch (tests/cpp/launch_packing.cpp; no GPU, no nvcc)."""
 
@@ -21,7 +21,7 @@ CHUNK = lm.CHUNK_SIZE
 def test_limits_are_read_from_the_launcher_header():
     limits = lm.launch_limits()
     assert set(limits) == {(a, d) for a in (4096, 32764) for d in (1, 2, 4, 5, 6)}
-    assert limits[(4096, 4)] == (48, 320)  # the 48 tensors at depth 4 of issue 10
+    assert limits[(4096, 4)] == (48, 320)  # 48 tensors at depth 4
 
 
 def test_meta_bytes_by_hand():
@@ -68,7 +68,7 @@ def test_bytes_and_floors_match_performance_md():
     numels = lm.resnet50_numels()
     assert (len(numels), sum(numels)) == (161, 25_557_032)
     floors = {r: lm.predict(numels, lm.RULES[r], lm.DESIGNS["after"], 650e-9)["floor_us"] for r in lm.RULES}
-    # ../shared/performance.md: 20 B/param -> 119 us, mixed Adam 28 B/param -> 166 us (at 4.3 TB/s)
+    # docs/performance.md: 20 B/param -> 119 us, mixed Adam 28 B/param -> 166 us (at 4.3 TB/s)
     assert lm.RULES["mf_sgd_mixed"].bytes_per_element == 20
     assert lm.RULES["mf_adam_mixed"].bytes_per_element == 28
     assert lm.RULES["mf_adam_fp32"].bytes_per_element == 4 * 4 + 3 * 4  # reads p, g, m, v; writes p, m, v
@@ -113,7 +113,7 @@ def test_resnet50_one_launch_per_rule_with_large_arguments():
         small = lm.pack_launches(numels, rule.depth, lm.arg_bytes_for_driver(12000))
         max_tensors = lm.launch_limits()[(4096, rule.depth)][0]
         assert len(small) >= math.ceil(161 / max_tensors)
-    assert len(lm.pack_launches(numels, 4, 4096)) == 4  # issue 10: "4 launches" at depth 4
+    assert len(lm.pack_launches(numels, 4, 4096)) == 4  # 4 launches at depth 4
 
 
 # ---- the launcher's own loop, compiled for the host ---------------------------------------------

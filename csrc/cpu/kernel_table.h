@@ -15,7 +15,7 @@ namespace cpu {
 
 enum class MomentumMode : int8_t {
   kNone,       // no momentum buffers: d = g
-  kFirstStep,  // the buffer is written as u = g and never read (NOTE [skip on overflow], prior-art 5)
+  kFirstStep,  // the buffer is written as u = g and never read (NOTE [skip on overflow]: torch's fused SGD reads an uninitialised buffer here)
   kUpdate,     // u = momentum * u + (1 - dampening) * g
 };
 

@@ -1,4 +1,4 @@
-// The host emulation of csrc/cuda (backend "cuda_emu", FUSEDMF_CUDA_EMU=1; issue 10).
+// The host emulation of csrc/cuda (backend "cuda_emu", FUSEDMF_CUDA_EMU=1; docs/backends.md).
 //
 // Included first by every emulated translation unit (csrc/cuda/emu/*_emu.cpp, which then include
 // the unchanged csrc/cuda/*.cu), it lets g++ compile the CUDA sources for the host:
