@@ -58,18 +58,30 @@ export PY
 # the interpreter) is recorded in build/fusedmf-build.stamp after each successful build. A checkout
 # that is already installed rebuilds with `setup.py build_ext --inplace` (ninja in build/: only what
 # changed is recompiled); a new one is installed with pip (editable).
+# Both README commands (scripts/test.sh, scripts/bench.sh) build the same extension, the emulated
+# CUDA kernels included, so running one after the other builds once; set FUSEDMF_CUDA_EMU=0 to build
+# without them. The compiler's output goes to build/fusedmf-build.log; the console gets one line (and
+# the log's tail if the build fails).
+export FUSEDMF_CUDA_EMU="${FUSEDMF_CUDA_EMU:-1}"
 STAMP="$ROOT/build/fusedmf-build.stamp"
+BUILD_LOG="$ROOT/build/fusedmf-build.log"
 if [ "${FUSEDMF_SKIP_BUILD:-0}" != "1" ]; then
   if "$PY" scripts/build_stamp.py check "$STAMP"; then
     echo "[fusedmf] fusedmf._C is up to date (sources, build flags and torch unchanged since the last build here): build skipped"
   else
-    echo "[fusedmf] building fusedmf._C (FUSEDMF_CUDA=${FUSEDMF_CUDA:-auto}, FUSEDMF_CUDA_EMU=${FUSEDMF_CUDA_EMU:-0}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+    echo "[fusedmf] building fusedmf._C (FUSEDMF_CUDA=${FUSEDMF_CUDA:-auto}, FUSEDMF_CUDA_EMU=$FUSEDMF_CUDA_EMU, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}); compiler output in build/fusedmf-build.log"
     start=$(date +%s)
     rm -f "$STAMP"
+    mkdir -p "$ROOT/build"
     if (cd / && "$PY" -c "import fusedmf, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(fusedmf.__file__), '$ROOT/fusedmf') else 1)" 2>/dev/null); then
-      "$PY" setup.py -q build_ext --inplace     # an editable install of this checkout: ninja rebuilds what changed
+      build=("$PY" setup.py -q build_ext --inplace)    # an editable install of this checkout: ninja rebuilds what changed
     else
-      "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+      build=("$PY" -m pip install -q --no-build-isolation --no-deps -e .)
+    fi
+    if ! "${build[@]}" > "$BUILD_LOG" 2>&1; then
+      tail -n 40 "$BUILD_LOG" >&2
+      echo "[fusedmf] build FAILED after $(( $(date +%s) - start )) s: the last 40 lines of build/fusedmf-build.log are above" >&2
+      exit 1
     fi
     "$PY" scripts/build_stamp.py write "$STAMP"
     echo "[fusedmf] build done in $(( $(date +%s) - start )) s"

@@ -2,9 +2,8 @@
 # The README's test command: set up (scripts/env.sh), build, run the whole test suite.
 # Extra arguments go to pytest.
 set -euo pipefail
-# The CUDA kernel sources also run on CPU tensors (backend "cuda_emu", csrc/cuda/emu/), so every
-# CUDA test runs here without a GPU; set FUSEDMF_CUDA_EMU=0 to build without them.
-export FUSEDMF_CUDA_EMU="${FUSEDMF_CUDA_EMU:-1}"
+# The CUDA kernel sources also run on CPU tensors (backend "cuda_emu", csrc/cuda/emu/, built by
+# scripts/env.sh unless FUSEDMF_CUDA_EMU=0), so every CUDA test runs here without a GPU.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # Triton runs on CPU tensors through its interpreter where there is no GPU.
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
