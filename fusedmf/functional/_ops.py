@@ -70,5 +70,7 @@ def op(backend: str, rule: str):
 
 # Load the compiled extension now if it is built (a failed import is recorded, not raised:
 # _backends.compiled_extension), so that its ops have their fake kernels from the start, whichever
-# way they are reached (torch.ops.fusedmf.*, fusedmf.functional, torch.compile).
-_backends.compiled_extension()
+# way they are reached (torch.ops.fusedmf.*, fusedmf.functional, torch.compile). Done here, above
+# _backends, rather than by the loader: the loader stays free of the layer that uses it.
+if _backends.compiled_extension()[0] is not None:
+    register_fakes("")
