@@ -19,7 +19,7 @@ import torch
 
 from .. import _backends
 from .scalars import ADAM_SLOTS, SGD_SLOTS, SMEGA2_SLOTS
-from .schemas import RULES, SCHEMAS, register_fakes  # noqa: F401  (RULES, SCHEMAS: re-exported)
+from .schemas import RULES, SCHEMAS, make_fake  # noqa: F401  (SCHEMAS: re-exported)
 
 #: backend -> (loader returning (module or None, why it is missing), op-name prefix)
 OP_TABLE = {
@@ -29,6 +29,20 @@ OP_TABLE = {
     # csrc/cuda's kernels compiled for the host (FUSEDMF_CUDA_EMU=1), registered by csrc/bindings.cpp
     "cuda_emu": (_backends.cuda_emu_extension, "cuda_emu_"),
 }
+
+
+_faked: set = set()
+
+
+def register_fakes(prefix: str) -> None:
+    """Register the fake kernel of every rule's C++ op under ``prefix`` (once per prefix). Called here,
+    in the module csrc/bindings.cpp names with set_python_module: torch refuses the fakes of a C++
+    op registered from any other module."""
+    if prefix in _faked:
+        return
+    for rule in RULES:
+        torch.library.register_fake(f"fusedmf::{prefix}{rule}", make_fake(rule))
+    _faked.add(prefix)
 
 
 def check_slot_layout(backend: str, index_of: dict, slots: tuple, what: str) -> None:

@@ -6,7 +6,9 @@ leaf module, importing nothing from fusedmf, so that a backend can use it withou
 dispatcher that loads that backend.
 
 Fake (meta) kernels: FakeTensor, torch.compile and meta tensors see the ops' effect (none: every
-op mutates its arguments in place and returns nothing) without running a kernel.
+op mutates its arguments in place and returns nothing) without running a kernel. This module makes
+them; each registrar registers them from its own module, because torch checks that the fakes of a
+C++ op are registered by the module its TORCH_LIBRARY names (set_python_module).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _arg_names(schema: str) -> list:
     return [a.split("=")[0].split()[-1] for a in inner.split(", ")]
 
 
-def _make_fake(rule: str):
+def make_fake(rule: str):
     """Every fusedmf op mutates its arguments in place and returns nothing, so its fake kernel has
     no outputs to make; it checks what it can see without data (one device for every tensor) so
     that a mixed call is refused on meta tensors too, with the tensor named as the kernels do."""
@@ -59,14 +61,3 @@ def _make_fake(rule: str):
 
     return fake
 
-
-_faked: set = set()
-
-
-def register_fakes(prefix: str, lib=None) -> None:
-    """Register the fake kernel of every rule's op under ``prefix`` (once per prefix)."""
-    if prefix in _faked:
-        return
-    for rule in RULES:
-        torch.library.register_fake(f"fusedmf::{prefix}{rule}", _make_fake(rule), lib=lib)
-    _faked.add(prefix)
