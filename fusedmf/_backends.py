@@ -36,19 +36,18 @@ class BackendStatus(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def compiled_extension():
-    """Return (module or None, reason it is missing)."""
+    """Return (module or None, reason it is missing). The fake kernels of its ops are registered
+    by fusedmf/functional/_ops.py, the layer above, which calls this on import."""
     try:
-        from fusedmf import _C  # type: ignore[attr-defined]
-
-        from fusedmf.functional import _ops  # registers the fake kernels of the C++ ops
-
-        _ops.register_fakes("")
-        return _C, ""
+        # by name at run time: the extension is an optional plug-in, built or not, and this runs
+        # while fusedmf itself is still initialising (`from fusedmf import _C` would then report a
+        # missing build as "partially initialized module 'fusedmf' (... circular import)")
+        return importlib.import_module("fusedmf._C"), ""
     except ImportError as exc:
         import_error = f"fusedmf._C could not be imported ({exc})"
     if os.environ.get("FUSEDMF_JIT", "0") == "1":
         try:
-            from fusedmf import _build
+            from fusedmf import _build  # the build tooling, needed only for an opt-in JIT build
 
             return _build.jit_build(verbose=os.environ.get("FUSEDMF_JIT_VERBOSE") == "1"), ""
         except Exception as exc:  # a failed JIT build is reported, not raised at import

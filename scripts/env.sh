@@ -6,7 +6,8 @@
 # - Otherwise a virtual environment .venv is made and torch 2.11.0 (the CUDA build from PyPI, so
 #   that the CUDA kernels compile even on a machine without a GPU), ninja, pybind11, triton,
 #   pytest, expecttest (imported by torch.testing._internal, whose optimizer database
-#   tests/test_torch_optim_db.py runs), matplotlib and tqdm are installed into it, and the
+#   tests/test_torch_optim_db.py runs), import-linter >= 2.17 (the layer contracts of pyproject.toml,
+#   tests/test_layers.py), matplotlib and tqdm are installed into it, and the
 #   disassembly tools of tests/test_codegen.py
 #   (cuobjdump, nvdisasm: the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm, pinned below;
 #   on the GPU machines the toolkit's own, from PATH or CUDA_HOME, see scripts/codegen.py find_tool).
@@ -41,10 +42,10 @@ else
   # one interpreter start for both checks: importing torch is most of a set-up that has nothing to do
   # (the codegen tools: both executables of the wheels present in site-packages/nvidia/cu13/bin)
   # ("newest" never counts as set up: pip decides, and has nothing to do when torch is up to date)
-  if [ "$TORCH_VERSION" = newest ] || ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, expecttest, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
+  if [ "$TORCH_VERSION" = newest ] || ! "$PY" -c "import sys, torch, ninja, pybind11, triton, pytest, expecttest, importlinter, matplotlib, tqdm, setuptools, wheel, os, sysconfig; b = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13', 'bin'); sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and all(os.access(os.path.join(b, t), os.X_OK) for t in ('cuobjdump', 'nvdisasm')) else 1)" 2>/dev/null; then
     echo "[fusedmf] installing $TORCH_REQ (CUDA build${UPGRADE:+, upgraded to the newest release}), the build/test tools and cuobjdump/nvdisasm into .venv"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q $UPGRADE "$TORCH_REQ" ninja pybind11 triton pytest expecttest numpy matplotlib tqdm "setuptools>=64" wheel \
+    "$PY" -m pip install -q $UPGRADE "$TORCH_REQ" ninja pybind11 triton pytest expecttest "import-linter>=2.17" numpy matplotlib tqdm "setuptools>=64" wheel \
       "${CODEGEN_TOOLS[@]}"
     echo "[fusedmf] .venv has torch $("$PY" -c "import torch; print(torch.__version__)")"
   fi

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from .. import functional as F
-from ..optim._base import MFOptimizerBase
+from ..optim import MFOptimizerBase
 from .compression import as_compressor
 
 

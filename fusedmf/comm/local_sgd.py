@@ -64,7 +64,7 @@ import torch.distributed as dist
 from .. import functional as F
 from ..functional import average as A
 from ..functional.pack import slot_strides, slot_view
-from ..optim._base import MFOptimizerBase
+from ..optim import MFOptimizerBase
 from .buckets import BucketSpec, assign_buckets
 from .compression import COMPRESSION
 from .distributed_optimizer import DistributedOptimizer

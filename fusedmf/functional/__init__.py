@@ -25,6 +25,7 @@ import torch
 
 from .. import _backends
 from . import _ops, reference
+from ._args import _as_list, _check_same_device, _device_of, _scalar_vector, _scale_tensor
 from .pack import PACK_ALIGN_BYTES, pack_offsets
 from .pack import pack_ as _reference_pack_
 from .scalars import (
@@ -35,6 +36,7 @@ from .scalars import (
     adam_step_scalars,
     sgd_step_scalars,
 )
+from .smega2 import smega2, smega2_estimate
 
 Tensor = torch.Tensor
 
@@ -44,51 +46,6 @@ __all__ = [
     "SGD_NUM_SCALARS", "ADAM_NUM_SCALARS", "AmpTensors", "found_inf_over", "sgd_call", "adam_call",
     "smega2", "smega2_estimate",
 ]
-
-
-def _device_of(tensors: Sequence[Tensor]) -> torch.device:
-    for t in tensors:
-        return t.device
-    return torch.device("cpu")
-
-
-def _scalar_vector(values: list, device: torch.device) -> Tensor:
-    """The per-step scalar vector on `device`, without a host synchronisation.
-
-    On CUDA the values go through a freshly allocated pinned buffer and a non-blocking copy: the
-    caching host allocator does not hand that buffer out again until the copy has run, so the next
-    step cannot overwrite values a queued kernel has yet to read.
-    """
-    host = torch.tensor(values, dtype=torch.float32)
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
-def _as_list(x) -> list:
-    return [] if x is None else list(x)
-
-
-def _scale_tensor(x: Union[None, float, Tensor], device: torch.device, name: str) -> Optional[Tensor]:
-    if x is None:
-        return None
-    if not isinstance(x, Tensor):
-        return torch.full((1,), float(x), dtype=torch.float32, device=device)
-    if x.numel() != 1:
-        raise ValueError(f"{name} must have exactly one element, got shape {list(x.shape)}")
-    return x.reshape(1).to(device=device, dtype=torch.float32)
-
-
-def _check_same_device(lists: dict, device: torch.device, op: str) -> None:
-    for list_name, tensors in lists.items():
-        for i, t in enumerate(tensors):
-            if t.device != device:
-                raise ValueError(
-                    f"fusedmf.{op}: {list_name}[{i}] is on {t.device} but the tensors of one call must "
-                    f"all be on {device} (the optimizers group tensors by device for you)"
-                )
 
 
 def mf_sgd(
@@ -362,5 +319,3 @@ def pack(grads: Sequence[Tensor], out: Tensor, *, scale: float, sumsq: Optional[
     _ops.op(name, "pack_")(grads, out, scale, sumsq)
     return name
 
-
-from .smega2 import smega2, smega2_estimate  # noqa: E402  (it uses the helpers above)

@@ -3,12 +3,12 @@
 Every compiled kernel is a torch op: ``torch.ops.fusedmf.<rule>`` for the C++ CPU/CUDA kernels
 (registered by csrc/bindings.cpp when fusedmf._C is imported; the dispatcher picks CPU or CUDA
 from the tensors' device), ``torch.ops.fusedmf.triton_<rule>`` for the Triton kernels (registered
-by fusedmf/triton_kernels/_ops.py with the signatures below). A new backend is one row of
+by fusedmf/triton_kernels/_ops.py with the signatures of schemas.py). A new backend is one row of
 ``OP_TABLE``: the function that imports whatever registers its ops, and its op-name prefix.
 
-Fake (meta) kernels are registered here for every op of a loaded backend, so FakeTensor,
-torch.compile and meta tensors see the ops' effect (none: every op mutates its arguments in place
-and returns nothing) without running a kernel.
+The signatures and the fake kernels live in schemas.py (a leaf the Triton kernels import too);
+this module registers the fakes of the C++ ops, which csrc/bindings.cpp names as their Python
+module, and of every other loaded backend's ops.
 """
 
 from __future__ import annotations
@@ -19,19 +19,7 @@ import torch
 
 from .. import _backends
 from .scalars import ADAM_SLOTS, SGD_SLOTS, SMEGA2_SLOTS
-
-#: the signature of each rule, the same for every backend (csrc/bindings.cpp TORCH_LIBRARY holds
-#: the C++ copy of these strings; tests/test_ops.py checks that the two agree)
-SCHEMAS = {
-    "mf_sgd_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
-               "Tensor scalars, Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()",
-    "mf_adam_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-                "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor scalars, "
-                "Tensor? inv_grad_scale=None, Tensor? found_inf=None) -> ()",
-    "non_finite_check_": "(Tensor[] tensors, Tensor(a!) found_inf, Tensor(b!)? sumsq=None) -> ()",
-    "pack_": "(Tensor[] grads, Tensor(a!) out, float scale, Tensor(b!)? sumsq=None) -> ()",
-}
-RULES = tuple(SCHEMAS)
+from .schemas import RULES, SCHEMAS, make_fake  # noqa: F401  (SCHEMAS: re-exported)
 
 #: backend -> (loader returning (module or None, why it is missing), op-name prefix)
 OP_TABLE = {
@@ -43,48 +31,17 @@ OP_TABLE = {
 }
 
 
-def _arg_names(schema: str) -> list:
-    inner = schema[schema.index("(") + 1:schema.rindex(") ->")]
-    return [a.split("=")[0].split()[-1] for a in inner.split(", ")]
-
-
-def _make_fake(rule: str):
-    """Every fusedmf op mutates its arguments in place and returns nothing, so its fake kernel has
-    no outputs to make; it checks what it can see without data (one device for every tensor) so
-    that a mixed call is refused on meta tensors too, with the tensor named as the kernels do."""
-    names = _arg_names(SCHEMAS[rule])
-    # the tensor the kernels compare the others with: pack_'s out, else the first list (params)
-    anchor = names.index("out") if "out" in names else 0
-    order = [anchor] + [i for i in range(len(names)) if i != anchor]
-
-    def fake(*args, **kwargs) -> None:
-        values = list(args) + [kwargs.get(n) for n in names[len(args):]]
-        first = None
-        for name, value in ((names[i], values[i]) for i in order):
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for i, t in enumerate(items):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
-                if first is None:
-                    first = (where, t.device)
-                elif t.device != first[1]:
-                    raise ValueError(f"fusedmf.{rule}: {where} is on {t.device} but {first[0]} is on {first[1]} "
-                                     "(all tensors of one call must be on one device)")
-        return None
-
-    return fake
-
-
 _faked: set = set()
 
 
-def register_fakes(prefix: str, lib=None) -> None:
-    """Register the fake kernel of every rule's op under ``prefix`` (once per prefix)."""
+def register_fakes(prefix: str) -> None:
+    """Register the fake kernel of every rule's C++ op under ``prefix`` (once per prefix). Called here,
+    in the module csrc/bindings.cpp names with set_python_module: torch refuses the fakes of a C++
+    op registered from any other module."""
     if prefix in _faked:
         return
     for rule in RULES:
-        torch.library.register_fake(f"fusedmf::{prefix}{rule}", _make_fake(rule), lib=lib)
+        torch.library.register_fake(f"fusedmf::{prefix}{rule}", make_fake(rule))
     _faked.add(prefix)
 
 
@@ -127,5 +84,7 @@ def op(backend: str, rule: str):
 
 # Load the compiled extension now if it is built (a failed import is recorded, not raised:
 # _backends.compiled_extension), so that its ops have their fake kernels from the start, whichever
-# way they are reached (torch.ops.fusedmf.*, fusedmf.functional, torch.compile).
-_backends.compiled_extension()
+# way they are reached (torch.ops.fusedmf.*, fusedmf.functional, torch.compile). Done here, above
+# _backends, rather than by the loader: the loader stays free of the layer that uses it.
+if _backends.compiled_extension()[0] is not None:
+    register_fakes("")

@@ -15,9 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backends
-# fusedmf/functional/__init__.py imports this module after defining these helpers
-from . import _ops
-from . import _check_same_device, _device_of, _scalar_vector, _scale_tensor, reference
+from . import _ops, reference
+from ._args import _check_same_device, _device_of, _scalar_vector, _scale_tensor
 from .scalars import SMEGA2EstimateScalars, SMEGA2StepScalars, smega2_estimate_scalars, smega2_step_scalars
 
 Tensor = torch.Tensor
