@@ -395,8 +395,8 @@ def test_telemetry_bytes_and_averaging_time(two_ranks):
             assert s["bytes"] == 0 and s["average_s"] is None
         elif s["kind"].startswith("model average"):
             assert s["bytes"] == res["param_bucket_bytes"] and s["average_s"] > 0
-        else:
-            assert s["bytes"] > 0
+        else:  # the warm-up allreduces the gradients in the same fp16 buckets as the averages
+            assert s["bytes"] == res["param_bucket_bytes"]
     assert {"local update", "model average (global)", "pack bucket 0", "allreduce bucket 0"} <= set(res["trace_names"])
 
 
