@@ -232,7 +232,7 @@ def test_ops_have_fake_kernels(backend):
                 o=torch.randn(8, 3, generator=gen).half(), m=torch.randn(8, 3, generator=gen),
                 p=torch.randn(8, 3, generator=gen).bfloat16())
     before = {k: t.clone() for k, t in real.items()}
-    # no fallback: without a fake kernel FakeTensorMode would run the real one on zeros
+    # no fallback to running the real kernel on zero-filled stand-ins: the fake kernel answers
     with FakeTensorMode(allow_fallback_kernels=False) as mode:
         f = {k: mode.from_tensor(t) for k, t in real.items()}
         shapes = meta(f.values())
