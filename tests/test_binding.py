@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from _util import ordered_bits as _ordered_bits  # noqa: E402
+from _util import assert_bit_identical  # noqa: E402
 from conftest import require_backend  # noqa: E402
 
 try:  # the binding suite obeys FUSEDMF_REQUIRE_BACKENDS like every other: "cpu" required -> a failure
@@ -380,20 +381,39 @@ def test_non_finite_check_clean_and_sticky(dtype):
     found.fill_(1.0)
     K.non_finite_check_(tensors, found)  # never cleared
     assert found.item() == 1.0
-    K.non_finite_check_([], torch.zeros(1))  # empty list: no-op
+    # empty list: a no-op, so found_inf keeps whatever it holds (neither set nor cleared)
+    for flag in (0.0, 1.0):
+        found = torch.full((1,), flag)
+        K.non_finite_check_([], found)
+        assert found.item() == flag
 
 
 # ---- empty and zero-size calls ------------------------------------------------------------------------
 
 
 def test_empty_lists_are_noops():
+    """No tensors (or only zero-size ones): nothing is read or written, not the scalar vector, not
+    inv_grad_scale or found_inf, and the zero-size tensors keep their shapes."""
+    inv_scale, found = torch.tensor([0.5]), torch.tensor([0.0])
+
+    def unchanged(call, *tensors):
+        before = [t.clone() for t in tensors]
+        assert call() is None
+        for i, (t, b) in enumerate(zip(tensors, before)):
+            assert_bit_identical(t, b, f"argument {i} of a no-op call")
+
     _, vec = sgd_vector(lr=0.1, momentum=0.9)
-    K.mf_sgd_([], [], [], [], vec, None, None)
+    unchanged(lambda: K.mf_sgd_([], [], [], [], vec, inv_scale, found), vec, inv_scale, found)
     _, vec = adam_vector(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1, beta1_product=0.9)
-    K.mf_adam_([], [], [], [], [], [], vec, None, None)
+    unchanged(lambda: K.mf_adam_([], [], [], [], [], [], vec, inv_scale, found), vec, inv_scale, found)
     p = [torch.empty(0), torch.empty(3, 0)]
-    K.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), [], [], vec, None, None)
-    K.mf_adam_(p, clone_all(p), clone_all(p), clone_all(p), clone_all(p), [], vec, None, None)  # AMSGrad
+    lists = [clone_all(p) for _ in range(4)]
+    unchanged(lambda: K.mf_adam_(p, lists[0], lists[1], lists[2], [], [], vec, inv_scale, found), vec, inv_scale,
+              found, *p, *lists[1], *lists[2])
+    unchanged(lambda: K.mf_adam_(p, lists[0], lists[1], lists[2], lists[3], [], vec, inv_scale, found),  # AMSGrad
+              vec, inv_scale, found, *p, *lists[1], *lists[2], *lists[3])
+    found.fill_(1.0)  # a skipped step on empty lists leaves found_inf as it is too
+    unchanged(lambda: K.mf_sgd_([], [], [], [], sgd_vector(lr=0.1, momentum=0.9)[1], None, found), found)
 
 
 def test_scalar_vector_layout_matches_python_slots_by_name():

@@ -587,17 +587,51 @@ def test_opcheck_schema_and_fake_tensor():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_triton_slots_match_fusedmf_scalars():
-    pytest.importorskip("triton")
-    from fusedmf.functional import scalars as S
+# Each slot holds its own value (the flags set one at a time), so a kernel that reads any slot at
+# another index than SMEGA2_SLOTS / SMEGA2_ESTIMATE_SLOTS say computes something else. The expected
+# values come from the scalars by name, in float64, not from any backend.
+SLOT_VALUES = dict(lr=0.125, momentum=0.75, momentum_scale=0.375, l2_weight_decay=0.0625)
 
-    tk = fusedmf._backends.triton_module()[0]
-    if tk is None:
-        pytest.skip("triton_kernels unavailable")
-    from importlib import import_module
 
-    slots = import_module(tk.__name__ + "._slots")
-    assert slots.SMEGA2_SLOTS == S.SMEGA2_SLOTS and slots.SMEGA2_ESTIMATE_SLOTS == S.SMEGA2_ESTIMATE_SLOTS
+@pytest.mark.parametrize("cycle_end, maximize", [(1.0, 0.0), (0.0, 1.0)], ids=["cycle_end", "maximize"])
+def test_kernels_read_each_slot_the_layout_names(fused_backend, cycle_end, maximize):
+    name, device = fused_backend
+    from fusedmf.functional.scalars import (SMEGA2_ESTIMATE_SLOTS, SMEGA2_SLOTS, SMEGA2EstimateScalars,
+                                            SMEGA2StepScalars)
+
+    assert len(set(SLOT_VALUES.values())) == len(SLOT_VALUES)  # distinct: a swap of any two shows
+    step = SMEGA2StepScalars(**SLOT_VALUES, cycle_end=cycle_end, maximize=maximize, next_cycle=0)
+    vec = step.as_list()
+    assert [vec[SMEGA2_SLOTS.index(k)] for k in SLOT_VALUES] == list(SLOT_VALUES.values())
+    a = _op_args(device)
+    w, g, v, acc = ([t.detach().double().cpu() for t in a[k]]
+                    for k in ("master_params", "grads", "momentum_buffers", "grad_accumulators"))
+    _op(name).smega2_(a["params"], a["grads"], a["momentum_buffers"], a["grad_accumulators"], a["master_params"],
+                      torch.tensor(vec, device=device), None, None)
+    lr, mf, ms, l2 = SLOT_VALUES.values()
+    for i in range(len(w)):
+        gi = (-g[i] if maximize else g[i]) + l2 * w[i]
+        acc_i = acc[i] + gi
+        d = gi + mf * v[i]
+        v_i = mf * v[i] + ms * acc_i if cycle_end else v[i]
+        acc_i = torch.zeros_like(acc_i) if cycle_end else acc_i
+        w_i = w[i] - lr * d
+        close = dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a["master_params"][i].double().cpu(), w_i, **close)
+        torch.testing.assert_close(a["params"][i].double().cpu(), w_i.half().double(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a["momentum_buffers"][i].double().cpu(), v_i, **close)
+        torch.testing.assert_close(a["grad_accumulators"][i].double().cpu(), acc_i, **close)
+    # the estimate: two coefficients, distinct
+    est = SMEGA2EstimateScalars(accumulator_coef=-0.3, momentum_coef=-0.7)
+    assert est.as_list()[SMEGA2_ESTIMATE_SLOTS.index("accumulator_coef")] == -0.3
+    b = _op_args(device)
+    out = [torch.full_like(m, 7.0) for m in b["master_params"]]
+    _op(name).smega2_estimate_(b["params"], b["momentum_buffers"], b["grad_accumulators"], b["master_params"], out,
+                               torch.tensor(est.as_list(), device=device))
+    for i, o in enumerate(out):
+        want = (b["master_params"][i].double() - 0.3 * b["grad_accumulators"][i].double()
+                - 0.7 * b["momentum_buffers"][i].double()).cpu()
+        torch.testing.assert_close(o.double().cpu(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_estimate_into_buffers_of_another_layout_or_float64(backend):
