@@ -1,9 +1,10 @@
-"""Mutation runs of issue 10 (notes/issue10-mutations.md): each mutation of csrc/cuda is applied, one
+"""Mutation runs of the CUDA launcher and kernels (the last run is recorded in
+benchmarks/results/mutations-20261203/mutations.md): each mutation of csrc/cuda is applied, one
 at a time, to a copy of the checkout (build/mutate/src, FUSEDMF_CUDA=0 FUSEDMF_CUDA_EMU=1: only the
 emulated kernels and the CPU kernels they are compared with), rebuilt, the emulated suite
 (`pytest tests -k cuda_emu`) run, and the mutation restored. Prints one table row per mutation.
 
-    python notes/issue10_mutations.py [NAME ...]      # with the interpreter that builds (.venv/bin/python)
+    python scripts/mutate_kernels.py [NAME ...]      # with the interpreter that builds (.venv/bin/python)
 """
 
 import os
