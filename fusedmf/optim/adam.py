@@ -48,12 +48,7 @@ class MFAdam(MFOptimizerBase):
         if isinstance(lr, torch.Tensor) and foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         betas = tuple(betas)
-        if len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, beta in enumerate(betas):
-            value = lr_value(beta, f"betas[{i}]")
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {value}")
+        self._betas(dict(betas=betas))
         if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
             raise ValueError("betas must be either both floats or both Tensors")
         for i, beta in enumerate(betas):
@@ -65,11 +60,16 @@ class MFAdam(MFOptimizerBase):
                          capturable=capturable)
 
     def _betas(self, group: dict):
-        """(beta1, beta2) as floats: torch lets both be 1-element tensors, read on the host here."""
+        """(beta1, beta2) as floats, each checked in [0, 1) with torch's message: torch lets both be
+        1-element tensors, read on the host here."""
         betas = group["betas"]
         if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        return lr_value(betas[0], "betas[0]"), lr_value(betas[1], "betas[1]")
+            raise ValueError(f"{type(self).__name__}: betas must be a pair (beta1, beta2), got {betas!r}")
+        values = tuple(lr_value(beta, f"betas[{i}]") for i, beta in enumerate(betas))
+        for i, value in enumerate(values):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {value}")
+        return values
 
     def _validate_group(self, group: dict) -> None:
         lr = self._lr_to_check(group)
@@ -77,8 +77,6 @@ class MFAdam(MFOptimizerBase):
         if not isinstance(group.get("amsgrad", False), bool):
             raise TypeError(f"{type(self).__name__}: amsgrad must be False or True, got {group['amsgrad']!r}")
         check_lr(lr)
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
         check_mf("beta1", beta1)
         adam_step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"],
